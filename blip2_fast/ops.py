@@ -1,0 +1,188 @@
+"""The op layer: every hot op by name, with a reference and a fast implementation.
+
+    ops.get("attention", "reference")  -> blip2_fast.reference.attention_ref
+    ops.get("attention", "fast")       -> the Triton kernel's host function
+
+`get` never touches global state, so tests call implementations directly. Models never look ops up
+per call: `bind(...)` resolves the choice once (at `load()` time) into a frozen `BoundOps` whose
+attributes are plain callables, which the modules keep. That keeps CUDA graphs and torch.compile
+possible.
+
+Falling back is the registry's job and only happens in `bind`: when a fast implementation cannot run
+on the target device (Triton on a CPU without TRITON_INTERPRET=1, the C++/CUDA extension without a
+build), the reference is bound instead and one warning names the op and the reason. Asking for an
+op's fast implementation explicitly through `overrides` makes that an error instead of a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+from . import reference
+
+OP_NAMES = (
+    "attention",
+    "cross_attention",
+    "paged_attention",
+    "write_kv",
+    "layernorm",
+    "rmsnorm",
+    "ln_linear_gelu",
+    "linear_gelu",
+)
+IMPLS = ("reference", "fast")
+
+_REFERENCE: dict[str, Callable] = {
+    "attention": reference.attention_ref,
+    "cross_attention": reference.cross_attention_ref,
+    "paged_attention": reference.paged_attention_ref,
+    "write_kv": reference.write_kv_ref,
+    "layernorm": reference.layernorm_ref,
+    "rmsnorm": reference.rmsnorm_ref,
+    "ln_linear_gelu": reference.ln_linear_gelu_ref,
+    "linear_gelu": reference.linear_gelu_ref,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fast:
+    module: str  # imported lazily, so `import blip2_fast` never needs triton or a compiler
+    attr: str
+    kind: str  # "triton" or "ext": decides how availability is checked
+
+
+# name -> where its fast implementation lives. An op missing here has no fast implementation yet
+# and binds its reference under "fast" (no warning: nothing was lost).
+_FAST: dict[str, _Fast] = {}
+
+
+def register_fast(name: str, module: str, attr: str, kind: str) -> None:
+    """Declare where `name`'s fast implementation lives (done once, below, at import)."""
+    if name not in _REFERENCE:
+        raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_NAMES)}")
+    if kind not in ("triton", "ext"):
+        raise ValueError(f"kind must be 'triton' or 'ext', got {kind!r}")
+    _FAST[name] = _Fast(module, attr, kind)
+
+
+def _check(name: str, impl: str) -> None:
+    if name not in _REFERENCE:
+        raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_NAMES)}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r} for op {name!r}; expected one of {IMPLS}")
+
+
+def has_fast(name: str) -> bool:
+    _check(name, "fast")
+    return name in _FAST
+
+
+def get(name: str, impl: str = "reference") -> Callable:
+    """The callable implementing op `name` with `impl` ("reference" or "fast"). No fallback here."""
+    _check(name, impl)
+    if impl == "reference" or name not in _FAST:
+        return _REFERENCE[name]
+    f = _FAST[name]
+    return getattr(importlib.import_module(f.module), f.attr)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """Why op `name`'s fast implementation cannot run on `device`, or None if it can."""
+    _check(name, "fast")
+    if name not in _FAST:
+        return None
+    device = torch.device(device)
+    f = _FAST[name]
+    if f.kind == "triton":
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install
+            return f"triton is not importable ({type(e).__name__}: {e})"
+        if device.type != "cuda" and not triton_interpret():
+            return f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to interpret them on the CPU"
+    else:
+        from . import _ext
+
+        reason = _ext.unavailable_reason(device)
+        if reason is not None:
+            return reason
+    try:
+        get(name, "fast")
+    except Exception as e:
+        return f"its module failed to import ({type(e).__name__}: {e})"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundOps:
+    """Op callables resolved once for one model; `impls` records what each name resolved to."""
+
+    attention: Callable
+    cross_attention: Callable
+    paged_attention: Callable
+    write_kv: Callable
+    layernorm: Callable
+    rmsnorm: Callable
+    ln_linear_gelu: Callable
+    linear_gelu: Callable
+    impls: dict = dataclasses.field(default_factory=dict)
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def default_backend() -> str:
+    backend = os.environ.get("BLIP2_FAST_BACKEND", "fast")
+    if backend not in IMPLS:
+        raise ValueError(f"BLIP2_FAST_BACKEND={backend!r}; expected one of {IMPLS}")
+    return backend
+
+
+def bind(backend: str | None = None, overrides: dict | None = None, device="cpu") -> BoundOps:
+    """Resolve every op for `device`: `backend` for all, `overrides` ({"attention": "reference"}) per op.
+
+    An op that falls back from "fast" to the reference warns once per (op, reason). An op named in
+    `overrides` as "fast" that cannot run raises RuntimeError instead: it was asked for explicitly.
+    """
+    backend = default_backend() if backend is None else backend
+    if backend not in IMPLS:
+        raise ValueError(f"backend must be one of {IMPLS}, got {backend!r}")
+    overrides = dict(overrides or {})
+    for name, impl in overrides.items():
+        _check(name, impl)
+    fns, impls = {}, {}
+    for name in OP_NAMES:
+        impl = overrides.get(name, backend)
+        if impl == "fast" and name in _FAST:
+            reason = unavailable_reason(name, device)
+            if reason is not None:
+                if name in overrides:
+                    raise RuntimeError(f"op {name!r} was asked for with impl 'fast' but cannot run: {reason}")
+                if (name, reason) not in _warned:
+                    _warned.add((name, reason))
+                    warnings.warn(f"blip2_fast: op {name!r} falls back to the reference: {reason}", RuntimeWarning, stacklevel=3)
+                impl = "reference"
+        elif impl == "fast":
+            impl = "reference"  # no fast implementation exists yet; nothing to warn about
+        fns[name] = get(name, impl)
+        impls[name] = impl
+    return BoundOps(**fns, impls=impls)
+
+
+register_fast("attention", "blip2_fast.kernels.attention", "attention", "triton")
+register_fast("paged_attention", "blip2_fast.kernels.paged_attention", "paged_attention", "triton")
+register_fast("write_kv", "blip2_fast.kernels.write_kv", "write_kv", "triton")
+register_fast("layernorm", "blip2_fast.kernels.layer_norm", "layer_norm", "triton")
+register_fast("rmsnorm", "blip2_fast.kernels.rms_norm", "rms_norm", "triton")
+register_fast("ln_linear_gelu", "blip2_fast.kernels.ln_linear_gelu", "ln_linear_gelu", "triton")
+register_fast("linear_gelu", "blip2_fast.kernels.linear_gelu", "linear_gelu", "triton")
+register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")

@@ -1,0 +1,133 @@
+"""Reference implementations of every hot op: the spec and the correctness oracle.
+
+Each function is short, eager PyTorch, computes in float32 (float64 inputs stay float64) and returns
+the input's dtype. The fast implementations in `blip2_fast.kernels` and the C++/CUDA extension must
+agree with these; tests compare both against a float64 run of the same function.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    # float64 stays float64 so the tests can use these functions as the float64 oracle too.
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def attention_ref(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=None):
+    """softmax(q kᵀ · scale + bias + masks) v.
+
+    q: [B, H, Sq, D]; k, v: [B, H, Sk, D] (any strides). causal is bottom-right aligned: query i may
+    see keys j <= i + (Sk - Sq), so a single decode query sees every key. key_padding_mask: [B, Sk],
+    nonzero/True = keep. bias: additive, broadcastable [1 or B, H, Sq, Sk] (T5's relative positions).
+    A query row with no visible key returns zeros (not NaN). Returns [B, H, Sq, D] in q's dtype.
+    """
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.matmul(_acc(q), _acc(k).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if bias is not None:
+        s = s + _acc(bias)
+    keep = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        keep = keep & (j <= i + (Sk - Sq))
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask.bool()[:, None, None, :]
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows: softmax gives NaN -> 0
+    return torch.matmul(p, _acc(v)).to(q.dtype)
+
+
+def cross_attention_ref(q, k, v, *, key_padding_mask=None, scale=None):
+    """Q-Former cross-attention: queries [B, H, Nq, D] over image patches k, v [B, H, Nk, D].
+
+    key_padding_mask [B, Nk] (1 = keep). Same semantics as `attention_ref` without causality; a fully
+    masked row returns zeros.
+    """
+    return attention_ref(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
+
+
+def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """One decode query per sequence over its paged KV cache.
+
+    q: [N, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D]; block_tables: int32 [N, max_blocks]
+    (entries past a sequence's length are ignored); seq_lens: int32 [N], each >= 1. Token t of
+    sequence n lives at block block_tables[n, t // block_size], slot t % block_size. Returns [N, H, D].
+    """
+    N, H, D = q.shape
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for n in range(N):
+        L = int(seq_lens[n])
+        nb = (L + block_size - 1) // block_size
+        blocks = block_tables[n, :nb].long()
+        k = k_cache[blocks].reshape(nb * block_size, H, D)[:L]  # (L, H, D)
+        v = v_cache[blocks].reshape(nb * block_size, H, D)[:L]
+        s = torch.einsum("hd,lhd->hl", _acc(q[n]), _acc(k)) * scale  # (H, L)
+        p = torch.softmax(s, dim=-1)
+        out[n] = torch.einsum("hl,lhd->hd", p, _acc(v)).to(q.dtype)
+    return out
+
+
+def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
+    """Scatter new keys/values into the paged cache, in place.
+
+    k, v: [T, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D]; slot_mapping: int [T], the flat
+    slot (block * block_size + offset) of each token; a negative slot means "skip this token" (padding).
+    """
+    num_blocks, block_size, H, D = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(num_blocks * block_size, H, D)[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, H, D)[slots] = v[keep].to(v_cache.dtype)
+
+
+def layernorm_ref(x, weight, bias, eps, residual=None):
+    """LayerNorm over the last dim with float32 statistics.
+
+    With `residual`, returns (LayerNorm(x + residual), x + residual); the sum is kept in x's dtype
+    (rounded once) so that the next block's residual matches an unfused model.
+    """
+    if residual is not None:
+        x = x + residual
+    y = F.layer_norm(_acc(x), x.shape[-1:], _acc(weight) if weight is not None else None,
+                     _acc(bias) if bias is not None else None, eps).to(x.dtype)
+    return (y, x) if residual is not None else y
+
+
+def rmsnorm_ref(x, weight, eps, residual=None):
+    """T5-style RMSNorm: x / sqrt(mean(x²) + eps) * weight, statistics in float32, no mean removal.
+
+    With `residual`, returns (RMSNorm(x + residual), x + residual).
+    """
+    if residual is not None:
+        x = x + residual
+    xf = _acc(x)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # T5 casts back to the weight's dtype before scaling (it matters in half precision).
+    y = (_acc(weight) * y.to(weight.dtype)).to(x.dtype)
+    return (y, x) if residual is not None else y
+
+
+def gelu_ref(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+    return F.gelu(x)
+
+
+def linear_gelu_ref(x, weight, bias, approximate="none"):
+    """GELU(x @ weightᵀ + bias). x [..., K], weight [N, K], bias [N] or None. approximate: "none" (erf) or "tanh"."""
+    y = F.linear(_acc(x), _acc(weight), _acc(bias) if bias is not None else None)
+    return gelu_ref(y, approximate).to(x.dtype)
+
+
+def ln_linear_gelu_ref(x, ln_weight, ln_bias, eps, weight, bias, approximate="none"):
+    """GELU(LayerNorm(x) @ weightᵀ + bias): the ViT MLP's layer_norm2 → fc1 → GELU."""
+    h = F.layer_norm(_acc(x), x.shape[-1:], _acc(ln_weight), _acc(ln_bias), eps)
+    y = F.linear(h, _acc(weight), _acc(bias) if bias is not None else None)
+    return gelu_ref(y, approximate).to(x.dtype)
