@@ -1,0 +1,92 @@
+"""Shared timing helpers for the benchmarks: device timers and the hardware ceilings we compare to.
+
+Every kernel micro-benchmark (`bench/bench_<op>.py`) exposes
+
+    def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]
+
+returning one row per case with at least the keys
+    op, shape (str), dtype (str), ms, baseline (name of the PyTorch path), baseline_ms, ratio
+    (= baseline_ms / ms, > 1 means we are faster), fraction_of_ceiling (achieved / ceiling, 0..1),
+    achieved (e.g. "812 GB/s" or "301 TFLOP/s").
+`quick=True` runs toy sizes (the `--dry-run` of bench/gpu_check.sh, and CPU smoke tests).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], *, device="cuda", warmup: int = 5, iters: int = 20) -> float:
+    """Median wall time of `fn()` in milliseconds; CUDA events on GPU, perf_counter elsewhere."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    if torch.device(device).type == "cuda":
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+_ceilings: dict = {}
+
+
+def copy_bandwidth_gbs(device="cuda", nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), in GB/s."""
+    key = ("bw", str(device))
+    if key not in _ceilings:
+        n = nbytes if torch.device(device).type == "cuda" else 1 << 26
+        src = torch.empty(n, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), device=device, warmup=3, iters=10)
+        _ceilings[key] = 2 * n / (ms * 1e-3) / 1e9
+    return _ceilings[key]
+
+
+def matmul_tflops(device="cuda", dtype=torch.bfloat16, n: int = 8192) -> float:
+    """Measured dense matmul rate for `dtype` (TFLOP/s): the compute ceiling."""
+    key = ("mm", str(device), str(dtype))
+    if key not in _ceilings:
+        if torch.device(device).type != "cuda":
+            n = 512
+            dtype = torch.float32
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        ms = time_ms(lambda: a @ b, device=device, warmup=3, iters=10)
+        _ceilings[key] = 2 * n**3 / (ms * 1e-3) / 1e12
+    return _ceilings[key]
+
+
+def row(op, shape, dtype, ms, baseline, baseline_ms, *, flops=None, nbytes=None, device="cuda") -> dict:
+    """One benchmark row; the ceiling is compute (flops given) or bandwidth (nbytes given)."""
+    r = {"op": op, "shape": str(shape), "dtype": str(dtype).replace("torch.", ""), "ms": round(ms, 4),
+         "baseline": baseline, "baseline_ms": round(baseline_ms, 4), "ratio": round(baseline_ms / ms, 3)}
+    if flops is not None:
+        achieved = flops / (ms * 1e-3) / 1e12
+        r["achieved"] = f"{achieved:.1f} TFLOP/s"
+        r["fraction_of_ceiling"] = round(achieved / matmul_tflops(device, dtype), 3)
+    elif nbytes is not None:
+        achieved = nbytes / (ms * 1e-3) / 1e9
+        r["achieved"] = f"{achieved:.0f} GB/s"
+        r["fraction_of_ceiling"] = round(achieved / copy_bandwidth_gbs(device), 3)
+    else:
+        r["fraction_of_ceiling"] = None
+    return r
