@@ -52,12 +52,14 @@ def cross_attention_ref(q, k, v, *, key_padding_mask=None, scale=None):
     return attention_ref(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
 
 
-def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias=None):
     """One decode query per sequence over its paged KV cache.
 
     q: [N, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D]; block_tables: int32 [N, max_blocks]
     (entries past a sequence's length are ignored); seq_lens: int32 [N], each >= 1. Token t of
     sequence n lives at block block_tables[n, t // block_size], slot t % block_size. Returns [N, H, D].
+    rel_bias: optional [H, max_len] additive bias by distance (T5's decoder): the score of key j of a
+    sequence of length L (its query sits at position L - 1) gets rel_bias[h, L - 1 - j].
     """
     N, H, D = q.shape
     block_size = k_cache.shape[1]
@@ -69,6 +71,8 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
         k = k_cache[blocks].reshape(nb * block_size, H, D)[:L]  # (L, H, D)
         v = v_cache[blocks].reshape(nb * block_size, H, D)[:L]
         s = torch.einsum("hd,lhd->hl", _acc(q[n]), _acc(k)) * scale  # (H, L)
+        if rel_bias is not None:
+            s = s + _acc(rel_bias[:, :L].flip(-1))  # distance L-1-j for key j
         p = torch.softmax(s, dim=-1)
         out[n] = torch.einsum("hl,lhd->hd", p, _acc(v)).to(q.dtype)
     return out
