@@ -1,0 +1,281 @@
+"""`Blip2`: the object `blip2_fast.load()` returns, with transformers' BLIP-2 call surface.
+
+It composes the vision encoder, Q-Former and language model from `models/` and offers
+`model(...)` (logits, or ITM/ITC scores on retrieval checkpoints), `generate(...)` (on the engine's
+paged KV cache), feature getters, the projection models' outputs, and `caption` / `answer` helpers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Blip2Config, OPTConfig
+from .models.kv import AttnMeta
+from .models.opt import OPT
+from .models.qformer import QFormer, TextEmbeddings
+from .models.t5 import T5
+from .models.vision import VisionEncoder
+from .ops import BoundOps
+from .weights import WeightSource
+
+_HAS_LM = ("Blip2ForConditionalGeneration", "Blip2Model")
+_HAS_VISION = _HAS_LM + ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection")
+_HAS_TEXT_EMB = ("Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection")
+
+
+@dataclasses.dataclass
+class Output:
+    """Model outputs, named as in transformers. Fields that a call does not produce are None."""
+
+    logits: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None  # vision encoder last hidden state, or projected ITC embeds
+    qformer_output: torch.Tensor | None = None
+    language_model_inputs: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+
+    def __getitem__(self, i):
+        return [v for v in dataclasses.astuple(self) if v is not None][i] if isinstance(i, int) else getattr(self, i)
+
+
+class Blip2(nn.Module):
+    """A BLIP-2 model on blip2_fast's op layer. Build it with `blip2_fast.load()`."""
+
+    def __init__(self, cfg: Blip2Config, ops: BoundOps, src: WeightSource, *, source_dir: Path | None = None):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.device, self.dtype = src.device, src.dtype
+        self.architecture = cfg.architecture
+        self.source_dir = source_dir
+        Q, Hq = cfg.num_query_tokens, cfg.qformer.hidden
+        self.vision = VisionEncoder(cfg.vision, ops, src) if cfg.architecture in _HAS_VISION else None
+        self.query_tokens = src.take("query_tokens", (1, Q, Hq))
+        self.qformer = QFormer(cfg.qformer, ops, src)
+        self.text_embeddings = TextEmbeddings(cfg.qformer, src) if cfg.architecture in _HAS_TEXT_EMB else None
+        self.lm = None
+        if cfg.architecture in _HAS_LM:
+            lm_hidden = cfg.lm.hidden if isinstance(cfg.lm, OPTConfig) else cfg.lm.d_model
+            self.proj_w = src.take("language_projection.weight", (lm_hidden, Hq))
+            self.proj_b = src.take("language_projection.bias", (lm_hidden,))
+            self.lm = OPT(cfg.lm, ops, src) if isinstance(cfg.lm, OPTConfig) else T5(cfg.lm, ops, src)
+        P = cfg.image_text_hidden
+        if src.has("vision_projection.weight"):
+            self.vision_proj = (src.take("vision_projection.weight", (P, Hq)), src.take("vision_projection.bias", (P,)))
+        if src.has("text_projection.weight"):
+            self.text_proj = (src.take("text_projection.weight", (P, Hq)), src.take("text_projection.bias", (P,)))
+        if src.has("itm_head.weight"):
+            self.itm_head = (src.take("itm_head.weight", (2, Hq)), src.take("itm_head.bias", (2,)))
+        self._engine = None
+        self._processor = None
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return isinstance(self.lm, T5)
+
+    @property
+    def impls(self) -> dict:
+        """Which implementation ("fast" or "reference") each op was bound to."""
+        return dict(self.ops.impls)
+
+    def _need(self, what: str, ok: bool):
+        if not ok:
+            raise ValueError(f"this {self.architecture} checkpoint has no {what}")
+
+    # ---- vision side ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def get_image_features(self, pixel_values, interpolate_pos_encoding=False) -> Output:
+        """Vision encoder outputs as on `Blip2Model`: last_hidden_state [B, N, Ev], pooler_output [B, Ev]."""
+        self._need("vision encoder", self.vision is not None)
+        last, pooled = self.vision(pixel_values.to(self.device), interpolate_pos_encoding)
+        return Output(last_hidden_state=last, pooler_output=pooled)
+
+    def _qformer_queries(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        B = image_embeds.shape[0]
+        return self.qformer(self.query_tokens.expand(B, -1, -1), n_query=self.cfg.num_query_tokens, image_embeds=image_embeds)
+
+    @torch.inference_mode()
+    def get_qformer_features(self, pixel_values, interpolate_pos_encoding=False) -> torch.Tensor:
+        """The Q-Former's last hidden state for the learned queries: [B, num_query_tokens, Hq]."""
+        return self._qformer_queries(self.get_image_features(pixel_values, interpolate_pos_encoding).last_hidden_state)
+
+    @torch.inference_mode()
+    def language_model_inputs(self, pixel_values, interpolate_pos_encoding=False) -> torch.Tensor:
+        """Projected query outputs the language model sees in place of the image tokens: [B, Q, E_lm]."""
+        self._need("language model", self.lm is not None)
+        return F.linear(self.get_qformer_features(pixel_values, interpolate_pos_encoding), self.proj_w, self.proj_b)
+
+    # ---- text side --------------------------------------------------------------------------
+    def _ids(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [batch, seq] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        input_ids = input_ids.to(self.device).long()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device).long()
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
+        return input_ids, attention_mask
+
+    @torch.inference_mode()
+    def get_text_features(self, input_ids, attention_mask=None) -> Output:
+        """The language model's text encoding as on `Blip2Model`: OPT's decoder output or T5's encoder output."""
+        self._need("language model", self.lm is not None)
+        input_ids, mask = self._ids(input_ids, attention_mask)
+        self._check_vocab(input_ids)
+        emb = self.lm.embed_tokens(input_ids)
+        if self.is_encoder_decoder:
+            return Output(last_hidden_state=self.lm.encode(emb, mask.bool()))
+        pos = (mask.cumsum(1) * mask - 1).clamp(min=-1)
+        return Output(last_hidden_state=self.lm(emb, pos, AttnMeta(prefill=True, key_padding_mask=mask.bool())))
+
+    def _check_vocab(self, ids):
+        V = self.cfg.lm.vocab
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise ValueError(f"input_ids contain ids outside the language model's vocabulary [0, {V})")
+
+    def merge_prompt(self, input_ids, attention_mask, lm_inputs):
+        """Language-model input embeddings with the image queries in place.
+
+        Prompts laid out by `Blip2Processor` carry `num_query_tokens` image tokens; those positions get
+        the projected queries (transformers >= 4.47). Prompts with no image tokens (older processors)
+        get the queries prepended, as older transformers did. Returns (embeds [B, S, E], mask [B, S],
+        ids [B, S] with image positions kept as the image token id).
+        """
+        Q = self.cfg.num_query_tokens
+        B = input_ids.shape[0]
+        img = self.cfg.image_token_id
+        n_img = (input_ids == img).sum(1) if img is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
+        if lm_inputs.shape[0] != B:
+            raise ValueError(f"{lm_inputs.shape[0]} images but {B} prompts")
+        if bool((n_img == 0).all()):
+            pad_id = img if img is not None else 0
+            ids = torch.cat([torch.full((B, Q), pad_id, device=input_ids.device, dtype=input_ids.dtype), input_ids], 1)
+            mask = torch.cat([torch.ones(B, Q, device=input_ids.device, dtype=attention_mask.dtype), attention_mask], 1)
+            self._check_vocab(input_ids)
+            emb = self.lm.embed_tokens(input_ids)
+            return torch.cat([lm_inputs.to(emb.dtype), emb], 1), mask, ids
+        bad = [(i, int(n)) for i, n in enumerate(n_img.tolist()) if n != Q]
+        if bad:
+            i, n = bad[0]
+            raise ValueError(f"prompt {i} has {n} image tokens (id {img}); expected 0 or num_query_tokens={Q}")
+        self._check_vocab(input_ids)
+        emb = self.lm.embed_tokens(input_ids)
+        where = (input_ids == img).unsqueeze(-1)
+        emb = emb.masked_scatter(where, lm_inputs.to(emb.dtype))
+        return emb, attention_mask, input_ids
+
+    # ---- forward ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, interpolate_pos_encoding=False, use_image_text_matching_head=False) -> Output:
+        """Logits as `Blip2ForConditionalGeneration` ([B, S, V]; T5: [B, T_dec, V]), or on retrieval
+        checkpoints the ITM / ITC scores as `Blip2ForImageTextRetrieval` (`.logits_per_image`)."""
+        if self.lm is None:
+            if self.architecture == "Blip2ForImageTextRetrieval":
+                return self.image_text_scores(pixel_values, input_ids, attention_mask, use_image_text_matching_head)
+            if self.architecture == "Blip2VisionModelWithProjection":
+                return self.vision_with_projection(pixel_values)
+            return self.text_with_projection(input_ids, attention_mask)
+        if pixel_values is None or input_ids is None:
+            raise ValueError("forward needs pixel_values and input_ids")
+        input_ids, mask = self._ids(input_ids, attention_mask)
+        lm_in = self.language_model_inputs(pixel_values, interpolate_pos_encoding)
+        emb, mask, _ = self.merge_prompt(input_ids, mask, lm_in)
+        if self.is_encoder_decoder:
+            if decoder_input_ids is None:
+                raise ValueError("T5 checkpoints need decoder_input_ids for a forward pass (generate() makes them itself)")
+            dec_ids = decoder_input_ids.to(self.device).long()
+            self._check_vocab(dec_ids)
+            enc = self.lm.encode(emb, mask.bool())
+            dmask = None if decoder_attention_mask is None else decoder_attention_mask.to(self.device).bool()
+            meta = AttnMeta(prefill=True, key_padding_mask=dmask, encoder_mask=mask.bool())
+            hidden = self.lm.decode(self.lm.embed_tokens(dec_ids), enc, meta)
+        else:
+            self._check_positions(mask.shape[1])
+            pos = (mask.cumsum(1) * mask - 1).clamp(min=-1)
+            hidden = self.lm(emb, pos, AttnMeta(prefill=True, key_padding_mask=mask.bool()))
+        return Output(logits=self.lm.logits(hidden).float(), language_model_inputs=lm_in)
+
+    def _check_positions(self, n: int):
+        if isinstance(self.cfg.lm, OPTConfig) and n > self.cfg.lm.max_positions:
+            raise ValueError(f"prompt of {n} tokens (image queries included) exceeds the language model's "
+                             f"{self.cfg.lm.max_positions} positions")
+
+    # ---- retrieval / projection checkpoints -------------------------------------------------
+    def image_text_scores(self, pixel_values, input_ids, attention_mask=None, use_image_text_matching_head=False) -> Output:
+        """ITM (`use_image_text_matching_head=True`: logits_per_image [B, 2]) or ITC (cosine similarity,
+        logits_per_image [B_img, B_text]) exactly as `Blip2ForImageTextRetrieval`."""
+        self._need("text embeddings", self.text_embeddings is not None)
+        input_ids, mask = self._ids(input_ids, attention_mask)
+        Q = self.cfg.num_query_tokens
+        image_embeds = self.get_image_features(pixel_values).last_hidden_state
+        B = image_embeds.shape[0]
+        has_img_tok = self.cfg.image_token_id is not None
+        if use_image_text_matching_head:
+            self._need("ITM head", hasattr(self, "itm_head"))
+            ids = input_ids[:, Q:] if has_img_tok else input_ids
+            if not has_img_tok:
+                mask = torch.cat([torch.ones(B, Q, dtype=mask.dtype, device=mask.device), mask], 1)
+            emb = torch.cat([self.query_tokens.expand(B, -1, -1), self.text_embeddings(ids)], 1)
+            out = self.qformer(emb, n_query=Q, attention_mask=mask.bool(), image_embeds=image_embeds)
+            logits = F.linear(out[:, :Q], *self.itm_head).mean(1)
+            return Output(logits_per_image=logits, logits_per_text=logits.t())
+        self._need("projections", hasattr(self, "vision_proj") and hasattr(self, "text_proj"))
+        q = self._qformer_queries(image_embeds)
+        if has_img_tok:
+            input_ids, mask = input_ids[:, Q:], mask[:, Q:]
+        t = self.qformer(self.text_embeddings(input_ids), n_query=0, attention_mask=mask.bool())
+        img = F.normalize(F.linear(q, *self.vision_proj), dim=-1)  # (B, Q, P)
+        txt = F.normalize(F.linear(t[:, 0], *self.text_proj), dim=-1)  # (Bt, P)
+        logits = torch.matmul(img, txt.t()).max(dim=1).values  # (B, Bt)
+        return Output(logits_per_image=logits, logits_per_text=logits.t(), text_embeds=txt, image_embeds=img)
+
+    @torch.inference_mode()
+    def vision_with_projection(self, pixel_values) -> Output:
+        """As `Blip2VisionModelWithProjection`: image_embeds [B, Q, P] (L2-normalised)."""
+        self._need("vision projection", hasattr(self, "vision_proj"))
+        feats = self.get_image_features(pixel_values)
+        q = self._qformer_queries(feats.last_hidden_state)
+        return Output(image_embeds=F.normalize(F.linear(q, *self.vision_proj), dim=-1), last_hidden_state=feats.last_hidden_state)
+
+    @torch.inference_mode()
+    def text_with_projection(self, input_ids, attention_mask=None) -> Output:
+        """As `Blip2TextModelWithProjection`: text_embeds [B, S, P] (L2-normalised)."""
+        self._need("text projection", hasattr(self, "text_proj") and self.text_embeddings is not None)
+        input_ids, mask = self._ids(input_ids, attention_mask)
+        t = self.qformer(self.text_embeddings(input_ids), n_query=0, attention_mask=mask.bool())
+        return Output(text_embeds=F.normalize(F.linear(t, *self.text_proj), dim=-1), last_hidden_state=t)
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, interpolate_pos_encoding=False, **kwargs):
+        """Generate as `Blip2ForConditionalGeneration.generate`, on the paged-KV engine.
+
+        Accepts transformers' arguments: max_new_tokens, max_length, min_new_tokens, do_sample,
+        temperature, top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping,
+        eos_token_id, pad_token_id, and `generator` / `seed` for reproducible sampling. Returns token
+        ids [B, L] like transformers: for OPT the prompt ids followed by the new tokens, for T5 the
+        decoder start token followed by the new tokens; rows are padded with pad_token_id.
+        """
+        from .generation import generate
+
+        return generate(self, pixel_values, input_ids, attention_mask, interpolate_pos_encoding, **kwargs)
+
+    def caption(self, images, prompt=None, **gen):
+        """Caption PIL images (one or a list) with the checkpoint's processor; returns a list of strings."""
+        from .generation import caption
+
+        return caption(self, images, prompt, **gen)
+
+    def answer(self, images, questions, **gen):
+        """Answer a question about each image ("Question: ... Answer:" prompts); returns strings."""
+        from .generation import answer
+
+        return answer(self, images, questions, **gen)
