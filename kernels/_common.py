@@ -1,0 +1,107 @@
+"""Helpers shared by the Triton kernels: interpreter detection, GELU epilogues, small launch pickers."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET set truthy).
+
+    Triton reads the variable when a function is decorated with @triton.jit, i.e. when a kernel
+    module is imported, so it must be set before `blip2_fast.kernels.<op>` is imported.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# Tests set this (monkeypatch) so every output is NaN-filled before a kernel writes it: an element a
+# kernel forgets to write then fails the comparison instead of passing on leftover memory.
+POISON_OUTPUTS = False
+
+
+def new_empty(shape, dtype, device) -> torch.Tensor:
+    """torch.empty for kernel outputs (NaN-filled when POISON_OUTPUTS is set)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{name} is on {t.device}; Triton kernels need a CUDA tensor "
+                         "(or TRITON_INTERPRET=1 to interpret them on the CPU)")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 operands get full-precision products: tf32 (Triton's default) errs ~3e-4 relative,
+    # far above eager float32, and the float32 path is the accuracy path, not the fast one.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def bucket(n: int, lo: int = 16, hi: int = 1 << 16) -> int:
+    """Autotune key for a length: its next power of two, so new lengths reuse a tuned config."""
+    return min(max(triton.next_power_of_2(max(int(n), 1)), lo), hi)
+
+
+NORM_MAX_N = 65536  # the norm kernels hold one row in registers; wider rows would spill
+
+
+def check_norm_args(x, params, residual, eps):
+    """Shared by layer_norm and rms_norm: x [..., N]; params {name: (N,) tensor or None}."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor [..., N], got {getattr(x, 'shape', type(x).__name__)}")
+    check_float("x", x)
+    check_device("x", x)
+    n = x.shape[-1]
+    if not 1 <= n <= NORM_MAX_N:
+        raise ValueError(f"x's last dim N must be in 1..{NORM_MAX_N}, got {n} (x {tuple(x.shape)})")
+    for name, p in params.items():
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor) or tuple(p.shape) != (n,):
+            raise ValueError(f"{name} must be [N] = [{n}], got {getattr(p, 'shape', type(p).__name__)}")
+        check_float(name, p)
+        if p.device != x.device:
+            raise ValueError(f"{name} must be on {x.device}, got {p.device}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {getattr(residual, 'shape', type(residual).__name__)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual must match x's dtype {x.dtype} and device {x.device}, "
+                             f"got {residual.dtype} on {residual.device}")
+    if not float(eps) >= 0.0:
+        raise ValueError(f"eps must be a non-negative float, got {eps}")
+
+
+def norm_num_warps(block_n: int) -> int:
+    # One row per program; enough warps that each thread holds ~8-16 elements of the row.
+    if block_n >= 32768:
+        return 32
+    if block_n >= 8192:
+        return 16
+    if block_n >= 2048:
+        return 8
+    return 4
+
+
+@triton.jit
+def gelu_erf(x):
+    # x is float32; exact GELU, 0.5·x·(1 + erf(x/√2)), as F.gelu(approximate="none")
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_tanh(x):
+    # 0.5·x·(1 + tanh(u)) == x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³); tl has no tanh, and this
+    # form saturates cleanly (exp2 overflow gives x/inf = -0, underflow gives x).
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp2(-2.8853900817779268 * u))  # -2·log2(e)·u

@@ -1,0 +1,279 @@
+"""Fused attention forward (FlashAttention-2 style) for ViT-g, Q-Former, OPT and T5.
+
+One program owns a BLOCK_M tile of queries of one (batch, head); K and V stream through in BLOCK_N
+tiles with an online softmax in the exp2 domain and float32 accumulation, so the Sq×Sk score matrix
+never reaches memory. Same semantics as `blip2_fast.reference.attention_ref`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import bucket, check_device, check_float, dot_precision, interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_block(
+    acc, l_i, m_i,  # running output (BLOCK_M, BLOCK_D) f32, row sums and row maxima (BLOCK_M,) f32
+    q,  # the query tile, (BLOCK_M, BLOCK_D), in the input dtype
+    k_base, v_base,  # K and V of this (batch, head): pointers to element (0, 0) of a (Sk, D) matrix
+    kpm_base,  # key padding mask row of this batch, (Sk,); unused unless HAS_KPM
+    bias_base,  # bias of this (batch, head) at query row 0, (Sq, Sk); unused unless HAS_BIAS
+    start_n, offs_m, offs_n0, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn,
+    Sq, Sk, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,  # apply the bottom-right causal mask in this block
+    MASK_N: tl.constexpr,  # the block may run past Sk
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = start_n + offs_n0
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < Sk
+    if MASK_N:
+        kt_mask = d_ok[:, None] & n_ok[None, :]
+        v_mask = n_ok[:, None] & d_ok[None, :]
+    else:
+        kt_mask = d_ok[:, None]
+        v_mask = d_ok[None, :]
+    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kt_mask, other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+    if HAS_BIAS:
+        b_mask = (offs_m[:, None] < Sq) & n_ok[None, :]
+        b = tl.load(bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=b_mask, other=0.0)
+        s += b.to(tl.float32) * 1.4426950408889634
+    if HAS_KPM:
+        keep = tl.load(kpm_base + offs_n * stride_mn, mask=n_ok, other=0) != 0
+        s = tl.where(keep[None, :], s, float("-inf"))
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(offs_n[None, :] <= offs_m[:, None] + (Sk - Sq), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_mask, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # queries, (B, H, Sq, D), any strides
+    K,  # keys, (B, H, Sk, D), any strides
+    V,  # values, (B, H, Sk, D), any strides
+    O,  # output, (B, H, Sq, D), contiguous, q's dtype
+    KPM,  # key padding mask, (B, Sk), nonzero = keep; a dummy pointer unless HAS_KPM
+    BIAS,  # additive bias expanded to (B, H, Sq, Sk) (stride 0 on broadcast dims); dummy unless HAS_BIAS
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om,
+    stride_mb, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    H, Sq, Sk,
+    qk_scale,  # softmax scale · log2(e)
+    q_bucket, k_bucket,  # power-of-two buckets of Sq, Sk: autotune keys only
+    HEAD_DIM: tl.constexpr,  # D
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # "ieee" for float32 inputs, else "tf32" (ignored for 16-bit operands)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= D; the tail is masked
+):
+    # One flat grid axis, query tiles fastest: the tiles of one head run together (K/V stay in L2)
+    # and B·H is not limited to the 65535 of grid axes 1 and 2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    kpm_base = KPM + off_b * stride_mb
+    bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
+
+    q_mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys [0, full_end) are in bounds and visible to every row of the tile: no per-element masks
+    # there. Keys [full_end, hi) need the bounds and causal masks; past hi nothing is visible.
+    if IS_CAUSAL:
+        hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M + (Sk - Sq))
+        hi = tl.maximum(hi, 0)
+        full_end = tl.minimum(tl.maximum(pid_m * BLOCK_M + (Sk - Sq) + 1, 0), hi)
+    else:
+        hi = Sk
+        full_end = Sk
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, start_n, offs_m, offs_n0, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn, Sq, Sk, qk_scale,
+            HEAD_DIM, False, False, HAS_KPM, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_D)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, start_n, offs_m, offs_n0, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn, Sq, Sk, qk_scale,
+            HEAD_DIM, IS_CAUSAL, True, HAS_KPM, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_D)
+
+    # A row that saw no key has l = 0 and acc = 0: it outputs zeros, as the reference does.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    q_bucket, block_d = args["q_bucket"], args["BLOCK_D"]
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bm > max(q_bucket, 32):  # a tile mostly past Sq (Q-Former's 32 queries, decode)
+            continue
+        if block_d >= 256 and bm * bn > 64 * 64:  # (128, 256) fp32 accumulators spill
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+# sm_90 candidates. BLOCK_M=64 wins when Sq is just past a multiple of 128 (ViT-g's 257 queries:
+# 5 tiles of 64 waste 20% of rows, 3 of 128 waste 33%); 128×64 with 8 warps is the FA2 default.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+]
+_attn_fwd_tuned = triton.autotune(
+    _CONFIGS, key=["q_bucket", "k_bucket", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_attn_fwd_kernel)
+
+# Under TRITON_INTERPRET=1 (numpy, one program at a time) fewer, larger numpy ops are faster and
+# autotuning would be pointless: one fixed small configuration.
+_INTERP_BLOCKS = (32, 32)
+
+
+def _attention_impl(q, k, v, key_padding_mask, bias, causal, scale, block_m=None, block_n=None):
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    o = _common.new_empty((B, H, Sq, D), q.dtype, q.device)
+    if o.numel() == 0:
+        return o
+    if key_padding_mask is not None:
+        kpm, s_mb, s_mn = key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
+    else:
+        kpm, s_mb, s_mn = q, 0, 0  # never read
+    if bias is not None:
+        bias_e = bias.expand(B, H, Sq, Sk)  # broadcast dims get stride 0; no copy
+        bias_strides = bias_e.stride()
+    else:
+        bias_e, bias_strides = q, (0, 0, 0, 0)
+    block_d = max(16, triton.next_power_of_2(D))
+    args = (
+        q, k, v, o, kpm, bias_e,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3], s_mb, s_mn, *bias_strides,
+        H, Sq, Sk, scale * LOG2E, bucket(Sq), bucket(Sk),
+    )
+    meta = dict(HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
+                HAS_BIAS=bias is not None, DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d)
+    if block_m is not None or interpreting():
+        bm, bn = (block_m, block_n) if block_m is not None else _INTERP_BLOCKS
+        grid = (triton.cdiv(Sq, bm) * B * H,)
+        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+    else:
+        grid = lambda META: (triton.cdiv(Sq, META["BLOCK_M"]) * B * H,)  # noqa: E731
+        _attn_fwd_tuned[grid](*args, **meta)
+    return o
+
+
+@torch.library.custom_op("blip2_fast::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                  bias: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+    return _attention_impl(q, k, v, key_padding_mask, bias, causal, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, bias, causal, scale):
+    B, H, Sq, D = q.shape
+    return q.new_empty((B, H, Sq, D))
+
+
+def _check_args(q, k, v, key_padding_mask, bias):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-d tensor [B, H, S, D], got {shape}")
+        check_float(name, t)
+        check_device(name, t)
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    if tuple(k.shape) != (B, H, Sk, D):
+        raise ValueError(f"k must be [B, H, Sk, D] = [{B}, {H}, Sk, {D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must be [B, H, Sk, D] = {list(k.shape)} like k, got {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim D must be in 1..256, got D={D} (q {tuple(q.shape)})")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or tuple(key_padding_mask.shape) != (B, Sk):
+            got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+            raise ValueError(f"key_padding_mask must be [B, Sk] = [{B}, {Sk}], got {got}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+        if key_padding_mask.dtype.is_complex:
+            raise ValueError(f"key_padding_mask must be bool, integer or float, got {key_padding_mask.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dim() > 4:
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be broadcastable to [B, H, Sq, Sk] = [{B}, {H}, {Sq}, {Sk}], got {got}")
+        full = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+        if any(b not in (1, t) for b, t in zip(full, (B, H, Sq, Sk))):
+            raise ValueError(f"bias must be broadcastable to [B, H, Sq, Sk] = [{B}, {H}, {Sq}, {Sk}], got {tuple(bias.shape)}")
+        check_float("bias", bias)
+        if bias.device != q.device:
+            raise ValueError(f"bias must be on {q.device}, got {bias.device}")
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=None):
+    """softmax(q kᵀ · scale + bias + masks) v, fused; the semantics of `attention_ref`.
+
+    q: [B, H, Sq, D]; k, v: [B, H, Sk, D]; any strides (e.g. views of one fused qkv projection), one
+    dtype (float16, bfloat16 or float32), D <= 256. causal: bottom-right aligned (query i sees keys
+    j <= i + Sk - Sq). key_padding_mask: [B, Sk], nonzero = keep. bias: additive, broadcastable to
+    [B, H, Sq, Sk] (e.g. [1, H, Sq, Sk], T5's relative positions), any float dtype. scale defaults to
+    D**-0.5. A query row with no visible key returns zeros. Returns [B, H, Sq, D], contiguous, q's dtype.
+    """
+    _check_args(q, k, v, key_padding_mask, bias)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return torch.ops.blip2_fast.attention_fwd(q, k, v, key_padding_mask, bias, bool(causal), scale)
