@@ -1,2 +1,15 @@
-"""blip2_fast: a fast inference runtime for BLIP-2."""
+"""blip2_fast: a fast inference runtime for BLIP-2 (EVA ViT-g -> Q-Former -> OPT / Flan-T5).
+
+    import blip2_fast
+    model = blip2_fast.load("path/to/blip2-checkpoint")          # or a hub id, or a transformers model
+    ids = model.generate(pixel_values, input_ids=..., max_new_tokens=30)
+    engine = blip2_fast.Engine(model)                            # continuous batching for serving
+"""
+from .engine.engine import Engine, RequestOutput
+from .engine.sampling import SamplingParams
+from .loader import load
+from .config import UnsupportedModelError
+from .weights import CheckpointError
+
 __version__ = "0.1.0"
+__all__ = ["load", "Engine", "RequestOutput", "SamplingParams", "CheckpointError", "UnsupportedModelError"]

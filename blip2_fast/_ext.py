@@ -1,0 +1,226 @@
+"""The C++/CUDA extension (csrc/): built on first use, cached, loaded as `torch.ops.blip2_fast.*`.
+
+    from blip2_fast import _ext
+    _ext.build(verbose=True)                 # what `python -m blip2_fast build-ext` runs
+    _ext.unavailable_reason("cuda")          # None, or why the registry must bind the reference
+    out = _ext.cross_attention(q, k, v)      # torch.ops.blip2_fast.cross_attention
+
+The CPU kernels are always built; the CUDA ones only when torch is a CUDA build and a CUDA toolkit is
+found (for sm_80, which also runs on 8.x, and sm_90a). Builds live in
+`$BLIP2_FAST_CACHE/ext-<hash>` (default `~/.cache/blip2_fast`), the hash covering the sources, the
+flags, torch, CUDA and Python versions, so a changed source never loads a stale library. An
+exclusive file lock serialises processes building the same directory. A failed build is remembered
+in its directory (file FAILED), warned about once per process, and reported by `unavailable_reason`;
+`build()` always retries it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.resources
+import os
+import platform
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+_CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp")
+_CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
+_HEADERS = ("checks.h", "cross_attention.h")
+_CFLAGS = ("-O3", "-fno-trapping-math")  # no-trapping-math: lets GCC if-convert the softmax's clamps
+_CUDA_ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
+_CUDA_CFLAGS = ("-O3",) + _CUDA_ARCH_FLAGS
+
+_lock = threading.Lock()
+_tried = False
+_loaded: str | None = None  # "cpu" or "cuda": which build is loaded into this process
+_path: str | None = None
+_errors: dict[str, str] = {}  # config -> short reason it is unavailable
+_warned: set[str] = set()
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _csrc() -> Path:
+    return Path(str(importlib.resources.files("blip2_fast.csrc")))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("BLIP2_FAST_CACHE") or Path.home() / ".cache" / "blip2_fast")
+
+
+def _cuda_toolkit_reason() -> str | None:
+    """Why the CUDA kernels cannot be built here, or None."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build, so the extension's CUDA kernels are not built"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "no CUDA toolkit found to build the extension's CUDA kernels (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def _config(cuda: bool) -> tuple[str, list[str], list[str], list[str]]:
+    """(name, sources, cflags, cuda_cflags) of the CPU-only or the CPU+CUDA build."""
+    names = _CPU_SOURCES + (_CUDA_SOURCES if cuda else ())
+    return ("blip2_fast_ext_cuda" if cuda else "blip2_fast_ext_cpu", [str(_csrc() / n) for n in names],
+            list(_CFLAGS), list(_CUDA_CFLAGS) if cuda else [])
+
+
+def _build_dir(name: str, sources: list[str], cflags: list[str], cuda_cflags: list[str]) -> Path:
+    h = hashlib.sha256()
+    for part in (name, torch.__version__, str(torch.version.cuda), sys.version.split()[0], platform.machine(),
+                 " ".join(cflags), " ".join(cuda_cflags)):
+        h.update(part.encode() + b"\0")
+    for f in sorted(sources) + sorted(str(_csrc() / n) for n in _HEADERS):
+        p = Path(f)
+        h.update(p.name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"<missing>") + b"\0")
+    return _cache_root() / f"ext-{h.hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    # fcntl, not torch's FileBaton: the kernel drops it when a build is killed, a baton file would stay.
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _first_error(text: str) -> str:
+    for line in text.splitlines():
+        if "error" in line.lower() and "Error building extension" not in line:
+            return line.strip()[:300]
+    return _tail(text, 1)[:300]
+
+
+def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
+    """Build (or find cached) and load one configuration; returns the library's path."""
+    name, sources, cflags, cuda_cflags = _config(cuda)
+    d = _build_dir(name, sources, cflags, cuda_cflags)
+    d.mkdir(parents=True, exist_ok=True)
+    lib = d / f"{name}.so"
+    ok, failed = d / "OK", d / "FAILED"
+    with _file_lock(d / "build.lock"):
+        if not ok.exists() or not lib.exists():
+            if failed.exists() and not force:
+                raise BuildError(failed.read_text())
+            from torch.utils import cpp_extension
+
+            failed.unlink(missing_ok=True)
+            (d / "lock").unlink(missing_ok=True)  # torch's baton, stale if a build was killed; we hold the lock
+            print(f"blip2_fast: building the {'CPU+CUDA' if cuda else 'CPU'} extension in {d} (once)...",
+                  file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            try:
+                cpp_extension.load(name, sources, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
+                                   build_directory=str(d), verbose=verbose, with_cuda=cuda, is_python_module=False)
+            except Exception as e:
+                failed.write_text(f"{type(e).__name__}: {e}")
+                raise BuildError(failed.read_text()) from e
+            ok.write_text(f"built in {time.perf_counter() - t0:.1f} s with torch {torch.__version__}\n")
+            return str(lib)
+    torch.ops.load_library(str(lib))
+    return str(lib)
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("blip2_fast::cross_attention")
+    def _(q, k, v, key_padding_mask, scale):
+        torch._check(q.dim() == 4, lambda: f"cross_attention: q must have shape [B, H, Nq, D], got {tuple(q.shape)}")
+        return q.new_empty(q.shape)  # contiguous [B, H, Nq, D], like the kernels' output
+
+
+def _load(force: bool = False, verbose: bool = False) -> None:
+    global _tried, _loaded, _path
+    with _lock:
+        if _loaded is not None or (_tried and not force):
+            return
+        _tried = True
+        _errors.clear()
+        cuda_reason = _cuda_toolkit_reason()
+        if cuda_reason is not None:
+            _errors["cuda"] = cuda_reason
+        for cuda in ([True] if cuda_reason is None else []) + [False]:
+            config = "cuda" if cuda else "cpu"
+            try:
+                _path = _build_one(cuda, force, verbose)
+            except Exception as e:
+                text = str(e)
+                d = _build_dir(*_config(cuda))
+                _errors[config] = f"the {config.upper()} extension failed to build: {_first_error(text)} (log: {d / 'FAILED'})"
+                if cuda:
+                    _errors["cuda"] = _errors[config]
+                if force:
+                    continue  # build() raises with the full text below
+                if config not in _warned:
+                    _warned.add(config)
+                    warnings.warn(f"blip2_fast: building the {config.upper()} extension in {d} failed; its ops fall back "
+                                  f"to the reference. Retry with `python -m blip2_fast build-ext`. Compiler output "
+                                  f"(tail):\n{_tail(text)}", RuntimeWarning, stacklevel=4)
+                continue
+            _loaded = config
+            _register_fake()
+            return
+
+
+def build(verbose: bool = False) -> str:
+    """Build (or find in the cache) and load the extension; returns the loaded library's path.
+
+    Retries a build remembered as failed. Raises BuildError with the compiler output if nothing loads.
+    """
+    _load(force=True, verbose=verbose)
+    if _loaded is None:
+        raise BuildError("blip2_fast: the extension failed to build:\n" + "\n".join(_errors.values()))
+    if _loaded == "cpu" and "cuda" in _errors and torch.version.cuda is not None:
+        warnings.warn(f"blip2_fast: only the CPU kernels loaded: {_errors['cuda']}", RuntimeWarning, stacklevel=2)
+    assert _path is not None
+    return _path
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the extension's kernels cannot run on `device`, or None if they can (builds on first call)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        reason = _cuda_toolkit_reason()
+        if reason is not None:
+            return reason
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible (torch.cuda.is_available() is False)"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major != 8 and (major, minor) != (9, 0):
+            return (f"the extension's CUDA kernels are compiled for sm_80 (runs on 8.x) and sm_90a; "
+                    f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")
+        _load()
+        return None if _loaded == "cuda" else _errors.get("cuda", "the CUDA extension did not load")
+    if device.type == "cpu":
+        _load()
+        return None if _loaded is not None else _errors.get("cpu", "the CPU extension did not load")
+    return f"the C++/CUDA extension has no kernels for device type {device.type!r}"
+
+
+def cross_attention(q, k, v, *, key_padding_mask=None, scale=None):
+    """Q-Former cross-attention, `torch.ops.blip2_fast.cross_attention`; spec: `reference.cross_attention_ref`.
+
+    q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides; float32, float16 or bfloat16; D <= 128 on
+    CUDA). key_padding_mask: [B, Nk], nonzero/True = keep. scale defaults to D ** -0.5. Returns a
+    contiguous [B, H, Nq, D] in q's dtype; a query whose keys are all masked gets zeros.
+    """
+    if _loaded is None:
+        _load()
+        if _loaded is None:
+            raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
+    return torch.ops.blip2_fast.cross_attention(q, k, v, key_padding_mask, scale)

@@ -1,0 +1,475 @@
+"""The continuous-batching engine: requests in, tokens out, one `step()` at a time.
+
+Every step admits waiting requests while blocks and `max_num_seqs` allow (first come, first served),
+runs the vision encoder + Q-Former for their new images as one batch (repeated images hit a cache),
+prefills them as one batch, and decodes every other running sequence as one batch. When the KV pool
+runs out, the most recently admitted request is preempted: its blocks are freed and it is requeued
+at the front; greedy/sampled requests keep their tokens and recompute their KV, beam searches restart
+(deterministically), so the final output is the same as without preemption.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import math
+from collections import deque
+
+import torch
+
+from . import sampling as smp
+from .beam import BeamState
+from .block_manager import BlockManager, NoFreeBlocksError
+from .runner import ModelRunner, image_digest
+from .sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: object
+    token_ids: list[int]  # generated so far, prompt excluded (beam search: the best beam, at the end)
+    new_token_ids: list[int]  # generated since the previous output of this request
+    finished: bool
+    finish_reason: str | None = None  # "stop" (eos/stop token), "length", "abort"
+    text: str | None = None
+
+
+class _Request:
+    def __init__(self, rid, order, prompt_ids, px, digest, interp, p: SamplingParams, eos, pad, keys, n_lm_prompt):
+        self.id, self.order = rid, order
+        self.prompt_ids, self.px, self.digest, self.interp = prompt_ids, px, digest, interp
+        self.p, self.eos, self.pad = p, eos, pad
+        self.keys, self.n_lm_prompt = keys, n_lm_prompt  # LM cache keys of the prompt positions
+        self.generated: list[int] = []
+        self.emitted = 0
+        self.seqs: list[int] = []  # live sequence ids (beams)
+        self.pending: dict[int, int] = {}  # seq id -> token whose KV is not yet in the cache
+        self.beam: BeamState | None = None
+        self.generator = None
+        self.finished, self.reason = False, None
+        self.cross_seq = None
+        self.lm_inputs = None
+        self.reset_generator()
+
+    def reset_generator(self):
+        if self.p.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.p.seed)
+
+
+class Engine:
+    """Continuous batching over a paged KV cache for a model from `blip2_fast.load()`.
+
+    max_num_seqs: sequences decoded together at most (a beam search counts num_beams).
+    block_size: tokens per KV block. num_blocks: pool size; default: `gpu_memory_utilization` of
+    the free GPU memory, or on CPU enough for min(max_num_seqs, 16) sequences of max_model_len.
+    max_model_len: longest prompt + output (default: OPT's max positions, 2048 for T5).
+    tokenizer: for text prompts and `RequestOutput.text` (default: the checkpoint's, if it has one).
+    enforce_eager: accepted for API compatibility; the decode step currently always runs eagerly.
+    """
+
+    def __init__(self, model, *, max_num_seqs: int = 256, block_size: int = 16, num_blocks: int | None = None,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, tokenizer=None,
+                 enforce_eager: bool = False):
+        if model.lm is None:
+            raise ValueError(f"a {model.architecture} checkpoint has no language model to generate with")
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.model = model
+        lm_cfg = model.cfg.lm
+        default_len = getattr(lm_cfg, "max_positions", 2048)
+        self.max_model_len = min(max_model_len or default_len, default_len)
+        if model.is_encoder_decoder:
+            self.max_model_len = max_model_len or default_len
+        self.max_num_seqs, self.block_size = max_num_seqs, block_size
+        per_block = ModelRunner.bytes_per_block(model, block_size)
+        if num_blocks is None:
+            if model.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(model.device)
+                num_blocks = int(free * gpu_memory_utilization * 0.9) // per_block  # keep room for activations
+            else:
+                num_blocks = math.ceil(self.max_model_len / block_size) * min(max_num_seqs, 16) + 1
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks={num_blocks}: the KV pool needs at least 2 blocks")
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.tokenizer = tokenizer
+        self.enforce_eager = enforce_eager
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self.requests: dict[object, _Request] = {}
+        self._order = itertools.count()
+        self._seq_ids = itertools.count()
+        self.num_preemptions = 0
+        self._queues: dict[object, asyncio.Queue] = {}
+        self._aborted: list[_Request] = []
+        self._slots: dict[int, tuple[int, int]] = {}
+        self._copies: list[tuple[int, int]] = []
+
+    # ---- public state ---------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.caches[0][0].shape[0]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id, *, pixel_values=None, image=None, prompt=None, sampling: SamplingParams | None = None,
+                    interpolate_pos_encoding: bool = False) -> None:
+        """Queue a request. pixel_values: a [3, H, W] tensor (or image: a PIL image, preprocessed with
+        the checkpoint's processor). prompt: text, or token ids as `Blip2Processor` lays them out
+        (with `num_query_tokens` image tokens, or none: then the queries are prepended)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        p = dataclasses.replace(sampling) if sampling is not None else SamplingParams()
+        p.validate()
+        model = self.model
+        if (pixel_values is None) == (image is None):
+            raise ValueError("give exactly one of pixel_values (a [3, H, W] tensor) or image (a PIL image)")
+        if image is not None:
+            from ..generation import processor_for
+
+            pixel_values = processor_for(model).image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 3:
+            raise ValueError(f"pixel_values must be a [3, H, W] tensor, got {getattr(pixel_values, 'shape', type(pixel_values))}")
+        model.vision.check_pixels(pixel_values[None], interpolate_pos_encoding)
+        prompt_ids = self._prompt_ids(prompt)
+        lm_cfg = model.cfg.lm
+        if prompt_ids.numel() and (int(prompt_ids.min()) < 0 or int(prompt_ids.max()) >= lm_cfg.vocab):
+            raise ValueError(f"prompt ids must be in [0, {lm_cfg.vocab})")
+        Q, img = model.cfg.num_query_tokens, model.cfg.image_token_id
+        n_img = int((prompt_ids == img).sum()) if img is not None else 0
+        if n_img not in (0, Q):
+            raise ValueError(f"prompt has {n_img} image tokens (id {img}); expected 0 or num_query_tokens={Q}")
+        digest = image_digest(pixel_values) + ("/i" if interpolate_pos_encoding else "")
+        if n_img:
+            it = iter(range(Q))
+            keys = [("img", digest, next(it)) if t == img else int(t) for t in prompt_ids.tolist()]
+        else:
+            keys = [("img", digest, j) for j in range(Q)] + [int(t) for t in prompt_ids.tolist()]
+        n_lm = len(keys)
+        if model.is_encoder_decoder:
+            if p.num_beams == 1 and 1 + p.max_new_tokens > self.max_model_len:
+                raise ValueError(f"max_new_tokens={p.max_new_tokens} exceeds max_model_len={self.max_model_len}")
+        elif n_lm > self.max_model_len:
+            raise ValueError(f"prompt of {n_lm} positions (image queries included) exceeds the model's maximum of "
+                             f"{self.max_model_len} positions")
+        need = max(p.num_beams, 1)
+        if need > self.max_num_seqs:
+            raise ValueError(f"num_beams={p.num_beams} exceeds max_num_seqs={self.max_num_seqs}")
+        worst = math.ceil((n_lm + p.max_new_tokens) / self.block_size) * need + (
+            math.ceil(n_lm / self.block_size) if model.is_encoder_decoder else 0)
+        if worst > self.num_blocks:
+            raise ValueError(f"request {request_id!r} needs up to {worst} KV blocks but the pool has {self.num_blocks}")
+        defaults = getattr(model, "generation_defaults", {})
+        eos = p.stop_token_ids if p.stop_token_ids is not None else defaults.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = defaults.get("pad_token_id")
+        req = _Request(request_id, next(self._order), prompt_ids, pixel_values, digest, interpolate_pos_encoding, p,
+                       eos, pad, keys, n_lm)
+        self.requests[request_id] = req
+        self.waiting.append(req)
+
+    def _prompt_ids(self, prompt) -> torch.Tensor:
+        model = self.model
+        if prompt is None:
+            if model.is_encoder_decoder:
+                return torch.zeros(0, dtype=torch.long)
+            bos = getattr(model, "generation_defaults", {}).get("bos_token_id")
+            return torch.tensor([bos] if bos is not None else [], dtype=torch.long)
+        if isinstance(prompt, str):
+            tok = self.tokenizer
+            if tok is None:
+                from ..generation import processor_for
+
+                proc = processor_for(model)
+                ids = proc(text=[prompt], return_tensors="pt")["input_ids"][0]
+                return ids.long()
+            return torch.tensor(tok(prompt)["input_ids"], dtype=torch.long)
+        ids = torch.as_tensor(prompt)
+        if ids.dim() != 1 or ids.is_floating_point():
+            raise ValueError(f"prompt token ids must be a 1-D integer sequence, got shape {list(ids.shape)}")
+        return ids.long().cpu()
+
+    def abort(self, request_id) -> None:
+        """Stop a request now; its blocks are freed and its next output says finish_reason="abort"."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        self._free(req)
+        req.finished, req.reason = True, "abort"
+        self._aborted.append(req)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Admit, prefill new requests, decode running ones; return outputs of requests that progressed."""
+        touched, self._aborted = self._aborted, []
+        admitted = self._admit()
+        decoding = [r for r in self.running if r not in admitted]
+        if admitted:
+            self._prefill(admitted)
+            touched += admitted
+        decoding = self._reserve(decoding)
+        if decoding:
+            self._decode(decoding)
+            touched += decoding
+        outs, seen = [], set()
+        for r in touched:
+            if id(r) in seen:
+                continue
+            seen.add(id(r))
+            if r.finished and r in self.running:
+                self.running.remove(r)
+            outs.append(self._output(r))
+        return outs
+
+    def _admit(self) -> list[_Request]:
+        admitted = []
+        n_seqs = sum(len(r.seqs) for r in self.running)
+        while self.waiting:
+            r = self.waiting[0]
+            need_seqs = r.p.num_beams if r.beam is not None or r.p.num_beams > 1 else 1
+            if n_seqs + need_seqs > self.max_num_seqs:
+                break
+            keys = self._seq_keys(r)
+            need = len(keys) + (0 if r.p.num_beams == 1 else self.block_size * r.p.num_beams)
+            xkeys = self._cross_keys(r) if self.model.is_encoder_decoder else []
+            if self.blocks.num_free_blocks < math.ceil(need / self.block_size) + math.ceil(len(xkeys) / self.block_size) + 1:
+                break
+            self.waiting.popleft()
+            sid = next(self._seq_ids)
+            r.num_cached = self.blocks.allocate(sid, keys)[1]
+            r.seqs = [sid]
+            if xkeys:
+                r.cross_seq = ("x", sid)
+                r.cross_cached = self.blocks.allocate(r.cross_seq, xkeys)[1]
+            self.running.append(r)
+            admitted.append(r)
+            n_seqs += need_seqs
+        return admitted
+
+    def _seq_keys(self, r: _Request) -> list:
+        if self.model.is_encoder_decoder:
+            base = [("dec", r.digest, tuple(r.prompt_ids.tolist()))]
+            return base + [(t, i) for i, t in enumerate(r.generated)]
+        return r.keys + [(t, i) for i, t in enumerate(r.generated)]
+
+    def _cross_keys(self, r: _Request) -> list:
+        return [("enc", k) for k in r.keys]
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        feats = self.runner.image_inputs([(r.digest, r.px, r.interp) for r in reqs])
+        items = []
+        for r in reqs:
+            sid = r.seqs[0]
+            n = self.blocks.num_tokens(sid)
+            # tokens served from the prefix cache keep their KV: never write into shared blocks
+            slots = [-1] * r.num_cached + self.blocks.slot_mapping(sid, r.num_cached, n)
+            it = {"prompt_ids": r.prompt_ids, "lm_inputs": feats[r.digest], "generated": list(r.generated), "slots": slots}
+            if self.model.is_encoder_decoder:
+                it["dec_start"] = self.model.generation_defaults.get("decoder_start_token_id", 0)
+                nx = self.blocks.num_tokens(r.cross_seq)
+                it["cross_slots"] = [-1] * r.cross_cached + self.blocks.slot_mapping(r.cross_seq, r.cross_cached, nx)
+            items.append(it)
+        logits = self.runner.prefill(items)
+        for i, r in enumerate(reqs):
+            sid = r.seqs[0]
+            if r.p.num_beams > 1:
+                self._start_beams(r, logits[i: i + 1])
+            else:
+                self._sample(r, [sid], logits[i: i + 1])
+
+    def _history(self, r: _Request) -> list[int]:
+        if self.model.is_encoder_decoder:
+            return [self.model.generation_defaults.get("decoder_start_token_id", 0)] + r.generated
+        return r.prompt_ids.tolist() + r.generated
+
+    def _sample(self, r: _Request, sids: list[int], logits: torch.Tensor) -> None:
+        scores = smp.process(logits, r.p, [self._history(r)], [len(r.generated)], r.eos)
+        tok = int(smp.select(scores, r.p, r.generator)[0])
+        r.generated.append(tok)
+        sid = sids[0]
+        if tok in r.eos:
+            self._finish(r, "stop")
+        elif len(r.generated) >= r.p.max_new_tokens:
+            self._finish(r, "length")
+        elif self._lm_len(r) >= self.max_model_len:
+            self._finish(r, "length")
+        else:
+            r.pending = {sid: tok}
+
+    def _lm_len(self, r):
+        return (1 if self.model.is_encoder_decoder else r.n_lm_prompt) + len(r.generated)
+
+    # ---- beams --------------------------------------------------------------------------------
+    def _beam_prompt(self, r):
+        if self.model.is_encoder_decoder:
+            return [self.model.generation_defaults.get("decoder_start_token_id", 0)]
+        return r.prompt_ids.tolist()
+
+    def _start_beams(self, r: _Request, logits: torch.Tensor) -> None:
+        k = r.p.num_beams
+        prompt = self._beam_prompt(r)
+        r.beam = BeamState(r.p, prompt, r.eos, r.pad, len(prompt) + r.p.max_new_tokens)
+        self._beam_step(r, logits.expand(k, -1))
+
+    def _beam_step(self, r: _Request, logits: torch.Tensor) -> None:
+        b = r.beam
+        hist = b.history()
+        n_gen = [b.cur_len - b.prompt_len] * len(hist)
+        scores = smp.process(logits, r.p, hist, n_gen, r.eos, log_probs=True)
+        parents, toks = b.step(scores, r.generator)
+        old = list(r.seqs)
+        if b.done:
+            r.generated = b.result()
+            self._finish(r, "stop" if (r.generated and r.generated[-1] in r.eos) else "length")
+            return
+        src = old if len(old) == r.p.num_beams else old * r.p.num_beams
+        new = []
+        for par in parents:
+            sid = next(self._seq_ids)
+            self.blocks.fork(src[par], sid)
+            new.append(sid)
+        for sid in set(old):
+            self.blocks.free(sid)
+        r.seqs = new
+        r.pending = dict(zip(new, toks))
+
+    # ---- decode -------------------------------------------------------------------------------
+    def _reserve(self, reqs: list[_Request]) -> list[_Request]:
+        """Give every pending token a cache slot, preempting the newest requests when blocks run out."""
+        reqs = sorted(reqs, key=lambda r: r.order)
+        self._slots, self._copies = {}, []
+        while True:
+            try:
+                for r in reqs:
+                    for sid, tok in r.pending.items():
+                        if sid in self._slots:
+                            continue  # got its slot before a preemption restarted this loop
+                        pos = self.blocks.num_tokens(sid)
+                        slot, copy = self.blocks.append_slot(sid, (tok, pos))
+                        self._slots[sid] = (slot, pos)
+                        if copy is not None:
+                            self._copies.append(copy)
+                return reqs
+            except NoFreeBlocksError:
+                victim = max(self.running, key=lambda r: r.order)
+                for sid in victim.seqs:
+                    self._slots.pop(sid, None)
+                self._preempt(victim)
+                reqs = [r for r in reqs if r is not victim]
+                if not reqs:
+                    return []
+
+    def _preempt(self, r: _Request) -> None:
+        self.num_preemptions += 1
+        self._free(r)
+        self.running.remove(r)
+        if r.beam is not None:  # beam searches restart; they are deterministic given their seed
+            r.beam, r.generated = None, []
+            r.reset_generator()
+        r.pending = {}
+        self.waiting.appendleft(r)
+
+    def _free(self, r: _Request) -> None:
+        for sid in set(r.seqs):
+            if sid in self.blocks:
+                self.blocks.free(sid)
+        if r.cross_seq is not None and r.cross_seq in self.blocks:
+            self.blocks.free(r.cross_seq)
+        r.seqs, r.cross_seq = [], None
+
+    def _decode(self, reqs: list[_Request]) -> None:
+        self.runner.copy_blocks(self._copies)
+        toks, pos, slots, tables, lens, xt, xl, owners = [], [], [], [], [], [], [], []
+        for r in reqs:
+            for sid in r.seqs:
+                slot, p = self._slots[sid]
+                toks.append(r.pending[sid])
+                pos.append(p)
+                slots.append(slot)
+                tables.append(self.blocks.block_table(sid))
+                lens.append(self.blocks.num_tokens(sid))
+                if self.model.is_encoder_decoder:
+                    xt.append(self.blocks.block_table(r.cross_seq))
+                    xl.append(self.blocks.num_tokens(r.cross_seq))
+                owners.append(r)
+        logits = self.runner.decode(toks, pos, slots, tables, lens, xt or None, xl or None)
+        i = 0
+        for r in reqs:
+            n = len(r.seqs)
+            chunk = logits[i: i + n]
+            i += n
+            if r.p.num_beams > 1:
+                self._beam_step(r, chunk)
+            else:
+                self._sample(r, r.seqs, chunk)
+
+    # ---- outputs --------------------------------------------------------------------------------
+    def _finish(self, r: _Request, reason: str) -> None:
+        r.finished, r.reason = True, reason
+        r.pending = {}
+        self._free(r)
+
+    def _output(self, r: _Request) -> RequestOutput:
+        if r.p.num_beams > 1 and not r.finished:
+            new, toks = [], []
+        else:
+            toks = list(r.generated)
+            new = toks[r.emitted:]
+            r.emitted = len(toks)
+        text = None
+        if self.tokenizer is not None and (r.finished or r.p.num_beams == 1):
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+        if r.finished:
+            self.requests.pop(r.id, None)
+        out = RequestOutput(r.id, toks, new, r.finished, r.reason, text)
+        q = self._queues.get(r.id)
+        if q is not None:
+            q.put_nowait(out)
+        return out
+
+    # ---- convenience ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Step until every request is finished; returns {request_id: final RequestOutput}."""
+        final = {}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return final
+
+    async def stream(self, request_id, **kwargs):
+        """`add_request(request_id, **kwargs)`, then yield its RequestOutputs as they come (asyncio).
+
+        Several streams may run concurrently; whichever stream finds the engine idle drives `step()`,
+        yielding to the event loop between steps.
+        """
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        try:
+            self.add_request(request_id, **kwargs)
+            while True:
+                while q.empty():
+                    if not self.has_unfinished():
+                        return
+                    self.step()
+                    await asyncio.sleep(0)
+                out = q.get_nowait()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if request_id in self.requests and not self.requests[request_id].finished:
+                self.abort(request_id)
