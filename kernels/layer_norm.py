@@ -1,0 +1,96 @@
+"""LayerNorm over the last dim, optionally fused with the residual add before it (one pass over HBM).
+
+Same semantics as `blip2_fast.reference.layernorm_ref`: float32 statistics, and with a residual
+the sum x + residual is rounded once to x's dtype, stored, and that rounded sum is normalised.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import check_norm_args, norm_num_warps
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # input rows, (n_rows, n_cols), row stride stride_x, unit column stride
+    R,  # residual rows, same shape as X, row stride stride_r; unused unless HAS_RESIDUAL
+    Y,  # output, (n_rows, n_cols), contiguous, X's dtype
+    S,  # output sum X + R, (n_rows, n_cols), contiguous, X's dtype; unused unless HAS_RESIDUAL
+    W, B,  # weight and bias, (n_cols,); unused unless HAS_WEIGHT / HAS_BIAS
+    stride_x, stride_r, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # next power of two >= n_cols; the tail is masked
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        # Round the sum to X's dtype before normalising: the next block's residual must match an
+        # unfused model bit for bit.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + row * n_cols + cols, x, mask=mask)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=0) / n_cols
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / n_cols
+    rstd = tl.math.rsqrt(var + eps)
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n)  # a view whenever the leading dims are collapsible
+    return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
+
+
+def _layer_norm_impl(x, weight, bias, residual, eps):
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    y = _common.new_empty(x.shape, x.dtype, x.device)
+    s = _common.new_empty(x.shape if residual is not None else (0,), x.dtype, x.device)
+    n_rows = x2.shape[0]
+    if n_rows == 0:
+        return y, s
+    r2 = _rows(residual, n) if residual is not None else x2
+    block_n = triton.next_power_of_2(n)
+    _layer_norm_fwd_kernel[(n_rows,)](
+        x2, r2, y, s if residual is not None else y,
+        weight if weight is not None else x2, bias if bias is not None else x2,
+        x2.stride(0), r2.stride(0), n, eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, num_warps=norm_num_warps(block_n),
+    )
+    return y, s
+
+
+@torch.library.custom_op("blip2_fast::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   residual: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(x [+ residual]), x + residual); the second output is empty without a residual."""
+    return _layer_norm_impl(x, weight, bias, residual, eps)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
+
+
+def layer_norm(x, weight, bias, eps, residual=None):
+    """LayerNorm over the last dim with float32 statistics; the semantics of `layernorm_ref`.
+
+    x: [..., N] (float16, bfloat16 or float32; N <= 65536); weight, bias: [N] or None, any float
+    dtype; residual: x's shape and dtype, or None. Returns y [..., N] in x's dtype, or
+    (y, x + residual) when a residual is given (the sum rounded once to x's dtype).
+    """
+    check_norm_args(x, {"weight": weight, "bias": bias}, residual, eps)
+    y, s = torch.ops.blip2_fast.layer_norm_fwd(x, weight, bias, residual, float(eps))
+    return (y, s) if residual is not None else y

@@ -1,0 +1,89 @@
+"""T5's RMSNorm (no mean removal, no bias), optionally fused with the residual add before it.
+
+Same semantics as `blip2_fast.reference.rmsnorm_ref`: float32 statistics; the normalised row is cast
+to the weight's dtype before the weight multiplies it (T5 does this, and it matters in half
+precision); with a residual, x + residual is rounded once to x's dtype, stored and normalised.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import check_norm_args, norm_num_warps
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X,  # input rows, (n_rows, n_cols), row stride stride_x, unit column stride
+    R,  # residual rows, same shape as X, row stride stride_r; unused unless HAS_RESIDUAL
+    Y,  # output, (n_rows, n_cols), contiguous, X's dtype
+    S,  # output sum X + R, (n_rows, n_cols), contiguous, X's dtype; unused unless HAS_RESIDUAL
+    W,  # weight, (n_cols,)
+    stride_x, stride_r, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # next power of two >= n_cols; the tail is masked
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + row * n_cols + cols, x, mask=mask)
+    x = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    y = (x * rstd).to(w.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n)  # a view whenever the leading dims are collapsible
+    return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
+
+
+def _rms_norm_impl(x, weight, residual, eps):
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    y = _common.new_empty(x.shape, x.dtype, x.device)
+    s = _common.new_empty(x.shape if residual is not None else (0,), x.dtype, x.device)
+    n_rows = x2.shape[0]
+    if n_rows == 0:
+        return y, s
+    r2 = _rows(residual, n) if residual is not None else x2
+    block_n = triton.next_power_of_2(n)
+    _rms_norm_fwd_kernel[(n_rows,)](
+        x2, r2, y, s if residual is not None else y, weight,
+        x2.stride(0), r2.stride(0), n, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=norm_num_warps(block_n),
+    )
+    return y, s
+
+
+@torch.library.custom_op("blip2_fast::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x [+ residual]), x + residual); the second output is empty without a residual."""
+    return _rms_norm_impl(x, weight, residual, eps)
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, residual, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """T5 RMSNorm, x / sqrt(mean(x²) + eps) · weight; the semantics of `rmsnorm_ref`.
+
+    x: [..., N] (float16, bfloat16 or float32; N <= 65536); weight: [N], any float dtype (required:
+    its dtype sets the rounding step); residual: x's shape and dtype, or None. Returns y [..., N] in
+    x's dtype, or (y, x + residual) when a residual is given.
+    """
+    if weight is None:
+        raise ValueError("weight must be a tensor [N]; T5's RMSNorm always has one")
+    check_norm_args(x, {"weight": weight}, residual, eps)
+    y, s = torch.ops.blip2_fast.rms_norm_fwd(x, weight, residual, float(eps))
+    return (y, s) if residual is not None else y
