@@ -110,6 +110,8 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
     if pad is None:
         eos = p.stop_token_ids
         pad = eos[0] if eos else 0
+    if p.num_beams > 1 and not pad and p.stop_token_ids:
+        pad = p.stop_token_ids[0]  # transformers' beam search fills with `pad_token_id or eos_token_id[0]`
     n = max(len(o) for o in outs)
     gen = torch.full((B, n), pad, dtype=torch.long)
     for i, o in enumerate(outs):

@@ -1,0 +1,47 @@
+"""Shared fixtures: small random BLIP-2 checkpoints built with transformers, saved to temp dirs."""
+import warnings
+
+import pytest
+import torch
+
+from blip2_fast.testing import build_checkpoint
+
+warnings.filterwarnings("ignore", message=".*falls back to the reference.*")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """ckpt(lm, arch=..., **kw) -> (directory, transformers model); cached per argument set."""
+    cache = {}
+
+    def make(lm="opt", arch="Blip2ForConditionalGeneration", **kw):
+        key = (lm, arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"{lm}-{arch}")
+            cache[key] = (d, build_checkpoint(d, lm, arch=arch, **kw))
+        return cache[key]
+
+    return make
+
+
+def image_prompt(hf, B, text_len=6, pads=(), seed=1, image=42):
+    """pixel_values, input_ids (image tokens + text) and a left-padded attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    Q, img = hf.config.num_query_tokens, hf.config.image_token_index
+    V = hf.config.text_config.vocab_size
+    pv = torch.randn(B, 3, image, image, generator=g)
+    ids = torch.cat([torch.full((B, Q), img), torch.randint(4, V - 2, (B, text_len), generator=g)], 1)
+    mask = torch.ones_like(ids)
+    for r, n in pads:
+        ids[r] = torch.cat([torch.full((n,), 1), ids[r, :-n]])
+        mask[r, :n] = 0
+    return pv, ids, mask
