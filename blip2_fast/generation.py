@@ -31,6 +31,8 @@ def _params(model, kw: dict, prompt_len: int) -> SamplingParams:
     else:
         max_new = 20  # transformers' default: 20 new tokens
     if max_new < 1:
+        if d.get("max_new_tokens") is not None:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
         raise ValueError(f"max_length={kw.get('max_length')} leaves no room for new tokens after a {dec_prompt}-token prompt")
     min_new = d.get("min_new_tokens") or 0
     if not min_new and kw.get("min_length"):

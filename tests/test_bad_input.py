@@ -1,0 +1,169 @@
+"""Bad input gets a clear exception naming the problem."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import blip2_fast
+from blip2_fast import CheckpointError, UnsupportedModelError
+from conftest import image_prompt
+
+
+def _copy(d, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(d, dst)
+    return dst
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        blip2_fast.load(tmp_path / "nope")
+
+
+def test_missing_weights(ckpt, tmp_path):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights found"):
+        blip2_fast.load(d)
+
+
+def test_truncated_safetensors(ckpt, tmp_path):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        blip2_fast.load(d)
+
+
+def test_garbage_safetensors(ckpt, tmp_path):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        blip2_fast.load(d)
+
+
+def _rewrite(d, drop=None, reshape=None):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(d / "model.safetensors"))
+    if drop:
+        del sd[drop]
+    if reshape:
+        sd[reshape] = torch.zeros(3, 3)
+    save_file(sd, str(d / "model.safetensors"))
+
+
+def test_missing_tensor_named(ckpt, tmp_path):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    key = "qformer.encoder.layer.0.attention.attention.query.weight"
+    _rewrite(d, drop=key)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        blip2_fast.load(d)
+
+
+def test_wrong_shape_names_key_and_shapes(ckpt, tmp_path):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    key = "language_projection.weight"
+    _rewrite(d, reshape=key)
+    with pytest.raises(CheckpointError, match=r"language_projection\.weight.*\[3, 3\].*expected \[80, 64\]"):
+        blip2_fast.load(d)
+
+
+def test_unsupported_language_model(tmp_path):
+    from blip2_fast.testing import tiny_config
+
+    cfg = tiny_config("opt").to_dict()
+    cfg["text_config"] = {"model_type": "llama", "hidden_size": 32}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="llama"):
+        blip2_fast.load(tmp_path)
+
+
+def test_not_blip2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UnsupportedModelError, match="bert"):
+        blip2_fast.load(tmp_path)
+
+
+def test_shard_index_outside_directory(ckpt, tmp_path):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"query_tokens": "../../etc/passwd"}}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        blip2_fast.load(d)
+
+
+def test_pickle_bin_is_refused(ckpt, tmp_path):
+    import pickle
+
+    d = _copy(ckpt("opt")[0], tmp_path)
+    (d / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(d / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        blip2_fast.load(d)
+
+
+def test_wrong_image_size_and_mode(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    _, ids, _ = image_prompt(hf, 1)
+    with pytest.raises(ValueError, match="42x42"):
+        m.generate(torch.randn(1, 3, 40, 40), input_ids=ids)
+    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+        m.generate(torch.randn(1, 1, 42, 42), input_ids=ids)
+    with pytest.raises(ValueError, match="float"):
+        m(pixel_values=torch.zeros(1, 3, 42, 42, dtype=torch.uint8), input_ids=ids)
+
+
+def test_wrong_image_token_count(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    pv, ids, _ = image_prompt(hf, 1)
+    with pytest.raises(ValueError, match="image tokens"):
+        m.generate(pv, input_ids=ids[:, 2:], max_new_tokens=2)
+    with pytest.raises(ValueError, match="image tokens"):
+        m(pixel_values=pv, input_ids=ids[:, 1:])
+
+
+def test_prompt_too_long(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    pv, _, _ = image_prompt(hf, 1)
+    ids = torch.randint(4, 100, (1, 200))
+    with pytest.raises(ValueError, match="positions"):
+        m.generate(pv, input_ids=ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="positions"):
+        m(pixel_values=pv, input_ids=ids)
+
+
+def test_out_of_vocab_and_bad_args(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    pv, ids, _ = image_prompt(hf, 1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        m(pixel_values=pv, input_ids=torch.full((1, 3), 10_000))
+    with pytest.raises(TypeError, match="unsupported"):
+        m.generate(pv, input_ids=ids, max_new_tokens=2, foo=1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        m.generate(pv, input_ids=ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="dtype"):
+        blip2_fast.load(d, dtype="int8")
+    with pytest.raises(ValueError, match="backend"):
+        blip2_fast.load(d, backend="turbo")
+    with pytest.raises(ValueError, match="unknown op"):
+        blip2_fast.load(d, ops={"softmax": "fast"})
+
+
+def test_explicit_fast_op_that_cannot_run_raises(ckpt, monkeypatch):
+    """Asking for a fast op explicitly never silently falls back to the reference."""
+    d, _ = ckpt("opt")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="attention"):
+        blip2_fast.load(d, ops={"attention": "fast"})

@@ -1,0 +1,193 @@
+"""The continuous-batching engine against transformers: requests alone, joining mid-flight,
+preemption under a tiny pool, aborts, beams, streaming, and a soak test."""
+import asyncio
+import random
+
+import pytest
+import torch
+
+import blip2_fast
+from blip2_fast import Engine, SamplingParams
+from conftest import image_prompt
+
+
+def hf_greedy(hf, pv, ids, n, **kw):
+    with torch.no_grad():
+        out = hf.generate(pixel_values=pv[None], input_ids=ids[None], max_new_tokens=n, **kw)[0]
+    return out[1:].tolist() if hf.config.text_config.is_encoder_decoder else out[len(ids):].tolist()
+
+
+def _requests(hf, n, seed=0):
+    pv, ids, _ = image_prompt(hf, n, seed=seed)
+    lens = [3 + (i * 5) % 7 for i in range(n)]
+    Q = hf.config.num_query_tokens
+    return [(pv[i], ids[i, : Q + lens[i]]) for i in range(n)]
+
+
+def _trim_eos(toks, eos):
+    return toks[: toks.index(eos) + 1] if eos in toks else toks
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+@pytest.mark.parametrize("num_blocks", [None, 12])
+def test_engine_matches_transformers_joining_and_preempting(ckpt, lm, num_blocks):
+    d, hf = ckpt(lm)
+    m = blip2_fast.load(d, backend="reference")
+    eng = Engine(m, max_num_seqs=3, block_size=4, num_blocks=num_blocks or 200)
+    reqs = _requests(hf, 5)
+    eos = m.generation_defaults["eos_token_id"]
+    want = {i: _trim_eos(hf_greedy(hf, pv, ids, 10 + i), eos) for i, (pv, ids) in enumerate(reqs)}
+    got, order = {}, list(range(5))
+    # two requests up front, the rest join while others are decoding
+    for i in order[:2]:
+        eng.add_request(i, pixel_values=reqs[i][0], prompt=reqs[i][1], sampling=SamplingParams(max_new_tokens=10 + i))
+    steps = 0
+    while eng.has_unfinished() or len(order) > 2:
+        if steps in (1, 2, 4) and len(order) > 2:
+            i = order.pop(2)
+            eng.add_request(i, pixel_values=reqs[i][0], prompt=reqs[i][1], sampling=SamplingParams(max_new_tokens=10 + i))
+        for o in eng.step():
+            if o.finished:
+                got[o.request_id] = o.token_ids
+        steps += 1
+        eng.blocks.check_invariants()
+        assert steps < 500
+    assert got == want
+    assert eng.num_free_blocks == eng.num_blocks
+    if num_blocks:
+        assert eng.num_preemptions > 0
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_engine_beam_and_abort(ckpt, lm):
+    d, hf = ckpt(lm)
+    m = blip2_fast.load(d, backend="reference")
+    eng = Engine(m, max_num_seqs=8, block_size=4, num_blocks=100)
+    reqs = _requests(hf, 3, seed=2)
+    eng.add_request("beam", pixel_values=reqs[0][0], prompt=reqs[0][1], sampling=SamplingParams(max_new_tokens=8, num_beams=3))
+    eng.add_request("gone", pixel_values=reqs[1][0], prompt=reqs[1][1], sampling=SamplingParams(max_new_tokens=30))
+    eng.add_request("ok", pixel_values=reqs[2][0], prompt=reqs[2][1], sampling=SamplingParams(max_new_tokens=6))
+    final, steps = {}, 0
+    while eng.has_unfinished():
+        if steps == 3:
+            eng.abort("gone")
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = o
+        steps += 1
+        eng.blocks.check_invariants()
+    assert final["gone"].finish_reason == "abort"
+    eos = m.generation_defaults["eos_token_id"]
+    with torch.no_grad():
+        ref = hf.generate(pixel_values=reqs[0][0][None], input_ids=reqs[0][1][None], max_new_tokens=8, num_beams=3)[0]
+    ref = ref[1:] if lm == "t5" else ref[len(reqs[0][1]):]
+    assert final["beam"].token_ids == [t for t in ref.tolist()][: len(final["beam"].token_ids)]
+    assert final["ok"].token_ids == _trim_eos(hf_greedy(hf, *reqs[2], 6), eos)
+    assert eng.num_free_blocks == eng.num_blocks
+
+
+def test_repeated_images_reuse_qformer_output(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    eng = Engine(m, num_blocks=100, block_size=4)
+    (pv, ids), = _requests(hf, 1)
+    for i in range(4):
+        eng.add_request(i, pixel_values=pv.clone(), prompt=ids, sampling=SamplingParams(max_new_tokens=4))
+    out = eng.run()
+    assert eng.runner.images_encoded == 1
+    assert len({tuple(o.token_ids) for o in out.values()}) == 1
+    assert eng.num_free_blocks == eng.num_blocks
+
+
+def test_stream(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    eng = Engine(m, num_blocks=100, block_size=4)
+    (pv, ids), (pv2, ids2) = _requests(hf, 2)
+
+    async def go(rid, pv, ids):
+        toks = []
+        async for o in eng.stream(rid, pixel_values=pv, prompt=ids, sampling=SamplingParams(max_new_tokens=5, min_new_tokens=5)):
+            toks += o.new_token_ids
+            last = o
+        assert last.finished and toks == last.token_ids
+        return toks
+
+    async def both():
+        return await asyncio.gather(go("a", pv, ids), go("b", pv2, ids2))
+
+    a, b = asyncio.run(both())
+    assert len(a) == 5 and len(b) == 5
+    assert a == hf_greedy(hf, pv, ids, 5, min_new_tokens=5)
+
+
+def test_engine_rejects_bad_requests(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    eng = Engine(m, num_blocks=20, block_size=4)
+    (pv, ids), = _requests(hf, 1)
+    with pytest.raises(ValueError, match="exactly one"):
+        eng.add_request(1, prompt=ids)
+    with pytest.raises(ValueError, match="image tokens"):
+        eng.add_request(1, pixel_values=pv, prompt=ids[2:])
+    with pytest.raises(ValueError, match="KV blocks"):
+        eng.add_request(1, pixel_values=pv, prompt=ids, sampling=SamplingParams(max_new_tokens=100))
+    eng.add_request(1, pixel_values=pv, prompt=ids, sampling=SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request(1, pixel_values=pv, prompt=ids)
+    with pytest.raises(ValueError, match="top_p"):
+        eng.add_request(2, pixel_values=pv, prompt=ids, sampling=SamplingParams(do_sample=True, top_p=0))
+
+
+def test_kv_bytes_fit_the_tokens(ckpt):
+    """Paged reservation never exceeds the tokens rounded up to blocks (vs a padded contiguous cache)."""
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    eng = Engine(m, num_blocks=200, block_size=4)
+    reqs = _requests(hf, 4)
+    for i, (pv, ids) in enumerate(reqs):
+        eng.add_request(i, pixel_values=pv, prompt=ids, sampling=SamplingParams(max_new_tokens=3 + 4 * i, min_new_tokens=3 + 4 * i))
+    while eng.has_unfinished():
+        eng.step()
+        used = eng.num_blocks - eng.num_free_blocks
+        need = sum(-(-eng.blocks.num_tokens(s) // 4) for r in eng.running for s in r.seqs)
+        assert used <= need
+
+
+@pytest.mark.slow
+def test_soak_random_requests_and_aborts(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    eng = Engine(m, max_num_seqs=16, block_size=4, num_blocks=60)
+    rng = random.Random(0)
+    reqs = _requests(hf, 6)
+    live, done, aborted, n = set(), {}, set(), 0
+    for step in range(400):
+        if n < 200 and rng.random() < 0.7:
+            pv, ids = reqs[rng.randrange(6)]
+            p = SamplingParams(max_new_tokens=rng.randint(1, 8), num_beams=rng.choice([1, 1, 1, 2]),
+                               do_sample=rng.random() < 0.3, seed=rng.randint(0, 99))
+            eng.add_request(n, pixel_values=pv, prompt=ids, sampling=p)
+            live.add(n)
+            n += 1
+        if live and rng.random() < 0.1:
+            victim = rng.choice(sorted(live))
+            eng.abort(victim)
+            aborted.add(victim)
+        for o in eng.step():
+            if o.finished:
+                assert o.request_id not in done
+                done[o.request_id] = o
+                live.discard(o.request_id)
+        eng.blocks.check_invariants()
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+                live.discard(o.request_id)
+    assert set(done) == set(range(n))
+    for rid, o in done.items():
+        assert (o.finish_reason == "abort") == (rid in aborted and o.finish_reason == "abort")
+        if o.finish_reason != "abort":
+            assert len(o.token_ids) >= 1
+    assert eng.num_free_blocks == eng.num_blocks
