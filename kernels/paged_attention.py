@@ -1,0 +1,299 @@
+"""Paged decode attention: one query per sequence over a vLLM-style paged KV cache (flash-decoding).
+
+Spec: `blip2_fast.reference.paged_attention_ref`. Two kernels:
+  1. `_paged_attention_split_kernel`, grid (N, H, num_splits): each program walks one partition of
+     one sequence's context for one head, gathering keys/values through the block table, and keeps an
+     online softmax in fp32. With one split it normalises and writes the output directly; with more it
+     writes an unnormalised partial output plus its running max and sum (the log-sum-exp).
+  2. `_paged_attention_merge_kernel`, grid (N, H): rescales the partials to a common max and sums them.
+Decode reads K and V once and does ~2 FLOPs per byte, so the kernel is bandwidth-bound: splitting the
+context exists only to give a small batch (N·H programs < a few waves) enough programs to fill the
+GPU. Scores are sum(q * k) reductions rather than `tl.dot`: with one query row a dot would pad
+M to 16 and waste the tensor cores anyway.
+
+The op is registered as `torch.ops.blip2_fast.paged_attention_fwd` with a fake implementation, so
+torch.compile traces through it as one opaque node.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import FLOAT_DTYPES, check_device, interpreting
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover - a Triton without the interpreter never interprets
+    InterpretedFunction = type(None)
+
+# The kernels reduce with tl.reduce and these combiners instead of tl.sum / tl.max, and build
+# constants with tl.full instead of tl.zeros: tl.sum, tl.max and tl.zeros are themselves @jit
+# functions, compiled-only if triton.language was imported before TRITON_INTERPRET=1 was set (another
+# test module importing triton first), and then the interpreter cannot call them. Its reduce still
+# recognises these two combiners and runs them as numpy sum / max; the compiled code is identical.
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+
+_MAX_HEAD_DIM = 256
+_MAX_SPLITS = 64
+# A split shorter than this costs more in its partial write and the merge than it saves.
+_MIN_TOKENS_PER_SPLIT = 256
+
+
+_INTERPRETED: dict = {}
+
+
+def _runnable(kernel):
+    """`kernel` as TRITON_INTERPRET says now. @triton.jit picks compiler or interpreter when this
+    module is imported; if that happened before a test set TRITON_INTERPRET=1, re-wrap it."""
+    if interpreting() and not isinstance(kernel, InterpretedFunction):
+        if kernel not in _INTERPRETED:
+            _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
+        return _INTERPRETED[kernel]
+    return kernel
+
+
+@triton.jit
+def _paged_attention_split_kernel(
+    Q,  # queries, (N, H, D), strides (stride_qn, stride_qh, stride_qd)
+    K_CACHE,  # paged keys, (num_blocks, block_size, H, D), strides (stride_kb, stride_ks, stride_kh, stride_kd)
+    V_CACHE,  # paged values, same shape as K_CACHE, strides (stride_vb, stride_vs, stride_vh, stride_vd)
+    BLOCK_TABLES,  # int32 (N, max_blocks): physical block of each logical block, row stride stride_bt
+    SEQ_LENS,  # int32 (N,): context length of each sequence
+    OUT,  # SINGLE_SPLIT: output (N, H, D) contiguous, q's dtype; else fp32 partials (N, H, num_splits, D) contiguous, unnormalised
+    PART_M,  # fp32 (N, H, num_splits): running max of the scores in log2 units (unused when SINGLE_SPLIT)
+    PART_L,  # fp32 (N, H, num_splits): sum of exp2(score - max) (unused when SINGLE_SPLIT)
+    qk_scale,  # softmax scale * log2(e): scores go straight to exp2
+    num_splits, tokens_per_split,
+    stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block (power of two)
+    BLOCK_N: tl.constexpr,  # tokens per loop iteration; may span several cache blocks
+    HEAD_DIM: tl.constexpr,  # D; constexpr so the d-mask is known constant over 16-byte vectors (D=80, 88)
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; the tail is masked
+    KV_ALIGN: tl.constexpr,  # a power of two dividing every cache row offset, in elements (16 bytes' worth when possible)
+    SINGLE_SPLIT: tl.constexpr,  # num_splits == 1: normalise and write OUT directly
+):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + n)
+    start = split * tokens_per_split
+    # The last split runs to the end of the sequence whatever tokens_per_split says, so a wrong
+    # max_seq_len hint costs speed, never correctness.
+    end = tl.where(split == num_splits - 1, seq_len, tl.minimum(start + tokens_per_split, seq_len))
+
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    q = tl.load(Q + n * stride_qn + h * stride_qh + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+    q = q * qk_scale
+
+    # fp32 scalars (not Python floats), so the loop-carried types match from the first iteration.
+    m_i = tl.reduce(tl.full([BLOCK_N], float("-inf"), tl.float32), 0, _MAX)
+    l_i = tl.reduce(tl.full([BLOCK_N], 0.0, tl.float32), 0, _SUM)
+    acc = tl.full([BLOCK_D], 0.0, tl.float32)
+    bt_row = BLOCK_TABLES + n.to(tl.int64) * stride_bt
+    for tok0 in range(start, end, BLOCK_N):
+        tok = tok0 + tl.arange(0, BLOCK_N)
+        t_mask = tok < end
+        blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        slot = (tok % BLOCK_SIZE).to(tl.int64)
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        # Triton only learns 16-divisibility of integer arguments; the hint lets rows whose stride is
+        # not a multiple of 16 elements (D=88: stride_kh = 88) still load in 16-byte vectors.
+        k_row = tl.multiple_of(blk * stride_kb + slot * stride_ks + h * stride_kh, KV_ALIGN)
+        v_row = tl.multiple_of(blk * stride_vb + slot * stride_vs + h * stride_vh, KV_ALIGN)
+        k = tl.load(K_CACHE + k_row[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.reduce(q[None, :] * k, 1, _SUM)  # (BLOCK_N,)
+        s = tl.where(t_mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 0, _MAX))  # finite: every iteration has at least one valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        v = tl.load(V_CACHE + v_row[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.reduce(p, 0, _SUM)
+        acc = acc * alpha + tl.reduce(p[:, None] * v, 0, _SUM)
+        m_i = m_new
+
+    if SINGLE_SPLIT:
+        # An empty context (seq_len 0, a padded batch row) gives zeros, like the reference.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)
+        o_ptr = OUT + (n * tl.num_programs(1) + h).to(tl.int64) * HEAD_DIM + d
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=d_mask)
+    else:
+        # Empty partitions still write (-inf, 0, zeros) so the merge never reads unwritten memory.
+        row = (n * tl.num_programs(1) + h).to(tl.int64) * num_splits + split
+        tl.store(OUT + row * HEAD_DIM + d, acc, mask=d_mask)
+        tl.store(PART_M + row, m_i)
+        tl.store(PART_L + row, l_i)
+
+
+@triton.jit
+def _paged_attention_merge_kernel(
+    OUT,  # output (N, H, D) contiguous, q's dtype
+    PART_O,  # fp32 partials (N, H, num_splits, D) contiguous, unnormalised
+    PART_M,  # fp32 (N, H, num_splits): each partial's max score (log2 units), -inf when empty
+    PART_L,  # fp32 (N, H, num_splits): each partial's sum of exp2(score - max)
+    num_splits,
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_S: tl.constexpr,  # next power of two >= num_splits
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+):
+    row = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)  # n * H + h
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < num_splits
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    m = tl.load(PART_M + row * num_splits + s, mask=s_mask, other=float("-inf"))
+    l = tl.load(PART_L + row * num_splits + s, mask=s_mask, other=0.0)
+    m_max = tl.reduce(m, 0, _MAX)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all partitions empty: weights become 0
+    w = tl.exp2(m - m_max)  # (BLOCK_S,), 0 for empty partitions
+    o = tl.load(PART_O + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :],
+                mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    denom = tl.reduce(w * l, 0, _SUM)
+    out = tl.reduce(w[:, None] * o, 0, _SUM) / tl.where(denom > 0, denom, 1.0)
+    tl.store(OUT + row * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+def row_alignment(t: torch.Tensor) -> int:
+    """Largest power of two, at most 16 bytes' worth of elements, dividing every stride of t but the
+    last: every row t[i, j, k, :] then starts that many elements apart. 1 if rows are strided."""
+    if t.stride(-1) != 1:
+        return 1
+    align = max(1, 16 // t.element_size())
+    while align > 1 and any(s % align for s in t.stride()[:-1]):
+        align //= 2
+    return align
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a notional small GPU, so the split heuristic still splits long contexts
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def choose_num_splits(num_seqs: int, num_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Context partitions per (sequence, head): 1 unless N·H programs leave the GPU under ~4 waves.
+
+    Each split must keep at least `_MIN_TOKENS_PER_SPLIT` tokens, so short contexts never split.
+    """
+    programs = max(1, num_seqs * num_heads)
+    most = min(_MAX_SPLITS, max(1, max_seq_len // _MIN_TOKENS_PER_SPLIT))
+    return max(1, min(most, triton.cdiv(4 * num_sms, programs)))
+
+
+def _config(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for the split kernel."""
+    if interpreting():
+        return 32, 1, 1  # one fixed small config: the interpreter is numpy-backed and its cost is per op
+    # 64 tokens x 128 dims of fp32 is 64 registers per thread per operand at 4 warps; D=256 halves
+    # the tokens to stay out of spills. Two stages keep the next block-table gather in flight.
+    return (64 if head_dim <= 128 else 32), 4, 2
+
+
+@torch.library.custom_op("blip2_fast::paged_attention_fwd", mutates_args=())
+def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                         num_splits: int, max_seq_len: int) -> torch.Tensor:
+    N, H, D = q.shape
+    block_size = k_cache.shape[1]
+    out = _common.new_empty((N, H, D), q.dtype, q.device)
+    if N == 0 or H == 0:
+        return out
+    if max_seq_len <= 0:
+        max_seq_len = block_tables.shape[1] * block_size  # a bound that needs no device sync
+    if num_splits <= 0:
+        num_splits = choose_num_splits(N, H, max_seq_len, _num_sms(q.device))
+    BLOCK_N, num_warps, num_stages = _config(D)
+    BLOCK_D = triton.next_power_of_2(D)
+    # Splits are whole BLOCK_N tiles; rounding up may leave fewer splits than asked for.
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), BLOCK_N) * BLOCK_N
+    num_splits = max(1, min(num_splits, triton.cdiv(max_seq_len, tokens_per_split)))
+    single = num_splits == 1
+    if single:
+        part_o, part_m, part_l = out, out, out  # PART_M / PART_L are never touched
+    else:
+        part_o = _common.new_empty((N, H, num_splits, D), torch.float32, q.device)
+        part_m = _common.new_empty((N, H, num_splits), torch.float32, q.device)
+        part_l = _common.new_empty((N, H, num_splits), torch.float32, q.device)
+    _runnable(_paged_attention_split_kernel)[(N, H, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, part_o, part_m, part_l,
+        scale * math.log2(math.e), num_splits, tokens_per_split,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=BLOCK_D,
+        KV_ALIGN=min(row_alignment(k_cache), row_alignment(v_cache)), SINGLE_SPLIT=single,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not single:
+        _runnable(_paged_attention_merge_kernel)[(N, H)](
+            out, part_o, part_m, part_l, num_splits,
+            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
+            num_warps=1 if interpreting() else 4,
+        )
+    return out
+
+
+@_paged_attention_fwd.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, max_seq_len):
+    return q.new_empty(q.shape)
+
+
+def _check(name: str, ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"paged_attention: {name} {msg}")
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float, *, max_seq_len: int | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """softmax(q · kᵀ · scale) · v for one decode query per sequence over its paged KV cache.
+
+    q: [N, H, D] (any strides); k_cache, v_cache: [num_blocks, block_size, H, D], block_size a power
+    of two, D <= 256; block_tables: int32 [N, max_blocks], entries past a sequence's length ignored;
+    seq_lens: int32 [N], each in [0, max_blocks * block_size] (0 gives zeros). fp16 / bf16 / fp32,
+    fp32 accumulation. Returns a new contiguous [N, H, D] tensor in q's dtype.
+
+    max_seq_len: optional host-side bound on seq_lens (the scheduler knows it) used only to choose
+    the split; default block_tables.shape[1] * block_size, which needs no device sync. num_splits:
+    force the number of context partitions (tests, benchmarks); default chosen from N·H and
+    max_seq_len.
+    """
+    _check("q", q.dim() == 3, f"must be [N, H, D], got shape {tuple(q.shape)}")
+    N, H, D = q.shape
+    check_device("q", q)
+    _check("q", q.dtype in FLOAT_DTYPES, f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    _check("q", 1 <= D <= _MAX_HEAD_DIM, f"head dim must be in [1, {_MAX_HEAD_DIM}], got {D}")
+    _check("k_cache", k_cache.dim() == 4 and k_cache.shape[2:] == (H, D),
+           f"must be [num_blocks, block_size, H={H}, D={D}], got shape {tuple(k_cache.shape)}")
+    _check("v_cache", v_cache.shape == k_cache.shape, f"must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    _check("k_cache", k_cache.dtype == q.dtype, f"dtype must match q ({q.dtype}), got {k_cache.dtype}")
+    _check("v_cache", v_cache.dtype == q.dtype, f"dtype must match q ({q.dtype}), got {v_cache.dtype}")
+    block_size = k_cache.shape[1]
+    _check("k_cache", block_size >= 1 and block_size & (block_size - 1) == 0,
+           f"block_size (dim 1) must be a power of two, got {block_size}")
+    _check("block_tables", block_tables.dim() == 2 and block_tables.shape[0] == N,
+           f"must be [N={N}, max_blocks], got shape {tuple(block_tables.shape)}")
+    _check("block_tables", block_tables.dtype == torch.int32, f"dtype must be int32, got {block_tables.dtype}")
+    _check("block_tables", block_tables.stride(1) == 1 or block_tables.shape[1] <= 1, "must be contiguous along dim 1")
+    _check("seq_lens", seq_lens.shape == (N,), f"must be [N={N}], got shape {tuple(seq_lens.shape)}")
+    _check("seq_lens", seq_lens.dtype == torch.int32, f"dtype must be int32, got {seq_lens.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        _check(name, t.device == q.device, f"must be on q's device {q.device}, got {t.device}")
+    _check("num_splits", num_splits is None or 1 <= num_splits <= 4096, f"must be None or in [1, 4096], got {num_splits}")
+    _check("max_seq_len", max_seq_len is None or max_seq_len >= 1, f"must be None or >= 1, got {max_seq_len}")
+    if seq_lens.stride(0) != 1:
+        seq_lens = seq_lens.contiguous()
+    return _paged_attention_fwd(q, k_cache, v_cache, block_tables, seq_lens, float(scale),
+                                num_splits or 0, max_seq_len or 0)

@@ -1,0 +1,191 @@
+"""paged_attention (Triton) against a float64 run of paged_attention_ref.
+
+Runs interpreted on the CPU (TRITON_INTERPRET=1, set below before the kernel module is imported); with
+TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled, plus the bf16 ones.
+
+Caches are NaN everywhere a sequence has no token, and block-table entries past a sequence's length
+point at an all-NaN block, so reading anything outside the context shows up as NaN. Outputs and
+split-K partials are NaN-poisoned before the kernels write them.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from blip2_fast.kernels import _common
+from blip2_fast.kernels.paged_attention import choose_num_splits, paged_attention
+from blip2_fast.reference import paged_attention_ref
+
+INTERPRET = _common.interpreting()
+DEVICE = "cpu" if INTERPRET else "cuda"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                                reason="needs a CUDA GPU with TRITON_INTERPRET unset")
+# Error rule: fast error vs float64 <= 2 x the eager reference's error in the same dtype + this floor.
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+def make_case(lens, H, D, block_size, dtype, seed=0, spare_blocks=3):
+    """Random q, a NaN-poisoned paged cache with each sequence's tokens in shuffled blocks."""
+    g = torch.Generator().manual_seed(seed)
+    N = len(lens)
+    nblk = [(L + block_size - 1) // block_size for L in lens]
+    max_blocks = max(max(nblk), 1) + 1  # one spare column: entries past every length
+    num_blocks = sum(nblk) + spare_blocks + 1
+    kc = torch.full((num_blocks, block_size, H, D), float("nan"), dtype=torch.float64)
+    vc = kc.clone()
+    poison_block = num_blocks - 1  # stays all-NaN; unused table entries point here
+    order = torch.randperm(num_blocks - 1, generator=g)
+    bt = torch.full((N, max_blocks), poison_block, dtype=torch.int32)
+    used = 0
+    for n, L in enumerate(lens):
+        blocks = order[used:used + nblk[n]]
+        used += nblk[n]
+        bt[n, :nblk[n]] = blocks.int()
+        for t in range(L):
+            kc[blocks[t // block_size], t % block_size] = torch.randn(H, D, generator=g, dtype=torch.float64)
+            vc[blocks[t // block_size], t % block_size] = torch.randn(H, D, generator=g, dtype=torch.float64)
+    # q as a strided view of a fused projection, the way the model produces it
+    qkv = torch.randn(N, 3, H, D, generator=g, dtype=torch.float64)
+    q = qkv.to(dtype)[:, 0]
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    return [t.to(DEVICE) for t in (q, kc.to(dtype), vc.to(dtype), bt, seq_lens)]
+
+
+def check(q, kc, vc, bt, seq_lens, scale, **kw):
+    out = paged_attention(q, kc, vc, bt, seq_lens, scale, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref64 = paged_attention_ref(q.double().cpu(), kc.double().cpu(), vc.double().cpu(), bt.cpu(), seq_lens.cpu(), scale)
+    eager = paged_attention_ref(q, kc, vc, bt, seq_lens, scale).double().cpu()
+    err = (out.double().cpu() - ref64).abs().max().item()
+    eager_err = (eager - ref64).abs().max().item()
+    assert not torch.isnan(out).any(), "NaN in output: an element was not written or read outside the context"
+    assert err <= 2 * eager_err + FLOOR[q.dtype], f"fast err {err:.3g} vs eager err {eager_err:.3g} ({q.dtype})"
+    return out
+
+
+CASES = [  # (lens, H, D, block_size): ragged lengths from 1 token to many blocks
+    ([1, 17, 83, 200], 2, 64, 16),
+    ([5, 64, 130], 2, 80, 16),
+    ([33, 1, 97], 1, 88, 16),
+    ([150, 16, 2], 2, 128, 16),
+    ([40, 9], 2, 80, 8),
+    ([70, 3, 129], 1, 88, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lens,H,D,block_size", CASES, ids=[f"D{c[2]}-bs{c[3]}" for c in CASES])
+def test_matches_reference(lens, H, D, block_size, dtype):
+    check(*make_case(lens, H, D, block_size, dtype), D ** -0.5)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_k(num_splits, dtype):
+    # One long context and short ones: many partitions of the short sequences are empty.
+    check(*make_case([700, 3, 260], 2, 80, 16, dtype, seed=num_splits), 80 ** -0.5, num_splits=num_splits)
+
+
+def test_split_k_chosen_automatically():
+    q, kc, vc, bt, lens = make_case([600], 2, 64, 16, torch.float32, seed=4)
+    assert choose_num_splits(1, 2, bt.shape[1] * 16, 4) > 1  # the interpreter's notional 4 SMs
+    check(q, kc, vc, bt, lens, 0.125)
+
+
+def test_max_seq_len_hint_too_small_stays_correct():
+    # The last split runs to the end of its sequence, so a wrong hint costs speed, not correctness.
+    check(*make_case([500, 20], 1, 64, 16, torch.float32, seed=5), 0.125, max_seq_len=100, num_splits=4)
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(64, 32, 1024, 132) == 1  # 2048 programs fill an H100 already
+    assert choose_num_splits(1, 32, 4096, 132) > 4  # one long sequence: split-K
+    assert choose_num_splits(1, 32, 200, 132) == 1  # short contexts never split
+    assert choose_num_splits(1, 1, 10 ** 6, 132) <= 64
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_empty_context_gives_zeros(num_splits):
+    # seq_len 0 (a padded batch row) is outside the reference's contract (>= 1); it gives zeros, as
+    # the reference does for an empty context, and must not disturb the other rows.
+    q, kc, vc, bt, lens = make_case([300, 4], 1, 64, 16, torch.float32, seed=6)
+    lens[1] = 0
+    out = paged_attention(q, kc, vc, bt, lens, 0.125, num_splits=num_splits).cpu()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = paged_attention_ref(q[:1].double(), kc.double(), vc.double(), bt[:1], lens[:1], 0.125)
+    torch.testing.assert_close(out[:1].double(), ref.cpu(), atol=1e-5, rtol=0)
+
+
+def test_other_strides():
+    q, kc, vc, bt, lens = make_case([50, 7], 2, 64, 16, torch.float32, seed=7)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # [N, H, D] with H outermost in memory
+    wide = torch.zeros((bt.shape[0], bt.shape[1] + 5), dtype=torch.int32, device=bt.device)
+    wide[:, :bt.shape[1]] = bt
+    check(q, kc, vc, wide[:, :bt.shape[1]], lens, 0.125)  # block table with a row stride > width
+
+
+def test_validation_names_the_argument():
+    q, kc, vc, bt, lens = make_case([5], 1, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_attention(q, kc, vc, bt.long(), lens, 0.1)
+    with pytest.raises(ValueError, match="seq_lens"):
+        paged_attention(q, kc, vc, bt, lens.long(), 0.1)
+    with pytest.raises(ValueError, match="k_cache"):
+        paged_attention(q, kc[:, :, :, :32], vc, bt, lens, 0.1)
+    with pytest.raises(ValueError, match="v_cache"):
+        paged_attention(q, kc, vc.half(), bt, lens, 0.1)
+    with pytest.raises(ValueError, match="q"):
+        paged_attention(q[0], kc, vc, bt, lens, 0.1)
+    with pytest.raises(ValueError, match="block_size"):
+        paged_attention(q, kc[:, :12], vc[:, :12], bt, lens, 0.1)
+
+
+def test_opcheck_and_compile():
+    q, kc, vc, bt, lens = make_case([20, 3], 1, 64, 16, torch.float32, seed=8)
+    torch.library.opcheck(torch.ops.blip2_fast.paged_attention_fwd.default, (q, kc, vc, bt, lens, 0.125, 0, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn = torch.compile(lambda *a: paged_attention(*a, 0.125) * 2, backend="aot_eager", fullgraph=True)
+    out = fn(q, kc, vc, bt, lens)
+    torch.testing.assert_close(out, 2 * paged_attention(q, kc, vc, bt, lens, 0.125))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="checks the interpreter")
+def test_kernel_module_imported_before_interpret_was_set():
+    """Triton decides compiler vs interpreter when a kernel is decorated. Another test module may
+    have imported triton, or this kernel module, before TRITON_INTERPRET=1 was set: it must still run."""
+    code = textwrap.dedent("""
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)
+        import torch, triton, triton.language
+        from blip2_fast.kernels.paged_attention import paged_attention
+        from blip2_fast.kernels.write_kv import write_kv
+        from blip2_fast.reference import paged_attention_ref
+        os.environ["TRITON_INTERPRET"] = "1"
+        q = torch.randn(2, 1, 64); kc = torch.randn(4, 16, 1, 64); vc = torch.randn(4, 16, 1, 64)
+        bt = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32); lens = torch.tensor([20, 7], dtype=torch.int32)
+        write_kv(q, q, kc, vc, torch.tensor([5, -1]))
+        out = paged_attention(q, kc, vc, bt, lens, 0.125)
+        torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, bt, lens, 0.125))
+        print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("D", [64, 80, 88, 128])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_bf16_gpu(D, num_splits):
+    check(*make_case([1, 33, 700, 1030], 4, D, 16, torch.bfloat16), D ** -0.5, num_splits=num_splits)

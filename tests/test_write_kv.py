@@ -1,0 +1,107 @@
+"""write_kv (Triton) against write_kv_ref: an exact scatter, so results must be bit-identical.
+
+Runs interpreted on the CPU (TRITON_INTERPRET=1, set below before the kernel module is imported); with
+TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled, plus the bf16 ones. Caches start
+NaN-filled: slots nobody writes must stay NaN, written ones must hold the new values.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+
+import pytest
+import torch
+
+from blip2_fast.kernels import _common
+from blip2_fast.kernels.write_kv import write_kv
+from blip2_fast.reference import write_kv_ref
+
+INTERPRET = _common.interpreting()
+DEVICE = "cpu" if INTERPRET else "cuda"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                                reason="needs a CUDA GPU with TRITON_INTERPRET unset")
+
+
+def make_case(T, H, D, block_size, num_blocks, dtype, cache_dtype, slot_dtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(T, 3, H, D, generator=g).to(dtype)  # k, v as strided views of a fused projection
+    k, v = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[torch.rand(T, generator=g) < 0.25] = -1  # padding tokens
+    kc = torch.full((num_blocks, block_size, H, D), float("nan"), dtype=cache_dtype)
+    return [t.to(DEVICE) for t in (k, v, kc, kc.clone(), slots.to(slot_dtype))]
+
+
+def check(k, v, kc, vc, slots):
+    kr, vr = kc.clone(), vc.clone()
+    write_kv(k, v, kc, vc, slots)
+    write_kv_ref(k, v, kr, vr, slots)
+    assert torch.equal(kc.isnan(), kr.isnan()) and torch.equal(vc.isnan(), vr.isnan()), "wrong slots written"
+    assert torch.equal(kc.nan_to_num(), kr.nan_to_num()) and torch.equal(vc.nan_to_num(), vr.nan_to_num())
+
+
+CASES = [  # (T, H, D, block_size, num_blocks)
+    (7, 2, 64, 16, 3),
+    (13, 3, 80, 16, 2),
+    (5, 1, 88, 8, 4),
+    (11, 2, 128, 32, 1),
+    (1, 5, 80, 16, 2),
+]
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                               (torch.float32, torch.float16)], ids=["fp32", "fp16", "fp32-to-fp16"])
+@pytest.mark.parametrize("T,H,D,block_size,num_blocks", CASES, ids=[f"T{c[0]}-H{c[1]}-D{c[2]}-bs{c[3]}" for c in CASES])
+def test_matches_reference(T, H, D, block_size, num_blocks, dtype, cache_dtype):
+    check(*make_case(T, H, D, block_size, num_blocks, dtype, cache_dtype, seed=T))
+
+
+def test_int32_slots_and_contiguous_inputs():
+    k, v, kc, vc, slots = make_case(9, 2, 80, 16, 2, torch.float16, torch.float16, slot_dtype=torch.int32)
+    check(k.contiguous(), v.contiguous(), kc, vc, slots)
+
+
+def test_all_padding_and_empty_batch():
+    k, v, kc, vc, slots = make_case(4, 2, 64, 16, 1, torch.float32, torch.float32)
+    write_kv(k, v, kc, vc, torch.full_like(slots, -1))
+    assert kc.isnan().all() and vc.isnan().all()
+    write_kv(k[:0], v[:0], kc, vc, slots[:0])
+    assert kc.isnan().all()
+
+
+def test_validation_names_the_argument():
+    k, v, kc, vc, slots = make_case(4, 2, 64, 16, 1, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv(k, v, kc, vc, slots.float())
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv(k, v, kc, vc, slots[:2])
+    with pytest.raises(ValueError, match="v_cache"):
+        write_kv(k, v, kc, vc[:, :8], slots)
+    with pytest.raises(ValueError, match="k_cache"):
+        write_kv(k, v, kc[..., :32], vc[..., :32], slots)
+    with pytest.raises(ValueError, match="v"):
+        write_kv(k, v[:, :1], kc, vc, slots)
+    with pytest.raises(ValueError, match="k_cache"):
+        write_kv(k, v, kc.double(), vc, slots)
+
+
+def test_opcheck_and_compile():
+    k, v, kc, vc, slots = make_case(3, 1, 64, 16, 1, torch.float32, torch.float32)
+    torch.library.opcheck(torch.ops.blip2_fast.write_kv.default, (k, v, kc, vc, slots),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def step(k, v, kc, vc, slots):
+        write_kv(k * 2, v * 2, kc, vc, slots)
+        return kc.nan_to_num().sum()
+
+    kr, vr = kc.clone(), vc.clone()
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(k, v, kc, vc, slots)
+    write_kv_ref(k * 2, v * 2, kr, vr, slots)
+    assert torch.equal(kc.nan_to_num(), kr.nan_to_num()) and out == kr.nan_to_num().sum()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("D", [64, 80, 88, 128])
+def test_bf16_gpu(D):
+    check(*make_case(300, 32, D, 16, 40, torch.bfloat16, torch.bfloat16, seed=D))
+    check(*make_case(300, 32, D, 16, 40, torch.float32, torch.bfloat16, seed=D + 1))
