@@ -1,0 +1,55 @@
+"""Command line: `python -m blip2_fast {demo, caption, build-ext}`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m blip2_fast", description="blip2_fast: fast BLIP-2 inference")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("demo", help="caption a bundled image with a small random-weight BLIP-2 (no downloads)")
+    cap = sub.add_parser("caption", help="caption image files")
+    cap.add_argument("images", nargs="+", help="image files")
+    cap.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    cap.add_argument("--prompt", default=None, help='optional prompt, e.g. "Question: what is shown? Answer:"')
+    cap.add_argument("--max-new-tokens", type=int, default=30)
+    cap.add_argument("--num-beams", type=int, default=1)
+    cap.add_argument("--backend", choices=["fast", "reference"], default=None)
+    cap.add_argument("--device", default=None)
+    cap.add_argument("--dtype", default=None)
+    sub.add_parser("build-ext", help="build the C++/CUDA extension now (it is otherwise built on first use)")
+    args = ap.parse_args(argv)
+    if args.cmd == "demo":
+        from .demo import main as demo
+
+        return demo()
+    if args.cmd == "build-ext":
+        from . import _ext
+
+        reason = _ext.build(verbose=True)
+        if reason:
+            print(f"build failed: {reason}", file=sys.stderr)
+            return 1
+        print("extension built")
+        return 0
+    from PIL import Image, UnidentifiedImageError
+
+    from .loader import load
+
+    images = []
+    for f in args.images:
+        try:
+            images.append(Image.open(f).convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            print(f"error: cannot read image {f}: {e}", file=sys.stderr)
+            return 2
+    model = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    texts = model.caption(images, prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    for f, t in zip(args.images, texts):
+        print(f"{f}\t{t}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
