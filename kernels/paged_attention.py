@@ -64,6 +64,7 @@ def _paged_attention_split_kernel(
     V_CACHE,  # paged values, same shape as K_CACHE, strides (stride_vb, stride_vs, stride_vh, stride_vd)
     BLOCK_TABLES,  # int32 (N, max_blocks): physical block of each logical block, row stride stride_bt
     SEQ_LENS,  # int32 (N,): context length of each sequence
+    REL_BIAS,  # HAS_BIAS: additive score bias by distance (H, >= max seq_len), strides (stride_rh, stride_rd)
     OUT,  # SINGLE_SPLIT: output (N, H, D) contiguous, q's dtype; else fp32 partials (N, H, num_splits, D) contiguous, unnormalised
     PART_M,  # fp32 (N, H, num_splits): running max of the scores in log2 units (unused when SINGLE_SPLIT)
     PART_L,  # fp32 (N, H, num_splits): sum of exp2(score - max) (unused when SINGLE_SPLIT)
@@ -73,12 +74,14 @@ def _paged_attention_split_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt,
+    stride_rh, stride_rd,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block (power of two)
     BLOCK_N: tl.constexpr,  # tokens per loop iteration; may span several cache blocks
     HEAD_DIM: tl.constexpr,  # D; constexpr so the d-mask is known constant over 16-byte vectors (D=80, 88)
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; the tail is masked
     KV_ALIGN: tl.constexpr,  # a power of two dividing every cache row offset, in elements (16 bytes' worth when possible)
     SINGLE_SPLIT: tl.constexpr,  # num_splits == 1: normalise and write OUT directly
+    HAS_BIAS: tl.constexpr,  # add REL_BIAS[h, seq_len - 1 - t] to the score of key t (T5's decoder)
 ):
     n = tl.program_id(0)
     h = tl.program_id(1)
@@ -111,6 +114,9 @@ def _paged_attention_split_kernel(
         v_row = tl.multiple_of(blk * stride_vb + slot * stride_vs + h * stride_vh, KV_ALIGN)
         k = tl.load(K_CACHE + k_row[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(tl.float32)
         s = tl.reduce(q[None, :] * k, 1, _SUM)  # (BLOCK_N,)
+        if HAS_BIAS:
+            rb = tl.load(REL_BIAS + h * stride_rh + (seq_len - 1 - tok) * stride_rd, mask=t_mask, other=0.0)
+            s += rb.to(tl.float32) * 1.4426950408889634  # log2(e): scores are in log2 units
         s = tl.where(t_mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 0, _MAX))  # finite: every iteration has at least one valid token
         alpha = tl.exp2(m_i - m_new)
@@ -206,7 +212,7 @@ def _config(head_dim: int) -> tuple[int, int, int]:
 @torch.library.custom_op("blip2_fast::paged_attention_fwd", mutates_args=())
 def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                         num_splits: int, max_seq_len: int) -> torch.Tensor:
+                         rel_bias: torch.Tensor | None, num_splits: int, max_seq_len: int) -> torch.Tensor:
     N, H, D = q.shape
     block_size = k_cache.shape[1]
     out = _common.new_empty((N, H, D), q.dtype, q.device)
@@ -228,12 +234,14 @@ def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         part_o = _common.new_empty((N, H, num_splits, D), torch.float32, q.device)
         part_m = _common.new_empty((N, H, num_splits), torch.float32, q.device)
         part_l = _common.new_empty((N, H, num_splits), torch.float32, q.device)
+    has_bias = rel_bias is not None
     _runnable(_paged_attention_split_kernel)[(N, H, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_o, part_m, part_l,
+        q, k_cache, v_cache, block_tables, seq_lens, rel_bias if has_bias else q, part_o, part_m, part_l,
         scale * math.log2(math.e), num_splits, tokens_per_split,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        *(rel_bias.stride() if has_bias else (0, 0)),
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=BLOCK_D,
-        KV_ALIGN=min(row_alignment(k_cache), row_alignment(v_cache)), SINGLE_SPLIT=single,
+        KV_ALIGN=min(row_alignment(k_cache), row_alignment(v_cache)), SINGLE_SPLIT=single, HAS_BIAS=has_bias,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
@@ -246,7 +254,7 @@ def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 @_paged_attention_fwd.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, max_seq_len):
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias, num_splits, max_seq_len):
     return q.new_empty(q.shape)
 
 
@@ -256,14 +264,17 @@ def _check(name: str, ok: bool, msg: str) -> None:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float, *, max_seq_len: int | None = None,
-                    num_splits: int | None = None) -> torch.Tensor:
-    """softmax(q · kᵀ · scale) · v for one decode query per sequence over its paged KV cache.
+                    seq_lens: torch.Tensor, scale: float, rel_bias: torch.Tensor | None = None, *,
+                    max_seq_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """softmax(q · kᵀ · scale + bias) · v for one decode query per sequence over its paged KV cache.
 
     q: [N, H, D] (any strides); k_cache, v_cache: [num_blocks, block_size, H, D], block_size a power
     of two, D <= 256; block_tables: int32 [N, max_blocks], entries past a sequence's length ignored;
     seq_lens: int32 [N], each in [0, max_blocks * block_size] (0 gives zeros). fp16 / bf16 / fp32,
     fp32 accumulation. Returns a new contiguous [N, H, D] tensor in q's dtype.
+    rel_bias: optional [H, max_len] additive bias by distance (T5's decoder), any float dtype and
+    strides: key j of a length-L sequence gets rel_bias[h, L - 1 - j]; max_len >= max(seq_lens) (not
+    checked: that needs a device sync).
 
     max_seq_len: optional host-side bound on seq_lens (the scheduler knows it) used only to choose
     the split; default block_tables.shape[1] * block_size, which needs no device sync. num_splits:
@@ -293,7 +304,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _check(name, t.device == q.device, f"must be on q's device {q.device}, got {t.device}")
     _check("num_splits", num_splits is None or 1 <= num_splits <= 4096, f"must be None or in [1, 4096], got {num_splits}")
     _check("max_seq_len", max_seq_len is None or max_seq_len >= 1, f"must be None or >= 1, got {max_seq_len}")
+    if rel_bias is not None:
+        _check("rel_bias", rel_bias.dim() == 2 and rel_bias.shape[0] == H,
+               f"must be [H={H}, max_len], got shape {tuple(rel_bias.shape)}")
+        _check("rel_bias", rel_bias.dtype in FLOAT_DTYPES, f"dtype must be float16, bfloat16 or float32, got {rel_bias.dtype}")
+        _check("rel_bias", rel_bias.device == q.device, f"must be on q's device {q.device}, got {rel_bias.device}")
     if seq_lens.stride(0) != 1:
         seq_lens = seq_lens.contiguous()
-    return _paged_attention_fwd(q, k_cache, v_cache, block_tables, seq_lens, float(scale),
+    return _paged_attention_fwd(q, k_cache, v_cache, block_tables, seq_lens, float(scale), rel_bias,
                                 num_splits or 0, max_seq_len or 0)

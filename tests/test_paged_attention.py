@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -62,11 +63,12 @@ def make_case(lens, H, D, block_size, dtype, seed=0, spare_blocks=3):
     return [t.to(DEVICE) for t in (q, kc.to(dtype), vc.to(dtype), bt, seq_lens)]
 
 
-def check(q, kc, vc, bt, seq_lens, scale, **kw):
-    out = paged_attention(q, kc, vc, bt, seq_lens, scale, **kw)
+def check(q, kc, vc, bt, seq_lens, scale, rel_bias=None, **kw):
+    out = paged_attention(q, kc, vc, bt, seq_lens, scale, rel_bias, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
-    ref64 = paged_attention_ref(q.double().cpu(), kc.double().cpu(), vc.double().cpu(), bt.cpu(), seq_lens.cpu(), scale)
-    eager = paged_attention_ref(q, kc, vc, bt, seq_lens, scale).double().cpu()
+    rb64 = None if rel_bias is None else rel_bias.double().cpu()
+    ref64 = paged_attention_ref(q.double().cpu(), kc.double().cpu(), vc.double().cpu(), bt.cpu(), seq_lens.cpu(), scale, rb64)
+    eager = paged_attention_ref(q, kc, vc, bt, seq_lens, scale, rel_bias).double().cpu()
     err = (out.double().cpu() - ref64).abs().max().item()
     eager_err = (eager - ref64).abs().max().item()
     assert not torch.isnan(out).any(), "NaN in output: an element was not written or read outside the context"
@@ -95,6 +97,15 @@ def test_matches_reference(lens, H, D, block_size, dtype):
 def test_split_k(num_splits, dtype):
     # One long context and short ones: many partitions of the short sequences are empty.
     check(*make_case([700, 3, 260], 2, 80, 16, dtype, seed=num_splits), 80 ** -0.5, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rel_bias(num_splits, dtype):
+    # T5's decoder self-attention: a bias by distance, here a strided view longer than any context.
+    q, kc, vc, bt, lens = make_case([300, 1, 45], 2, 64, 16, dtype, seed=11)
+    rel_bias = (torch.randn(400, 2, generator=torch.Generator().manual_seed(1)) * 3).to(DEVICE).t()  # (H, max_len)
+    check(q, kc, vc, bt, lens, 1.0, rel_bias, num_splits=num_splits)
 
 
 def test_split_k_chosen_automatically():
@@ -149,12 +160,15 @@ def test_validation_names_the_argument():
         paged_attention(q[0], kc, vc, bt, lens, 0.1)
     with pytest.raises(ValueError, match="block_size"):
         paged_attention(q, kc[:, :12], vc[:, :12], bt, lens, 0.1)
+    with pytest.raises(ValueError, match="rel_bias"):
+        paged_attention(q, kc, vc, bt, lens, 0.1, rel_bias=torch.zeros(3, 8, device=q.device))
 
 
 def test_opcheck_and_compile():
     q, kc, vc, bt, lens = make_case([20, 3], 1, 64, 16, torch.float32, seed=8)
-    torch.library.opcheck(torch.ops.blip2_fast.paged_attention_fwd.default, (q, kc, vc, bt, lens, 0.125, 0, 0),
-                          test_utils=("test_schema", "test_faketensor"))
+    for rel_bias, splits in ((None, 0), (torch.randn(1, 32, device=q.device), 2)):
+        torch.library.opcheck(torch.ops.blip2_fast.paged_attention_fwd.default,
+                              (q, kc, vc, bt, lens, 0.125, rel_bias, splits, 0), test_utils=("test_schema", "test_faketensor"))
     fn = torch.compile(lambda *a: paged_attention(*a, 0.125) * 2, backend="aot_eager", fullgraph=True)
     out = fn(q, kc, vc, bt, lens)
     torch.testing.assert_close(out, 2 * paged_attention(q, kc, vc, bt, lens, 0.125))
@@ -183,9 +197,59 @@ def test_kernel_module_imported_before_interpret_was_set():
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 
+_SM90_COMPILE = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from blip2_fast.kernels import paged_attention as P
+
+
+def compile_ptx(fn, types, consts, div16):
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ptx"]
+
+
+res = {}
+H, bs = 32, 16
+for D, single, bias in ((80, True, False), (88, False, True), (128, True, True)):
+    ptrs = ("Q", "K_CACHE", "V_CACHE", "REL_BIAS")
+    types = {n: "*bf16" for n in ptrs}
+    types.update(BLOCK_TABLES="*i32", SEQ_LENS="*i32", qk_scale="fp32")
+    types.update({n: "*bf16" if single else "*fp32" for n in ("OUT", "PART_M", "PART_L")})
+    consts = dict(BLOCK_SIZE=bs, BLOCK_N=64, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), KV_ALIGN=8,
+                  SINGLE_SPLIT=single, HAS_BIAS=bias, stride_qd=1, stride_kd=1, stride_vd=1)
+    # what Triton specializes on at launch for a contiguous (num_blocks, 16, 32, D) cache
+    strides = dict(stride_qn=H * D, stride_qh=D, stride_kb=bs * H * D, stride_ks=H * D, stride_kh=D,
+                   stride_vb=bs * H * D, stride_vs=H * D, stride_vh=D, stride_bt=64)
+    div16 = [n for n in types if types[n].startswith("*")] + [n for n, v in strides.items() if v % 16 == 0]
+    ptx = compile_ptx(P._paged_attention_split_kernel, types, consts, div16)
+    res[f"split-D{D}"] = ptx.count("ld.global.v4")
+types = dict(OUT="*bf16", PART_O="*fp32", PART_M="*fp32", PART_L="*fp32")
+ptx = compile_ptx(P._paged_attention_merge_kernel, types, dict(HEAD_DIM=80, BLOCK_S=8, BLOCK_D=128), list(types))
+res["merge"] = ptx.count("ld.global.v4")
+print(json.dumps(res))
+"""
+
+
+def test_compiles_for_sm90():
+    """Compile (no GPU needed) the kernels for an H100/H200 and check the K/V rows load as 16-byte
+    vectors at D = 80, 88, 128: the interpreter cannot catch compile-only errors or slow loads."""
+    pytest.importorskip("triton.backends.nvidia")
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(n > 0 for n in res.values()), res
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("D", [64, 80, 88, 128])
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
-def test_bf16_gpu(D, num_splits):
-    check(*make_case([1, 33, 700, 1030], 4, D, 16, torch.bfloat16), D ** -0.5, num_splits=num_splits)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "rel_bias"])
+def test_bf16_gpu(D, num_splits, bias):
+    rel_bias = torch.randn(4, 1100, device=DEVICE, dtype=torch.bfloat16) if bias else None
+    check(*make_case([1, 33, 700, 1030], 4, D, 16, torch.bfloat16), D ** -0.5, rel_bias, num_splits=num_splits)
