@@ -1,8 +1,15 @@
 """Shared fixtures: small random BLIP-2 checkpoints built with transformers, saved to temp dirs."""
+import os
 import warnings
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run interpreted. Triton 3.9 reads TRITON_INTERPRET when
+# triton.language is first imported, so it is set here, before any test module imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from blip2_fast.testing import build_checkpoint
 

@@ -64,7 +64,8 @@ class Engine:
     the free GPU memory, or on CPU enough for min(max_num_seqs, 16) sequences of max_model_len.
     max_model_len: longest prompt + output (default: OPT's max positions, 2048 for T5).
     tokenizer: for text prompts and `RequestOutput.text` (default: the checkpoint's, if it has one).
-    enforce_eager: accepted for API compatibility; the decode step currently always runs eagerly.
+    enforce_eager: on a GPU the decode step replays CUDA graphs captured per batch-size bucket
+        (1, 2, 4, 8, 16, ... max_num_seqs); True turns that off. The CPU path always runs eagerly.
     """
 
     def __init__(self, model, *, max_num_seqs: int = 256, block_size: int = 16, num_blocks: int | None = None,
@@ -93,7 +94,8 @@ class Engine:
         if num_blocks < 2:
             raise ValueError(f"num_blocks={num_blocks}: the KV pool needs at least 2 blocks")
         self.blocks = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_model_len=self.max_model_len,
+                                  max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
         self.tokenizer = tokenizer
         self.enforce_eager = enforce_eager
         self.waiting: deque[_Request] = deque()

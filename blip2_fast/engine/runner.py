@@ -8,6 +8,8 @@ K/V of the encoder output live in the same per-layer pools, in blocks owned by a
 from __future__ import annotations
 
 import hashlib
+import math
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -21,7 +23,8 @@ def image_digest(pixel_values: torch.Tensor) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 256):
+    def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 256, *,
+                 max_model_len: int = 2048, max_num_seqs: int = 256, enforce_eager: bool = False):
         self.model = model
         self.lm = model.lm
         self.device, self.dtype = model.device, model.dtype
@@ -34,6 +37,13 @@ class ModelRunner:
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
         self.images_encoded = 0  # how many images went through ViT + Q-Former (the rest were cache hits)
+        # CUDA graphs for the decode step, one per batch-size bucket, captured on first use
+        self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        self.table_width = math.ceil(max_model_len / block_size)
+        self.buckets = sorted({1, 2, 4} | set(range(8, max_num_seqs + 8, 8)))
+        self.buckets = [b for b in self.buckets if b <= max(max_num_seqs, 1)] or [1]
+        self._graphs: dict[int, tuple] = {}
+        self._graph_pool = None
 
     @staticmethod
     def bytes_per_block(model, block_size: int) -> int:
@@ -149,15 +159,76 @@ class ModelRunner:
     def decode(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
                seq_lens: list[int], cross_tables=None, cross_lens=None) -> torch.Tensor:
         """One new token per sequence: returns float32 logits [n, V]."""
+        n = len(tokens)
+        if self.use_graphs and n <= self.buckets[-1] and max(len(t) for t in tables) <= self.table_width and (
+                cross_tables is None or max(len(t) for t in cross_tables) <= self.table_width):
+            try:
+                return self._decode_graph(tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
+            except Exception as e:  # capture can fail on unusual setups; never lose the request over it
+                warnings.warn(f"blip2_fast: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly", RuntimeWarning)
+                self.use_graphs = False
+        width = max(len(t) for t in tables + (cross_tables or []))
+        ins = self._inputs(len(tokens), width)
+        self._fill(ins, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
+        return self._forward(ins)
+
+    def _inputs(self, n: int, width: int) -> dict:
         dev = self.device
-        ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]  # (n, 1)
-        meta = AttnMeta(prefill=False, slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                        block_tables=self._tables(tables), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev))
+        ins = {"ids": torch.zeros(n, 1, dtype=torch.long, device=dev), "pos": torch.zeros(n, 1, dtype=torch.long, device=dev),
+               "slots": torch.full((n,), -1, dtype=torch.long, device=dev),
+               "tables": torch.zeros(n, width, dtype=torch.int32, device=dev),
+               "lens": torch.ones(n, dtype=torch.int32, device=dev)}
         if self.t5:
-            meta.cross_block_tables = self._tables(cross_tables)
-            meta.cross_seq_lens = torch.tensor(cross_lens, dtype=torch.int32, device=dev)
-            h = self.lm.decode(self.lm.embed_tokens(ids), None, meta, self.caches, self.caches)
+            ins["xtables"] = torch.zeros(n, width, dtype=torch.int32, device=dev)
+            ins["xlens"] = torch.ones(n, dtype=torch.int32, device=dev)
+        return ins
+
+    def _fill(self, ins, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens) -> None:
+        """Copy one step's host-side inputs into (possibly static, larger) device buffers; rows past
+        len(tokens) stay padding: slot -1 (nothing written) and a length-1 context."""
+        n, W = len(tokens), ins["tables"].shape[1]
+        pad = lambda ts: torch.tensor([t + [0] * (W - len(t)) for t in ts], dtype=torch.int32)  # noqa: E731
+        ins["ids"][:n, 0].copy_(torch.tensor(tokens), non_blocking=True)
+        ins["pos"][:n, 0].copy_(torch.tensor(positions), non_blocking=True)
+        ins["slots"][:n].copy_(torch.tensor(slots), non_blocking=True)
+        ins["slots"][n:] = -1
+        ins["tables"][:n].copy_(pad(tables), non_blocking=True)
+        ins["lens"][:n].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        ins["lens"][n:] = 1
+        if self.t5:
+            ins["xtables"][:n].copy_(pad(cross_tables), non_blocking=True)
+            ins["xlens"][:n].copy_(torch.tensor(cross_lens, dtype=torch.int32), non_blocking=True)
+            ins["xlens"][n:] = 1
+
+    def _forward(self, ins) -> torch.Tensor:
+        meta = AttnMeta(prefill=False, slot_mapping=ins["slots"], block_tables=ins["tables"], seq_lens=ins["lens"])
+        emb = self.lm.embed_tokens(ins["ids"])  # (n, 1, E)
+        if self.t5:
+            meta.cross_block_tables, meta.cross_seq_lens = ins["xtables"], ins["xlens"]
+            h = self.lm.decode(emb, None, meta, self.caches, self.caches)
         else:
-            pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
-            h = self.lm(self.lm.embed_tokens(ids), pos, meta, self.caches)
+            h = self.lm(emb, ins["pos"], meta, self.caches)
         return self.lm.logits(h[:, -1]).float()
+
+    def _decode_graph(self, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens) -> torch.Tensor:
+        n = len(tokens)
+        bucket = next(b for b in self.buckets if b >= n)
+        if bucket not in self._graphs:
+            ins = self._inputs(bucket, self.table_width)
+            torch.cuda.synchronize()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):  # warm-up outside the graph: Triton compiles here, not in capture
+                for _ in range(2):
+                    self._forward(ins)
+            torch.cuda.current_stream().wait_stream(s)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._graph_pool):
+                out = self._forward(ins)
+            self._graphs[bucket] = (g, ins, out)
+        g, ins, out = self._graphs[bucket]
+        self._fill(ins, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
+        g.replay()
+        return out[:n].clone()
