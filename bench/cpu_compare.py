@@ -68,16 +68,19 @@ def main(argv=None) -> dict:
             return hf.generate(pixel_values=px, **gen)
 
     times = {"blip2_fast": [], "transformers": []}
+    cpu = {"blip2_fast": [], "transformers": []}  # process CPU time: less sensitive to other jobs on the machine
     outs = {}
     for i in range(a.runs + 1):  # the first round is the warm-up
         for name, fn in (("blip2_fast", run_ours), ("transformers", run_hf)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(pxs[i])
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             outs[name] = out
             if i > 0:
                 times[name].append(dt)
-            print(f"[cpu_compare] {'warm-up' if i == 0 else f'run {i}'} {name:12s} {dt:7.2f} s", file=sys.stderr)
+                cpu[name].append(dc)
+            print(f"[cpu_compare] {'warm-up' if i == 0 else f'run {i}'} {name:12s} {dt:7.2f} s wall {dc:7.2f} s cpu",
+                  file=sys.stderr)
     ours_new, hf_new = outs["blip2_fast"][:, -N:], outs["transformers"][:, -N:]
     identical = bool(torch.equal(ours_new.cpu(), hf_new.cpu()))
     m_ours, m_hf = statistics.median(times["blip2_fast"]), statistics.median(times["transformers"])
@@ -92,7 +95,10 @@ def main(argv=None) -> dict:
         "blip2_fast_s": [round(t, 3) for t in times["blip2_fast"]],
         "transformers_s": [round(t, 3) for t in times["transformers"]],
         "blip2_fast_median_s": round(m_ours, 3), "transformers_median_s": round(m_hf, 3),
-        "ratio": round(m_hf / m_ours, 3), "ratio_per_pair": [round(r, 3) for r in ratios],
+        "ratio": round(m_hf / m_ours, 3),
+        "blip2_fast_cpu_s": [round(t, 3) for t in cpu["blip2_fast"]],
+        "transformers_cpu_s": [round(t, 3) for t in cpu["transformers"]],
+        "cpu_time_ratio": round(statistics.median(cpu["transformers"]) / statistics.median(cpu["blip2_fast"]), 3), "ratio_per_pair": [round(r, 3) for r in ratios],
         "tokens_per_s": {"blip2_fast": round(a.batch * N / m_ours, 1), "transformers": round(a.batch * N / m_hf, 1)},
         "token_identical": identical,
     }
@@ -105,6 +111,8 @@ def main(argv=None) -> dict:
     print(f"{'transformers':14s}{m_hf:10.2f}{res['tokens_per_s']['transformers']:9.1f}")
     print(f"ratio (transformers / blip2_fast): {res['ratio']:.2f}x  per pair {res['ratio_per_pair']}  "
           f"token-identical: {identical}")
+    print(f"CPU-time ratio (transformers / blip2_fast): {res['cpu_time_ratio']:.2f}x  "
+          f"(process CPU seconds, medians {statistics.median(cpu['blip2_fast']):.2f} vs {statistics.median(cpu['transformers']):.2f})")
     if a.profile:
         import cProfile
         import pstats
