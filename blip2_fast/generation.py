@@ -149,8 +149,9 @@ def _images(images):
     for i, im in enumerate(images):
         if not isinstance(im, Image.Image):
             raise TypeError(f"image {i} is a {type(im).__name__}, expected a PIL image")
-        if im.mode not in ("RGB", "L", "RGBA", "P", "CMYK", "I;16", "I", "F", "LA"):
-            raise ValueError(f"image {i} has unsupported mode {im.mode!r}")
+        if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
+            raise ValueError(f"image {i} has mode {im.mode!r}; expected an 8-bit image (RGB, RGBA, L, P, CMYK, ...): "
+                             "convert high-bit-depth or float images to 8-bit RGB first")
     return [im.convert("RGB") for im in images]
 
 
@@ -166,7 +167,6 @@ def caption(model, images, prompt=None, **gen):
     if prompt is None:
         px = proc.image_processor(images=images, return_tensors="pt")["pixel_values"]
         ids = model.generate(px.to(model.device, model.dtype), **gen)
-        n = ids.shape[1] - (ids.shape[1] if model.is_encoder_decoder else 0)
         plen = 0 if model.is_encoder_decoder else (model.cfg.num_query_tokens if model.cfg.image_token_id is not None else 0) + 1
         return _decode(model, ids, plen)
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
