@@ -73,13 +73,16 @@ def build_models(preset: str, checkpoint: str | None, device, dtype, with_hf: bo
     return ours, hf
 
 
-def start_ids(model, B: int):
-    """The prompt `generate()` builds without input_ids: image tokens + BOS (OPT), nothing (T5)."""
-    if model.is_encoder_decoder:
-        return [[] for _ in range(B)]
+def start_ids(model, B: int) -> torch.Tensor:
+    """The caption prompt as Blip2Processor lays out an empty text: image tokens + BOS (OPT) or + EOS
+    (T5: "</s>"). Passed explicitly to every path (transformers 5 needs a T5 BOS id otherwise)."""
     d = model.generation_defaults
-    img, Q, bos = model.cfg.image_token_id, model.cfg.num_query_tokens, d.get("bos_token_id")
-    return [([img] * Q if img is not None else []) + ([bos] if bos is not None else []) for _ in range(B)]
+    img, Q = model.cfg.image_token_id, model.cfg.num_query_tokens
+    last = d.get("eos_token_id") if model.is_encoder_decoder else d.get("bos_token_id")
+    if isinstance(last, (list, tuple)):
+        last = last[0]
+    row = ([img] * Q if img is not None else []) + ([last] if last is not None else [])
+    return torch.tensor([row] * B, dtype=torch.long)
 
 
 # ---- measurements ----------------------------------------------------------------------------------
@@ -123,12 +126,12 @@ def _summary(impl, B, N, total_s, ttft_s, steps_s, peak):
 def bench_generate(model, pxs, N, device, repeats):
     """blip2_fast `model.generate`: throughput from full runs, TTFT from max_new_tokens=1 runs.
     Every run gets images it has not seen: the engine caches image features by content digest."""
-    gen = dict(max_new_tokens=N, min_new_tokens=N)
+    gen = dict(max_new_tokens=N, min_new_tokens=N, input_ids=start_ids(model, pxs[0].shape[0]))
     model.generate(pxs[0], **gen)  # warm-up (allocates the engine pool)
     _peak_reset(device)
     totals = [_timed(lambda: model.generate(pxs[1 + k], **gen), device)[0] for k in range(repeats)]
     peak = _peak_gib(device)
-    ttft = statistics.median(_timed(lambda: model.generate(pxs[1 + repeats + k], max_new_tokens=1), device)[0]
+    ttft = statistics.median(_timed(lambda: model.generate(pxs[1 + repeats + k], input_ids=gen["input_ids"], max_new_tokens=1), device)[0]
                              for k in range(repeats))
     total = statistics.median(totals)
     per_tok = [(total - ttft) / max(N - 1, 1)] if N > 1 else []
@@ -141,14 +144,14 @@ def bench_engine(model, pxs, N, device, repeats):
 
     B = pxs[0].shape[0]
     rows = start_ids(model, B)
-    per = max(len(r) for r in rows) + model.cfg.num_query_tokens + N
+    per = rows.shape[1] + model.cfg.num_query_tokens + N
     blocks = B * (math.ceil(per / 16) + 2) * (2 if model.is_encoder_decoder else 1) + 8
     eng = Engine(model, max_num_seqs=B, num_blocks=blocks)
     sp = SamplingParams(max_new_tokens=N, min_new_tokens=N)
     runs = []
     for rep in range(repeats + 1):
         for i in range(B):
-            eng.add_request((rep, i), pixel_values=pxs[rep][i], prompt=torch.tensor(rows[i], dtype=torch.long), sampling=sp)
+            eng.add_request((rep, i), pixel_values=pxs[rep][i], prompt=rows[i], sampling=sp)
         if rep == 1:
             _peak_reset(device)
         steps = []
@@ -167,7 +170,7 @@ def bench_engine(model, pxs, N, device, repeats):
     return _summary("blip2_fast.engine", B, N, total, ttft, decode, peak)
 
 
-def bench_hf(hf, pxs, N, device, repeats):
+def bench_hf(hf, pxs, N, device, repeats, input_ids):
     """transformers generate; a logits processor stamps each step (the first stamp is the TTFT)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -181,7 +184,7 @@ def bench_hf(hf, pxs, N, device, repeats):
 
     vdt = next(hf.vision_model.parameters()).dtype
     pxs = [p.to(device=device, dtype=vdt) for p in pxs]
-    gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, num_beams=1)
+    gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, num_beams=1, input_ids=input_ids.to(device))
     with torch.inference_mode():
         hf.generate(pixel_values=pxs[0], **gen)
         _peak_reset(device)
@@ -326,7 +329,7 @@ def main(argv=None) -> dict:
         if not a.no_engine:
             cases.append(("engine", lambda: bench_engine(ours, pxs, N, device, repeats)))
         if hf is not None:
-            cases.append(("transformers", lambda: bench_hf(hf, pxs, N, device, repeats)))
+            cases.append(("transformers", lambda: bench_hf(hf, pxs, N, device, repeats, start_ids(ours, B))))
         for name, fn in cases:
             log(f"batch {B}: {name} ...")
             try:
