@@ -88,6 +88,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr,  # D
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" for float32 inputs, else "tf32" (ignored for 16-bit operands)
+    ALIGN: tl.constexpr,  # elements (<= 16 bytes) dividing every q/k/v/o batch/head offset and row stride
+    BIAS_ALIGN: tl.constexpr,  # the same for the bias' offsets and row stride
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= D; the tail is masked
 ):
@@ -103,11 +105,33 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    q_off = off_b * stride_qb + off_h * stride_qh
+    k_off = off_b * stride_kb + off_h * stride_kh
+    v_off = off_b * stride_vb + off_h * stride_vh
+    o_off = off_b * stride_ob + off_h * stride_oh
+    bias_off = off_b * stride_bb + off_h * stride_bh
+    if ALIGN > 1:
+        # Triton proves alignment only for integer arguments divisible by 16; D = 88 strides (88,
+        # 257·88) are multiples of 8, and without proof every tile load is scalar and cp.async
+        # cannot pipeline them (compiled for sm_90: 255 registers + spills, no async copies; with
+        # this: 16-byte cp.async, 3 stages, 182 registers). tl.multiple_of on scalars did not
+        # take; `x // A * A` states the same fact. The host checked these are multiples of ALIGN.
+        q_off = q_off // ALIGN * ALIGN
+        k_off = k_off // ALIGN * ALIGN
+        v_off = v_off // ALIGN * ALIGN
+        o_off = o_off // ALIGN * ALIGN
+        stride_qm = stride_qm // ALIGN * ALIGN
+        stride_kn = stride_kn // ALIGN * ALIGN
+        stride_vn = stride_vn // ALIGN * ALIGN
+        stride_om = stride_om // ALIGN * ALIGN
+    if BIAS_ALIGN > 1:
+        bias_off = bias_off // BIAS_ALIGN * BIAS_ALIGN
+        stride_bm = stride_bm // BIAS_ALIGN * BIAS_ALIGN
+    q_base = Q + q_off
+    k_base = K + k_off
+    v_base = V + v_off
     kpm_base = KPM + off_b * stride_mb
-    bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
+    bias_base = BIAS + bias_off
 
     q_mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
@@ -141,8 +165,19 @@ def _attn_fwd_kernel(
     # A row that saw no key has l = 0 and acc = 0: it outputs zeros, as the reference does.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = O + o_off + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
+
+
+def _align(t: torch.Tensor, dims, *more: torch.Tensor) -> int:
+    """Largest power of two (elements, at most 16 bytes) dividing t's strides over `dims` of size > 1."""
+    a = max(1, 16 // t.element_size())
+    for x in (t, *more):
+        for d in dims:
+            if x.shape[d] > 1:
+                while x.stride(d) % a:
+                    a //= 2
+    return a
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -159,14 +194,18 @@ def _prune_configs(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-# sm_90 candidates. BLOCK_M=64 wins when Sq is just past a multiple of 128 (ViT-g's 257 queries:
+# sm_90 candidates. BLOCK_M=64 may win when Sq is just past a multiple of 128 (ViT-g's 257 queries:
 # 5 tiles of 64 waste 20% of rows, 3 of 128 waste 33%); 128×64 with 8 warps is the FA2 default.
+# Compiled for sm_90 (Triton 3.9) at D=88 bf16, none of these spills except at D=256; 128×64 with
+# 4 warps was dropped (296 bytes of spills). The 2-stage 128×64 is the one that does not spill
+# with causal + padding mask + bias (T5's decoder).
 _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
 ]
 _attn_fwd_tuned = triton.autotune(
@@ -201,7 +240,8 @@ def _attention_impl(q, k, v, key_padding_mask, bias, causal, scale, block_m=None
         H, Sq, Sk, scale * LOG2E, bucket(Sq), bucket(Sk),
     )
     meta = dict(HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
-                HAS_BIAS=bias is not None, DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d)
+                HAS_BIAS=bias is not None, DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d,
+                ALIGN=_align(q, (0, 1, 2), k, v, o), BIAS_ALIGN=_align(bias_e, (0, 1, 2)) if bias is not None else 1)
     if block_m is not None or interpreting():
         bm, bn = (block_m, block_n) if block_m is not None else _INTERP_BLOCKS
         grid = (triton.cdiv(Sq, bm) * B * H,)
