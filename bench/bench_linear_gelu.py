@@ -1,0 +1,61 @@
+"""GEMM + bias + GELU (kernels/linear_gelu.py) vs F.linear + F.gelu: `python -m bench.bench_linear_gelu`.
+
+Cases (H200 targets, bf16): the Q-Former MLP's fc1 (B·32 query rows, B = 64: 768 → 3072) and a
+Flan-T5-XL-sized 2048 → 5120 projection at B·S = 16·512 rows, erf GELU. Compute ceiling: measured
+bf16 matmul rate, 2·M·N·K FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import row, time_ms
+
+
+def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
+    from blip2_fast.kernels.linear_gelu import linear_gelu
+
+    torch.manual_seed(0)
+    cases = [("qformer-fc1", 64 * 32, 768, 3072), ("t5-2048x5120", 16 * 512, 2048, 5120)]
+    if quick:
+        cases = [("qformer-fc1", 2 * 32, 96, 128), ("t5-2048x5120", 33, 128, 160)]
+    rows = []
+    for name, M, K, N in cases:
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        w = torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5
+        b = torch.randn(N, device=device, dtype=dtype)
+        ms = time_ms(lambda: linear_gelu(x, w, b), device=device)
+        base = time_ms(lambda: F.gelu(F.linear(x, w, b)), device=device)
+        rows.append(row(f"linear_gelu/{name}", (M, K, N), dtype, ms, "F.gelu(F.linear)", base,
+                        flops=2 * M * N * K, device=device))
+        rows[-1]["max_abs_diff"] = (linear_gelu(x, w, b).float() - F.gelu(F.linear(x, w, b)).float()).abs().max().item()
+    return rows
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["op", "shape", "dtype", "ms", "baseline_ms", "ratio", "achieved", "fraction_of_ceiling", "max_abs_diff"]
+    widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--quick", action="store_true", help="toy sizes (smoke test)")
+    a = ap.parse_args(argv)
+    rows = run(a.device, getattr(torch, a.dtype), a.quick)
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
