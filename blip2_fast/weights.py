@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
 
 
-def _validate_safetensors(path: Path) -> None:
+def _validate_safetensors(path: Path) -> tuple[int, dict]:
     """Check the header and total size before handing the file to safetensors (which would crash or
     give an opaque error on a truncated file)."""
     size = path.stat().st_size
@@ -47,6 +47,55 @@ def _validate_safetensors(path: Path) -> None:
         end = max(end, int(info["data_offsets"][1]))
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}")
+    return n, header
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+class _MappedFile:
+    """A safetensors file memory-mapped once; tensors are zero-copy views into the mapping.
+
+    The mapping is private (copy-on-write), so views are writable without touching the file, and
+    the kernel is told up front that every page will be read (MADV_WILLNEED): reading weights then
+    streams sequentially instead of faulting page by page.
+    """
+
+    def __init__(self, path: Path, header_len: int, header: dict):
+        import mmap
+
+        self.path, self.header = path, header
+        with open(path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if hasattr(mmap, "MADV_WILLNEED"):
+            self.mm.madvise(mmap.MADV_WILLNEED)
+        self.base = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.data_start = 8 + header_len
+
+    def keys(self):
+        return [k for k in self.header if k != "__metadata__"]
+
+    def shape(self, key):
+        return self.header[key]["shape"]
+
+    def get(self, key) -> torch.Tensor:
+        info = self.header[key]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {info['dtype']}, which blip2_fast cannot load")
+        a, b = info["data_offsets"]
+        raw = self.base[self.data_start + a: self.data_start + b]
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        if (self.data_start + a) % itemsize:
+            raw = raw.clone()  # misaligned for a zero-copy view; rare (safetensors aligns its data)
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if raw.numel() != numel * itemsize:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has {raw.numel()} bytes, its shape needs {numel * itemsize}")
+        return raw.view(dtype).view(info["shape"])
 
 
 class WeightSource:
@@ -145,8 +194,6 @@ def from_directory(path: Path, *, device, dtype, progress: bool = True) -> Weigh
             shard_files[fname] = f
         return _safetensors_source(shard_files, weight_map, device=device, dtype=dtype, describe=str(path), progress=progress)
     if single.exists():
-        from safetensors import safe_open  # noqa: F401
-
         return _safetensors_source({"model.safetensors": single}, None, device=device, dtype=dtype, describe=str(path), progress=progress)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
@@ -155,16 +202,11 @@ def from_directory(path: Path, *, device, dtype, progress: bool = True) -> Weigh
 
 
 def _safetensors_source(files: dict, weight_map, *, device, dtype, describe, progress) -> WeightSource:
-    from safetensors import safe_open
-
     handles, key_file = {}, {}
     total = 0
     for fname, f in files.items():
-        _validate_safetensors(f)
-        try:
-            h = safe_open(str(f), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{f}: cannot open as safetensors ({type(e).__name__}: {e})") from None
+        n, header = _validate_safetensors(f)
+        h = _MappedFile(f, n, header)
         handles[fname] = h
         for k in h.keys():
             if weight_map is None or weight_map.get(k) == fname:
@@ -177,13 +219,12 @@ def _safetensors_source(files: dict, weight_map, *, device, dtype, describe, pro
     prog = _Progress(total, len(files), enabled=progress)
 
     def get(key):
-        return handles[key_file[key]].get_tensor(key)
+        return handles[key_file[key]].get(key)
 
     def shape_of(key):
-        return handles[key_file[key]].get_slice(key).get_shape()
+        return handles[key_file[key]].shape(key)
 
-    src = WeightSource(get, key_file.keys(), device=device, dtype=dtype, describe=describe, shape_of=shape_of, progress=prog)
-    return src
+    return WeightSource(get, key_file.keys(), device=device, dtype=dtype, describe=describe, shape_of=shape_of, progress=prog)
 
 
 def _torch_bin_source(path: Path, bins, *, device, dtype) -> WeightSource:
