@@ -63,19 +63,19 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_
     """
     N, H, D = q.shape
     block_size = k_cache.shape[1]
-    out = torch.empty_like(q)
-    for n in range(N):
-        L = int(seq_lens[n])
-        nb = (L + block_size - 1) // block_size
-        blocks = block_tables[n, :nb].long()
-        k = k_cache[blocks].reshape(nb * block_size, H, D)[:L]  # (L, H, D)
-        v = v_cache[blocks].reshape(nb * block_size, H, D)[:L]
-        s = torch.einsum("hd,lhd->hl", _acc(q[n]), _acc(k)) * scale  # (H, L)
-        if rel_bias is not None:
-            s = s + _acc(rel_bias[:, :L].flip(-1))  # distance L-1-j for key j
-        p = torch.softmax(s, dim=-1)
-        out[n] = torch.einsum("hl,lhd->hd", p, _acc(v)).to(q.dtype)
-    return out
+    L = block_tables.shape[1] * block_size  # every sequence gathered to the table's full width
+    j = torch.arange(L, device=q.device)
+    lens = seq_lens.long()[:, None]
+    live = (j < lens)[:, :, None, None]  # (N, L, 1, 1): slots past a sequence's length hold anything
+    k = torch.where(live, k_cache[block_tables.long()].reshape(N, L, H, D), 0)  # (N, L, H, D)
+    v = torch.where(live, v_cache[block_tables.long()].reshape(N, L, H, D), 0)
+    s = torch.einsum("nhd,nlhd->nhl", _acc(q), _acc(k)) * scale  # (N, H, L)
+    if rel_bias is not None:
+        dist = (lens - 1 - j).clamp(0, rel_bias.shape[1] - 1)  # (N, L): distance L-1-j of key j
+        s = s + _acc(rel_bias)[:, dist].permute(1, 0, 2)  # (N, H, L)
+    s = s.masked_fill((j >= lens)[:, None, :], float("-inf"))  # slots past each sequence's length
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("nhl,nlhd->nhd", p, _acc(v)).to(q.dtype)
 
 
 def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
@@ -85,10 +85,12 @@ def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     slot (block * block_size + offset) of each token; a negative slot means "skip this token" (padding).
     """
     num_blocks, block_size, H, D = k_cache.shape
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(num_blocks * block_size, H, D)[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, H, D)[slots] = v[keep].to(v_cache.dtype)
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):  # padding tokens: drop them (the common decode step has none)
+        slots, k, v = slots[keep], k[keep], v[keep]
+    k_cache.view(num_blocks * block_size, H, D).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, H, D).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def layernorm_ref(x, weight, bias, eps, residual=None):

@@ -298,9 +298,11 @@ class Engine:
 
     def _sample(self, r: _Request, sids: list[int], logits: torch.Tensor) -> None:
         scores = smp.process(logits, r.p, [self._history(r)], [len(r.generated)], r.eos)
-        tok = int(smp.select(scores, r.p, r.generator)[0])
+        self._take(r, int(smp.select(scores, r.p, r.generator)[0]))
+
+    def _take(self, r: _Request, tok: int) -> None:
         r.generated.append(tok)
-        sid = sids[0]
+        sid = r.seqs[0]
         if tok in r.eos:
             self._finish(r, "stop")
         elif len(r.generated) >= r.p.max_new_tokens:
@@ -407,15 +409,27 @@ class Engine:
                     xl.append(self.blocks.num_tokens(r.cross_seq))
                 owners.append(r)
         logits = self.runner.decode(toks, pos, slots, tables, lens, xt or None, xl or None)
-        i = 0
+        i, plain = 0, []
         for r in reqs:
             n = len(r.seqs)
             chunk = logits[i: i + n]
-            i += n
             if r.p.num_beams > 1:
                 self._beam_step(r, chunk)
+            elif not r.p.do_sample and r.p.repetition_penalty == 1.0:
+                plain.append((r, i))  # greedy without penalties: one argmax for all of them, below
             else:
                 self._sample(r, r.seqs, chunk)
+            i += n
+        if plain:
+            rows = torch.tensor([j for _, j in plain])
+            scores = logits[rows]
+            early = [(k, r.eos) for k, (r, _) in enumerate(plain) if len(r.generated) < r.p.min_new_tokens and r.eos]
+            if early:
+                scores = scores.clone()
+                for k, eos in early:
+                    scores[k, [e for e in eos if 0 <= e < scores.shape[1]]] = float("-inf")
+            for (r, _), tok in zip(plain, scores.argmax(-1).tolist()):
+                self._take(r, tok)
 
     # ---- outputs --------------------------------------------------------------------------------
     def _finish(self, r: _Request, reason: str) -> None:

@@ -69,10 +69,12 @@ def process(logits: torch.Tensor, p: SamplingParams, history: list[list[int]], n
         pen = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
         scores = torch.where(mask, pen, scores)
     if p.min_new_tokens > 0 and eos:
-        early = torch.tensor([n < p.min_new_tokens for n in n_generated], device=scores.device)
-        eos_mask = torch.zeros(V, dtype=torch.bool, device=scores.device)
-        eos_mask[[e for e in eos if 0 <= e < V]] = True
-        scores = torch.where(early[:, None] & eos_mask[None, :], -math.inf, scores)
+        early = [i for i, n in enumerate(n_generated) if n < p.min_new_tokens]
+        ids = [e for e in eos if 0 <= e < V]
+        if early and ids:
+            scores = scores.clone()
+            rows = torch.tensor(early, device=scores.device)[:, None]
+            scores[rows, torch.tensor(ids, device=scores.device)[None, :]] = -math.inf
     if p.do_sample:
         keep = 2 if p.num_beams > 1 else 1  # beams keep a non-eos continuation
         if p.temperature != 1.0:
