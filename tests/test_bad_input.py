@@ -167,3 +167,14 @@ def test_explicit_fast_op_that_cannot_run_raises(ckpt, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="attention"):
         blip2_fast.load(d, ops={"attention": "fast"})
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch the network from tests
+    with pytest.raises(CheckpointError, match="could not be fetched"):
+        blip2_fast.load("Salesforce/blip2-opt-2.7b-does-not-exist-here")
+
+
+def test_live_model_of_wrong_class_is_refused():
+    with pytest.raises(UnsupportedModelError, match="Linear"):
+        blip2_fast.load(torch.nn.Linear(2, 2))
