@@ -1,7 +1,7 @@
 """The C++/CUDA extension (csrc/): built on first use, cached, loaded as `torch.ops.blip2_fast.*`.
 
     from blip2_fast import _ext
-    _ext.build(verbose=True)                 # what `python -m blip2_fast build-ext` runs
+    _ext.build(verbose=True)                 # `python -m blip2_fast build-ext`: None, or why it failed
     _ext.unavailable_reason("cuda")          # None, or why the registry must bind the reference
     out = _ext.cross_attention(q, k, v)      # torch.ops.blip2_fast.cross_attention
 
@@ -41,10 +41,11 @@ _tried = False
 _loaded: str | None = None  # "cpu" or "cuda": which build is loaded into this process
 _path: str | None = None
 _errors: dict[str, str] = {}  # config -> short reason it is unavailable
+_tails: dict[str, str] = {}  # config -> tail of the compiler output of its failed build
 _warned: set[str] = set()
 
 
-class BuildError(RuntimeError):
+class _BuildError(RuntimeError):
     pass
 
 
@@ -117,7 +118,7 @@ def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
     with _file_lock(d / "build.lock"):
         if not ok.exists() or not lib.exists():
             if failed.exists() and not force:
-                raise BuildError(failed.read_text())
+                raise _BuildError(failed.read_text())
             from torch.utils import cpp_extension
 
             failed.unlink(missing_ok=True)
@@ -130,7 +131,7 @@ def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
                                    build_directory=str(d), verbose=verbose, with_cuda=cuda, is_python_module=False)
             except Exception as e:
                 failed.write_text(f"{type(e).__name__}: {e}")
-                raise BuildError(failed.read_text()) from e
+                raise _BuildError(failed.read_text()) from e
             ok.write_text(f"built in {time.perf_counter() - t0:.1f} s with torch {torch.__version__}\n")
             return str(lib)
     torch.ops.load_library(str(lib))
@@ -151,6 +152,7 @@ def _load(force: bool = False, verbose: bool = False) -> None:
             return
         _tried = True
         _errors.clear()
+        _tails.clear()
         cuda_reason = _cuda_toolkit_reason()
         if cuda_reason is not None:
             _errors["cuda"] = cuda_reason
@@ -162,10 +164,11 @@ def _load(force: bool = False, verbose: bool = False) -> None:
                 text = str(e)
                 d = _build_dir(*_config(cuda))
                 _errors[config] = f"the {config.upper()} extension failed to build: {_first_error(text)} (log: {d / 'FAILED'})"
+                _tails[config] = _tail(text)
                 if cuda:
                     _errors["cuda"] = _errors[config]
                 if force:
-                    continue  # build() raises with the full text below
+                    continue  # build() returns the reason with the output's tail
                 if config not in _warned:
                     _warned.add(config)
                     warnings.warn(f"blip2_fast: building the {config.upper()} extension in {d} failed; its ops fall back "
@@ -177,18 +180,20 @@ def _load(force: bool = False, verbose: bool = False) -> None:
             return
 
 
-def build(verbose: bool = False) -> str:
-    """Build (or find in the cache) and load the extension; returns the loaded library's path.
+def build(verbose: bool = False) -> str | None:
+    """Build (or find in the cache) and load the extension now; None on success, else why it failed.
 
-    Retries a build remembered as failed. Raises BuildError with the compiler output if nothing loads.
+    Retries a build remembered as failed. The reason carries the compiler output's tail. On a CUDA
+    build of torch with a toolkit, a failed CUDA part is a failure even though the CPU kernels load.
     """
     _load(force=True, verbose=verbose)
     if _loaded is None:
-        raise BuildError("blip2_fast: the extension failed to build:\n" + "\n".join(_errors.values()))
-    if _loaded == "cpu" and "cuda" in _errors and torch.version.cuda is not None:
-        warnings.warn(f"blip2_fast: only the CPU kernels loaded: {_errors['cuda']}", RuntimeWarning, stacklevel=2)
-    assert _path is not None
-    return _path
+        return "blip2_fast: the extension failed to build:\n" + "\n".join(_errors.values()) + "\n" + _tails.get("cpu", "")
+    if verbose:
+        print(f"blip2_fast: loaded {_path} ({_loaded.upper()} kernels)", file=sys.stderr)
+    if _loaded == "cpu" and _cuda_toolkit_reason() is None:
+        return f"only the CPU kernels loaded: {_errors.get('cuda')}\n{_tails.get('cuda', '')}"
+    return None
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:

@@ -23,6 +23,9 @@
 
 #include "checks.h"
 
+// The 64-byte vector helpers are always inlined into one ISA's clone, so their ABI never matters.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 // Each dtype's work loop is compiled for AVX-512, AVX2+FMA and the x86-64 baseline, and the dynamic
 // loader picks the widest the CPU has: no -march=native, which would make a cached build crash on an
 // older CPU sharing the home directory.
@@ -152,6 +155,17 @@ BLIP2_FAST_INLINE void attend_group(const float* __restrict__ q, const float* __
     }
 }
 
+// One key tile for qn queries: groups of 4, then the rest one by one. Shared by the three dtypes, so
+// the big inlined tile math is compiled once per ISA, not once per (dtype, ISA).
+BLIP2_FAST_CLONES
+void attend_tile(const float* __restrict__ q, const float* __restrict__ kt, const float* __restrict__ v, int64_t ldv,
+                 const float* __restrict__ bias, int64_t qn, int64_t kn, int64_t D, float* __restrict__ m,
+                 float* __restrict__ l, float* __restrict__ o) {
+  int64_t i = 0;
+  for (; i + 4 <= qn; i += 4) attend_group<4>(q + i * D, kt, v, ldv, bias, kn, D, m + i, l + i, o + i * D);
+  for (; i < qn; ++i) attend_group<1>(q + i * D, kt, v, ldv, bias, kn, D, m + i, l + i, o + i * D);
+}
+
 // kt[d][j] = src[j][d] for j < kn (row stride ld), zero for kn <= j < kKB: the key tile transposed.
 // 4x4 blocks through registers; the scalar version was a third of the kernel's time.
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
@@ -255,10 +269,7 @@ BLIP2_FAST_INLINE void run_items(const Args& A, int64_t begin, int64_t end) {
       if (!v_direct) convert_rows(vr, A.sv[2], A.sv[3], kn, D, vbuf.data());
       const float* vt = v_direct ? reinterpret_cast<const float*>(vr) : vbuf.data();  // [kn, D], row stride ldv
       const int64_t ldv = v_direct ? A.sv[2] : D;
-      int64_t i = 0;
-      for (; i + 4 <= qn; i += 4)
-        attend_group<4>(&qbuf[i * D], kt.data(), vt, ldv, bias, kn, D, &m[i], &l[i], &o[i * D]);
-      for (; i < qn; ++i) attend_group<1>(&qbuf[i * D], kt.data(), vt, ldv, bias, kn, D, &m[i], &l[i], &o[i * D]);
+      attend_tile(qbuf.data(), kt.data(), vt, ldv, bias, qn, kn, D, m.data(), l.data(), o.data());
     }
     T* obh = static_cast<T*>(A.out) + ((b * A.H + h) * A.Nq + i0) * D;
     for (int64_t i = 0; i < qn; ++i) {
@@ -268,7 +279,7 @@ BLIP2_FAST_INLINE void run_items(const Args& A, int64_t begin, int64_t end) {
   }
 }
 
-// One clone set per dtype: loaders and tile math compiled together for each ISA.
+// Loaders per dtype and ISA: the fp16/bf16 -> fp32 conversions vectorise too.
 BLIP2_FAST_CLONES void run_items_f32(const Args& A, int64_t begin, int64_t end) { run_items<float>(A, begin, end); }
 BLIP2_FAST_CLONES void run_items_f16(const Args& A, int64_t begin, int64_t end) { run_items<c10::Half>(A, begin, end); }
 BLIP2_FAST_CLONES void run_items_bf16(const Args& A, int64_t begin, int64_t end) {

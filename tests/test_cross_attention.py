@@ -264,7 +264,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("(once)...") >= 1  # it printed that it was building
     assert list((tmp_path / "cache").glob("ext-*/FAILED"))
-    # A second process reads the remembered failure instead of rebuilding; build() retries and raises.
+    # A second process reads the remembered failure instead of rebuilding; build() retries and reports.
     r = _python(code, env)
     assert r.returncode == 0 and "REASON" in r.stdout, r.stderr[-3000:]
     assert "(once)..." not in r.stderr, r.stderr[-3000:]
@@ -272,18 +272,18 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
         from pathlib import Path
         from blip2_fast import _ext
         _ext._csrc = lambda: Path({str(broken)!r})
-        try:
-            _ext.build()
-        except _ext.BuildError as e:
-            assert "deliberately broken" in str(e); print("raised")
+        reason = _ext.build()
+        assert "deliberately broken" in reason, reason
+        print("reported")
     """, env)
-    assert r.returncode == 0 and "raised" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "reported" in r.stdout, r.stderr[-3000:]
+    assert "(once)..." in r.stderr  # build() retried instead of reading FAILED
 
 
 @pytest.mark.slow
 def test_concurrent_cold_builds_share_one_cache(tmp_path):
     env = {"BLIP2_FAST_CACHE": str(tmp_path)}
-    code = "from blip2_fast import _ext; print(_ext.build())"
+    code = "from blip2_fast import _ext; assert _ext.build() is None; print(_ext._path)"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**os.environ, **env}) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
