@@ -59,14 +59,14 @@ BLIP2_FAST_INLINE v16 load16(const float* p) {
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
-BLIP2_FAST_INLINE void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
-BLIP2_FAST_INLINE v16 max16(v16 a, v16 b) { return a > b ? a : b; }
-BLIP2_FAST_INLINE float hmax(v16 x) {
+BLIP2_FAST_INLINE void store16(float* p, const v16& x) { std::memcpy(p, &x, sizeof(x)); }
+BLIP2_FAST_INLINE v16 max16(const v16& a, const v16& b) { return a > b ? a : b; }
+BLIP2_FAST_INLINE float hmax(const v16& x) {
   float r = x[0];
   for (int e = 1; e < 16; ++e) r = x[e] > r ? x[e] : r;
   return r;
 }
-BLIP2_FAST_INLINE float hsum(v16 x) {
+BLIP2_FAST_INLINE float hsum(const v16& x) {
   float r = 0.0f;
   for (int e = 0; e < 16; ++e) r += x[e];
   return r;
@@ -74,7 +74,7 @@ BLIP2_FAST_INLINE float hsum(v16 x) {
 
 // 2^x for x <= 0, x = -inf included (-> 0); glibc's exp2f does not vectorise without -ffast-math.
 // Below -127 the result is flushed to 0: the exponent field n + 127 = 0 makes the scale +0.0.
-BLIP2_FAST_INLINE v16 exp2_nonpos(v16 x) {
+BLIP2_FAST_INLINE v16 exp2_nonpos(const v16& x) {
   const v16 xc = max16(x, splat(-127.0f));
   const v16 n = (xc - 12582912.0f) + 12582912.0f;  // round to nearest (1.5 * 2^23 trick), exact
   const v16 r = xc - n;                              // [-0.5, 0.5]
