@@ -7,12 +7,11 @@ written once (x, r read; y, x + r written).
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import row, time_ms
+from bench.common import cli, row, time_ms
 
 
 def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
@@ -47,27 +46,8 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def print_table(rows: list[dict]) -> None:
-    cols = ["op", "shape", "dtype", "ms", "baseline_ms", "ratio", "achieved", "fraction_of_ceiling", "max_abs_diff"]
-    widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
-
-
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--quick", action="store_true", help="toy sizes (smoke test)")
-    a = ap.parse_args(argv)
-    rows = run(a.device, getattr(torch, a.dtype), a.quick)
-    print_table(rows)
-    return rows
+    return cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ the timing is of HBM, not of the cache.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import row, time_ms
+from bench.common import cli, row, time_ms
 
 _L2_BYTES = 50 << 20
 
@@ -73,23 +72,8 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = ["op", "shape", "dtype", "num_splits", "ms", "baseline_ms", "ratio", "achieved", "fraction_of_ceiling"]
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
-
-
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--quick", action="store_true", help="toy sizes (smoke test)")
-    a = ap.parse_args(argv)
-    rows = run(a.device, getattr(torch, a.dtype), a.quick)
-    print_table(rows)
-    return rows
+    return cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,36 @@ def row(op, shape, dtype, ms, baseline, baseline_ms, *, flops=None, nbytes=None,
     else:
         r["fraction_of_ceiling"] = None
     return r
+
+
+_COLUMNS = ["op", "shape", "dtype", "ms", "baseline", "baseline_ms", "ratio", "achieved", "fraction_of_ceiling"]
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The standard columns, then any other keys the rows carry (num_splits, max_abs_diff, ...)."""
+    if not rows:
+        print("(no rows)")
+        return
+    cols = _COLUMNS + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in _COLUMNS]
+    widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+
+
+def cli(run: Callable, doc: str, argv=None) -> list[dict]:
+    """The command line every `bench/bench_<op>.py` shares: --device, --dtype, --quick, a table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--quick", action="store_true", help="toy sizes (smoke test)")
+    a = ap.parse_args(argv)
+    rows = run(a.device, getattr(torch, a.dtype), a.quick)
+    print_table(rows)
+    return rows
