@@ -21,6 +21,8 @@ if [[ $DRY == 1 ]]; then
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
     DEV=(--device cpu); QUICK=(--quick)
 else
+    # the kernel test modules default TRITON_INTERPRET to 1 for CPU runs; on the GPU compile for real
+    export TRITON_INTERPRET=0
     DEV=(); QUICK=()
 fi
 
