@@ -39,3 +39,16 @@ def test_fast_backend_matches_transformers(ckpt, lm):
         g_ref = hf.generate(pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=6)
     g = m.generate(pv, input_ids=ids, attention_mask=mask, max_new_tokens=6)
     assert torch.equal(g, g_ref), f"\n{g}\n{g_ref}"
+
+
+def test_qformer_features_with_the_extension(ckpt):
+    """The C++ cross-attention in the Q-Former: features within 1e-4 of transformers in fp32."""
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference", ops={"cross_attention": "fast"})
+    assert m.impls["cross_attention"] == "fast"
+    pv, _, _ = image_prompt(hf, 3)
+    with torch.no_grad():
+        ref = hf.get_image_features(pv).qformer_outputs.last_hidden_state
+    got = m.get_qformer_features(pv)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-4, f"relative error {err:.2e}"
