@@ -51,9 +51,10 @@ class _Request:
         self.lm_inputs = None
         self.reset_generator()
 
-    def reset_generator(self):
+    def reset_generator(self, device="cpu"):
         if self.p.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.p.seed)
+            # sampling and beam selection run on the CPU (see Engine._beam_step / _sample)
+            self.generator = torch.Generator(device="cpu").manual_seed(self.p.seed)
 
 
 class Engine:
@@ -297,7 +298,8 @@ class Engine:
         return r.prompt_ids.tolist() + r.generated
 
     def _sample(self, r: _Request, sids: list[int], logits: torch.Tensor) -> None:
-        scores = smp.process(logits, r.p, [self._history(r)], [len(r.generated)], r.eos)
+        # one row of logits: processing it on the CPU keeps per-request generators device-independent
+        scores = smp.process(logits.cpu(), r.p, [self._history(r)], [len(r.generated)], r.eos)
         self._take(r, int(smp.select(scores, r.p, r.generator)[0]))
 
     def _take(self, r: _Request, tok: int) -> None:
@@ -331,7 +333,8 @@ class Engine:
         b = r.beam
         hist = b.history()
         n_gen = [b.cur_len - b.prompt_len] * len(hist)
-        scores = smp.process(logits, r.p, hist, n_gen, r.eos, log_probs=True)
+        # beam bookkeeping lives on the CPU (a batch of one request, as transformers' arithmetic)
+        scores = smp.process(logits.cpu(), r.p, hist, n_gen, r.eos, log_probs=True)
         parents, toks = b.step(scores, r.generator)
         old = list(r.seqs)
         if b.done:
@@ -421,7 +424,7 @@ class Engine:
                 self._sample(r, r.seqs, chunk)
             i += n
         if plain:
-            rows = torch.tensor([j for _, j in plain])
+            rows = torch.tensor([j for _, j in plain], device=logits.device)
             scores = logits[rows]
             early = [(k, r.eos) for k, (r, _) in enumerate(plain) if len(r.generated) < r.p.min_new_tokens and r.eos]
             if early:
