@@ -167,7 +167,11 @@ def bench_engine(model, pxs, N, device, repeats):
     total = statistics.median(r[0] for r in runs)
     ttft = statistics.median(r[1] for r in runs)
     decode = [d for r in runs for d in r[2]]
-    return _summary("blip2_fast.engine", B, N, total, ttft, decode, peak)
+    row = _summary("blip2_fast.engine", B, N, total, ttft, decode, peak)
+    # whether the decode steps replayed CUDA graphs (a failed capture falls back to eager with a warning)
+    row["cuda_graphs"] = bool(eng.runner.use_graphs)
+    row["graph_buckets"] = sorted(eng.runner._graphs)
+    return row
 
 
 def bench_hf(hf, pxs, N, device, repeats, input_ids):

@@ -126,6 +126,9 @@ def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
             print(f"blip2_fast: building the {'CPU+CUDA' if cuda else 'CPU'} extension in {d} (once)...",
                   file=sys.stderr, flush=True)
             t0 = time.perf_counter()
+            # marked failed until it succeeds: a build killed midway (a timeout, Ctrl-C) is then reported
+            # once instead of being retried by every later process; `build-ext` retries it
+            failed.write_text("an earlier build was interrupted; run `python -m blip2_fast build-ext` to retry")
             try:
                 cpp_extension.load(name, sources, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
                                    build_directory=str(d), verbose=verbose, with_cuda=cuda, is_python_module=False)
@@ -133,6 +136,7 @@ def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
                 failed.write_text(f"{type(e).__name__}: {e}")
                 raise _BuildError(failed.read_text()) from e
             ok.write_text(f"built in {time.perf_counter() - t0:.1f} s with torch {torch.__version__}\n")
+            failed.unlink(missing_ok=True)
             return str(lib)
     torch.ops.load_library(str(lib))
     return str(lib)

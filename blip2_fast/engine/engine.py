@@ -82,8 +82,8 @@ class Engine:
         lm_cfg = model.cfg.lm
         default_len = getattr(lm_cfg, "max_positions", 2048)
         self.max_model_len = min(max_model_len or default_len, default_len)
-        if model.is_encoder_decoder:
-            self.max_model_len = max_model_len or default_len
+        if model.is_encoder_decoder:  # T5's decoder length is bounded by its relative-bias table
+            self.max_model_len = min(max_model_len or default_len, model.lm.dec_rel_table.shape[1])
         self.max_num_seqs, self.block_size = max_num_seqs, block_size
         per_block = ModelRunner.bytes_per_block(model, block_size)
         if num_blocks is None:

@@ -40,7 +40,7 @@ class ModelRunner:
         # CUDA graphs for the decode step, one per batch-size bucket, captured on first use
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
         self.table_width = math.ceil(max_model_len / block_size)
-        self.buckets = sorted({1, 2, 4} | set(range(8, max_num_seqs + 8, 8)))
+        self.buckets = sorted({1, 2, 4, max_num_seqs} | set(range(8, max_num_seqs + 8, 8)))
         self.buckets = [b for b in self.buckets if b <= max(max_num_seqs, 1)] or [1]
         self._graphs: dict[int, tuple] = {}
         self._graph_pool = None
@@ -89,9 +89,17 @@ class ModelRunner:
         return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.device)
 
     def _prompt_embeds(self, prompt_ids: torch.Tensor, lm_inputs: torch.Tensor):
-        ids = prompt_ids.to(self.device)[None]
-        emb, _, _ = self.model.merge_prompt(ids, torch.ones_like(ids), lm_inputs[None])
-        return emb[0]  # (S, E)
+        """The prompt's LM embeddings with the image queries in place, as `Blip2.merge_prompt` lays
+        them out; the image-token positions are found on the host (the engine validated the ids),
+        so building a batch costs no device syncs."""
+        img = self.model.cfg.image_token_id
+        is_img = (prompt_ids == img) if img is not None else torch.zeros_like(prompt_ids, dtype=torch.bool)
+        emb = self.lm.embed_tokens(prompt_ids.to(self.device, non_blocking=True))  # (S, E)
+        lm_inputs = lm_inputs.to(emb.dtype)
+        if not bool(is_img.any()):
+            return torch.cat([lm_inputs, emb])  # no image tokens: the queries go first
+        emb[is_img.nonzero()[:, 0].to(self.device)] = lm_inputs
+        return emb
 
     # ---- prefill ------------------------------------------------------------------------------
     @torch.inference_mode()
