@@ -33,3 +33,16 @@ class AttnMeta:
 
 def heads(t: torch.Tensor, B: int, S: int, H: int) -> torch.Tensor:
     return t.view(B, S, H, -1).transpose(1, 2)  # (B, H, S, D)
+
+
+def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [..., E] @ weight[V, E]ᵀ -> [..., V].
+
+    Computed as (weight @ hiddenᵀ)ᵀ: with few rows (decode) and a large vocabulary, BLAS runs the
+    tall-skinny product faster than the short-wide one (on 2 CPU cores, 7.6 vs 9.8 ms for
+    8 x 512 x 50304) and the head is about half of a CPU decode step. The same product (only the
+    BLAS kernel, and so the rounding order of its sums, differs).
+    """
+    shape = hidden.shape
+    h = hidden.reshape(-1, shape[-1])  # (n, E)
+    return torch.mm(weight, h.t()).t().reshape(*shape[:-1], weight.shape[0])  # (..., V)

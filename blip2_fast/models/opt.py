@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..config import OPTConfig
 from ..ops import BoundOps
 from ..weights import WeightSource
-from .kv import AttnMeta
+from .kv import AttnMeta, lm_head
 
 
 class OPTBlock(nn.Module):
@@ -116,4 +116,4 @@ class OPT(nn.Module):
     def logits(self, hidden):
         if self.proj_out is not None:
             hidden = F.linear(hidden, self.proj_out)
-        return F.linear(hidden, self.lm_head)
+        return lm_head(hidden, self.lm_head)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..config import T5Config
 from ..ops import BoundOps
 from ..weights import WeightSource
-from .kv import AttnMeta, heads
+from .kv import AttnMeta, lm_head, heads
 
 
 def relative_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -200,4 +200,4 @@ class T5(nn.Module):
     def logits(self, hidden):
         if self.cfg.scale_decoder_outputs:
             hidden = hidden * self.cfg.d_model ** -0.5
-        return F.linear(hidden, self.lm_head)
+        return lm_head(hidden, self.lm_head)
