@@ -1,7 +1,7 @@
 """`python -m blip2_fast demo`: caption a bundled image with a small random-weight BLIP-2.
 
 No hub is reachable on our machines, so the demo builds (once, seeded, cached) a small BLIP-2
-checkpoint with transformers plus a real tokenizer and processor trained/built locally, then
+checkpoint with transformers plus a real tokenizer and processor built locally, then
 captions the bundled sample image with both backends and prints the timings. Random weights give
 meaningless text: the demo shows the runtime working, not a model's quality.
 """
@@ -35,18 +35,23 @@ def sample_image():
 
 
 def build_demo_checkpoint(path: Path) -> Path:
-    """A 224-px BLIP-2 (OPT) with random weights, a locally trained BPE tokenizer and a processor."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import BlipImageProcessor, Blip2Processor, PreTrainedTokenizerFast
+    """A 224-px BLIP-2 (OPT) with random weights, a word-level tokenizer built locally and a processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Blip2Processor, PreTrainedTokenizerFast
+
+    try:  # transformers >= 5: the PIL-backed processor needs no torchvision
+        from transformers import BlipImageProcessorPil as BlipImageProcessor
+    except ImportError:
+        from transformers import BlipImageProcessor
 
     from .testing import build_checkpoint
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer)
+    # a word-level tokenizer over a small corpus: random weights then emit (meaningless) words
+    words = sorted({w for line in _CORPUS for w in line.replace("?", " ?").replace(":", " :").split()})
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<s>", "<unk>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -74,7 +79,7 @@ def build_demo_checkpoint(path: Path) -> Path:
 
 
 def demo_checkpoint() -> Path:
-    path = cache_dir() / "demo-blip2-opt-v1"
+    path = cache_dir() / "demo-blip2-opt-v2"
     if not (path / "config.json").exists():
         print(f"building the demo checkpoint in {path} (once) ...", file=sys.stderr)
         build_demo_checkpoint(path)
