@@ -52,3 +52,29 @@ def test_qformer_features_with_the_extension(ckpt):
     got = m.get_qformer_features(pv)
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err <= 1e-4, f"relative error {err:.2e}"
+
+
+def test_model_traces_with_torch_compile_fullgraph(ckpt):
+    """Every fast op is a torch.library custom op with a fake: the vision encoder + Q-Former and a
+    paged decode step trace as one graph each (aot_eager: tracing only, no code generation)."""
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="fast")
+    pv, ids, _ = image_prompt(hf, 2)
+    want = m.get_qformer_features(pv)
+    f = torch.compile(lambda x: m._qformer_queries(m.vision(x)[0]), fullgraph=True, backend="aot_eager")
+    with torch.inference_mode():
+        assert torch.allclose(f(pv), want, atol=1e-5)
+    eng = blip2_fast.Engine(m, num_blocks=32, block_size=4)
+    eng.add_request(0, pixel_values=pv[0], prompt=ids[0], sampling=blip2_fast.SamplingParams(max_new_tokens=3))
+    eng.step()  # prefill
+    r = eng.running[0]
+    eng._reserve([r])
+    sid = r.seqs[0]
+    slot, pos = eng._slots[sid]
+    args = ([r.pending[sid]], [pos], [slot], [eng.blocks.block_table(sid)], [eng.blocks.num_tokens(sid)])
+    ins = eng.runner._inputs(1, 8)
+    eng.runner._fill(ins, *args, None, None)
+    eager = eng.runner._forward(ins)
+    step = torch.compile(eng.runner._forward, fullgraph=True, backend="aot_eager")
+    with torch.inference_mode():
+        assert torch.allclose(step(ins), eager, atol=1e-5)
