@@ -220,3 +220,20 @@ def test_defaults_and_backend_env(ckpt, monkeypatch):
     assert set(m.impls.values()) == {"reference"}
     m = blip2_fast.load(d, ops={"attention": "reference"}, backend="reference")
     assert m.impls["attention"] == "reference"
+
+
+@pytest.mark.parametrize("lm", LMS)
+def test_live_blip2model(lm):
+    import transformers
+
+    from blip2_fast.testing import randomize_, tiny_config
+
+    hf = randomize_(transformers.Blip2Model(tiny_config(lm)).eval())
+    m = blip2_fast.load(hf, backend="reference")
+    pv, ids = torch.randn(2, 3, 42, 42), torch.randint(4, 100, (2, 5))
+    with torch.no_grad():
+        ref_q = hf.get_qformer_features(pixel_values=pv)
+        ref_t = hf.get_text_features(input_ids=ids).last_hidden_state
+    ref_q = ref_q if isinstance(ref_q, torch.Tensor) else ref_q.last_hidden_state
+    assert rel_err(m.get_qformer_features(pv), ref_q) < 1e-4
+    assert rel_err(m.get_text_features(ids).last_hidden_state, ref_t) < 1e-4
