@@ -19,8 +19,6 @@ def _params(model, kw: dict, prompt_len: int) -> SamplingParams:
     unknown = set(kw) - _GEN_KEYS
     if unknown:
         raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
-    if kw.get("num_return_sequences", 1) != 1:
-        raise ValueError("num_return_sequences > 1 is not supported yet")
     d = dict(getattr(model, "generation_defaults", {}))
     d.update({k: v for k, v in kw.items() if v is not None})
     dec_prompt = 1 if model.is_encoder_decoder else prompt_len
@@ -47,6 +45,7 @@ def _params(model, kw: dict, prompt_len: int) -> SamplingParams:
         repetition_penalty=float(d.get("repetition_penalty") or 1.0), num_beams=int(d.get("num_beams") or 1),
         length_penalty=float(d.get("length_penalty") if d.get("length_penalty") is not None else 1.0),
         early_stopping=d.get("early_stopping", False), seed=kw.get("seed"),
+        num_return_sequences=int(d.get("num_return_sequences") or 1) if int(d.get("num_beams") or 1) > 1 else 1,
         stop_token_ids=None if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
 
 
@@ -89,25 +88,46 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
         rows = [ids_cpu[i][mask_cpu[i]] for i in range(B)]
         out_prefix = ids_cpu
     generator = kw.pop("generator", None)
+    n_ret = int(kw.pop("num_return_sequences", None) or 1)
+    if n_ret < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {n_ret}")
     p = _params(model, kw, input_ids.shape[1] if input_ids is not None else 0)
+    if p.num_beams > 1:
+        if n_ret > p.num_beams:
+            raise ValueError(f"num_return_sequences={n_ret} exceeds num_beams={p.num_beams}")
+        p.num_return_sequences = n_ret
+    elif n_ret > 1 and not p.do_sample:
+        raise ValueError("num_return_sequences > 1 needs do_sample=True or num_beams >= num_return_sequences "
+                         "(greedy decoding would return the same sequence)")
     if generator is not None and p.do_sample:
         p.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     bs = 16
     per = max(len(r) for r in rows) + model.cfg.num_query_tokens + p.max_new_tokens
     need = B * p.num_beams * (math.ceil(per / bs) + 2) * (2 if model.is_encoder_decoder else 1)
-    eng = _engine_for(model, B * p.num_beams, need)
-    seeds = []
+    need *= n_ret if p.num_beams == 1 else 1
+    eng = _engine_for(model, B * p.num_beams * (n_ret if p.num_beams == 1 else 1), need)
+    # several samples per row are several requests (they share the prompt's KV blocks); several beams
+    # come back as one request's candidates
+    n_samples = n_ret if p.num_beams == 1 else 1
     for i in range(B):
-        pi = SamplingParams(**{**p.__dict__})
-        if p.seed is not None:
-            pi.seed = p.seed + i
-        elif p.do_sample:
-            pi.seed = int(torch.randint(0, 2**62, (1,)))  # drawn from the global RNG: torch.manual_seed reproduces
-        seeds.append(pi.seed)
-        eng.add_request(("generate", i), pixel_values=pixel_values[i], prompt=rows[i], sampling=pi,
-                        interpolate_pos_encoding=interpolate_pos_encoding)
+        for j in range(n_samples):
+            pi = SamplingParams(**{**p.__dict__})
+            if p.seed is not None:
+                pi.seed = p.seed + i * n_samples + j
+            elif p.do_sample:
+                pi.seed = int(torch.randint(0, 2**62, (1,)))  # drawn from the global RNG: torch.manual_seed reproduces
+            eng.add_request(("generate", i, j), pixel_values=pixel_values[i], prompt=rows[i], sampling=pi,
+                            interpolate_pos_encoding=interpolate_pos_encoding)
     final = eng.run()
-    outs = [final[("generate", i)].token_ids for i in range(B)]
+    outs = []
+    for i in range(B):
+        if p.num_beams > 1:
+            outs += final[("generate", i, 0)].candidates
+        else:
+            outs += [final[("generate", i, j)].token_ids for j in range(n_samples)]
+    if n_ret > 1:  # transformers repeats each prompt row for its returned sequences
+        out_prefix = None if out_prefix is None else out_prefix.repeat_interleave(n_ret, 0)
+        B = B * n_ret
     pad = defaults.get("pad_token_id")
     if pad is None:
         eos = p.stop_token_ids

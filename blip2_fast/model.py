@@ -260,7 +260,8 @@ class Blip2(nn.Module):
 
         Accepts transformers' arguments: max_new_tokens, max_length, min_new_tokens, do_sample,
         temperature, top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping,
-        eos_token_id, pad_token_id, and `generator` / `seed` for reproducible sampling. Returns token
+        eos_token_id, pad_token_id, num_return_sequences (best beams, or independent samples), and
+        `generator` / `seed` for reproducible sampling. Returns token
         ids [B, L] like transformers: for OPT the prompt ids followed by the new tokens, for T5 the
         decoder start token followed by the new tokens; rows are padded with pad_token_id.
         """

@@ -237,3 +237,20 @@ def test_live_blip2model(lm):
     ref_q = ref_q if isinstance(ref_q, torch.Tensor) else ref_q.last_hidden_state
     assert rel_err(m.get_qformer_features(pv), ref_q) < 1e-4
     assert rel_err(m.get_text_features(ids).last_hidden_state, ref_t) < 1e-4
+
+
+@pytest.mark.parametrize("lm", LMS)
+def test_num_return_sequences(ckpt, lm):
+    d, hf = ckpt(lm)
+    m = blip2_fast.load(d, backend="reference")
+    pv, ids, mask = image_prompt(hf, 2, pads=((1, 2),))
+    kw = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2)
+    with torch.no_grad():
+        ref = hf.generate(pixel_values=pv, input_ids=ids, attention_mask=mask, **kw)
+    out = m.generate(pv, input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(out, ref), f"\n{out}\n{ref}"
+    s = m.generate(pv, input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, num_return_sequences=3, seed=1)
+    assert s.shape[0] == 6 and torch.equal(s[:3, : ids.shape[1]] if lm == "opt" else s[:3, :1],
+                                            (ids[:1] if lm == "opt" else s[:1, :1]).expand(3, -1))
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        m.generate(pv, input_ids=ids, max_new_tokens=3, num_return_sequences=2)

@@ -88,7 +88,7 @@ class BeamState:
         parents = self.running_idx[:, cur - P].tolist()
         return parents, self.running[:, cur].tolist()
 
-    def result(self) -> list[int]:
-        """The best finished sequence's new tokens (what transformers returns after the prompt)."""
-        n = int((self.idx[0] + 1).bool().sum())
-        return self.sequences[0, self.prompt_len: self.prompt_len + n].tolist()
+    def result(self, i: int = 0) -> list[int]:
+        """The i-th best finished sequence's new tokens (what transformers returns after the prompt)."""
+        n = int((self.idx[i] + 1).bool().sum())
+        return self.sequences[i, self.prompt_len: self.prompt_len + n].tolist()

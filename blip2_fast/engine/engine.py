@@ -32,6 +32,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None  # "stop" (eos/stop token), "length", "abort"
     text: str | None = None
+    candidates: list[list[int]] | None = None  # beam search: the best num_return_sequences beams, best first
 
 
 class _Request:
@@ -49,6 +50,7 @@ class _Request:
         self.finished, self.reason = False, None
         self.cross_seq = None
         self.lm_inputs = None
+        self.candidates = None
         self.reset_generator()
 
     def reset_generator(self, device="cpu"):
@@ -339,6 +341,7 @@ class Engine:
         old = list(r.seqs)
         if b.done:
             r.generated = b.result()
+            r.candidates = [b.result(i) for i in range(r.p.num_return_sequences)]
             self._finish(r, "stop" if (r.generated and r.generated[-1] in r.eos) else "length")
             return
         src = old if len(old) == r.p.num_beams else old * r.p.num_beams
@@ -383,7 +386,7 @@ class Engine:
         self._free(r)
         self.running.remove(r)
         if r.beam is not None:  # beam searches restart; they are deterministic given their seed
-            r.beam, r.generated = None, []
+            r.beam, r.generated, r.candidates = None, [], None
             r.reset_generator()
         r.pending = {}
         self.waiting.appendleft(r)
@@ -452,7 +455,7 @@ class Engine:
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
         if r.finished:
             self.requests.pop(r.id, None)
-        out = RequestOutput(r.id, toks, new, r.finished, r.reason, text)
+        out = RequestOutput(r.id, toks, new, r.finished, r.reason, text, r.candidates if r.finished else None)
         q = self._queues.get(r.id)
         if q is not None:
             q.put_nowait(out)

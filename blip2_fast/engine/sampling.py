@@ -22,6 +22,7 @@ class SamplingParams:
     num_beams > 1: beam search with `length_penalty` and `early_stopping` as transformers.
     seed: per-request generator for reproducible sampling (None = the global torch RNG).
     stop_token_ids: end-of-sequence ids (None = the checkpoint's eos).
+    num_return_sequences: with beam search, the best this-many beams are returned as candidates.
     """
 
     max_new_tokens: int = 20
@@ -36,6 +37,7 @@ class SamplingParams:
     early_stopping: bool | str = False
     seed: int | None = None
     stop_token_ids: list[int] | None = None
+    num_return_sequences: int = 1  # beam search: how many of the best beams `RequestOutput.candidates` holds
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -52,6 +54,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise ValueError(f"num_beams must be a positive int, got {self.num_beams!r}")
+        if self.num_beams > 1 and not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ValueError(f"num_return_sequences must be in [1, num_beams={self.num_beams}], got {self.num_return_sequences}")
+        if self.num_beams == 1 and self.num_return_sequences != 1:
+            raise ValueError("num_return_sequences > 1 needs beam search here; for several samples add several requests")
 
 
 def process(logits: torch.Tensor, p: SamplingParams, history: list[list[int]], n_generated: list[int],
