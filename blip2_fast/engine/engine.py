@@ -81,6 +81,7 @@ class Engine:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.model = model
+        self._t5 = model.is_encoder_decoder  # read on every step: a plain attribute, not a property
         lm_cfg = model.cfg.lm
         default_len = getattr(lm_cfg, "max_positions", 2048)
         self.max_model_len = min(max_model_len or default_len, default_len)
@@ -248,7 +249,7 @@ class Engine:
                 break
             keys = self._seq_keys(r)
             need = len(keys) + (0 if r.p.num_beams == 1 else self.block_size * r.p.num_beams)
-            xkeys = self._cross_keys(r) if self.model.is_encoder_decoder else []
+            xkeys = self._cross_keys(r) if self._t5 else []
             if self.blocks.num_free_blocks < math.ceil(need / self.block_size) + math.ceil(len(xkeys) / self.block_size) + 1:
                 break
             self.waiting.popleft()
@@ -264,7 +265,7 @@ class Engine:
         return admitted
 
     def _seq_keys(self, r: _Request) -> list:
-        if self.model.is_encoder_decoder:
+        if self._t5:
             base = [("dec", r.digest, tuple(r.prompt_ids.tolist()))]
             return base + [(t, i) for i, t in enumerate(r.generated)]
         return r.keys + [(t, i) for i, t in enumerate(r.generated)]
@@ -281,7 +282,7 @@ class Engine:
             # tokens served from the prefix cache keep their KV: never write into shared blocks
             slots = [-1] * r.num_cached + self.blocks.slot_mapping(sid, r.num_cached, n)
             it = {"prompt_ids": r.prompt_ids, "lm_inputs": feats[r.digest], "generated": list(r.generated), "slots": slots}
-            if self.model.is_encoder_decoder:
+            if self._t5:
                 it["dec_start"] = self.model.generation_defaults.get("decoder_start_token_id", 0)
                 nx = self.blocks.num_tokens(r.cross_seq)
                 it["cross_slots"] = [-1] * r.cross_cached + self.blocks.slot_mapping(r.cross_seq, r.cross_cached, nx)
@@ -295,7 +296,7 @@ class Engine:
                 self._sample(r, [sid], logits[i: i + 1])
 
     def _history(self, r: _Request) -> list[int]:
-        if self.model.is_encoder_decoder:
+        if self._t5:
             return [self.model.generation_defaults.get("decoder_start_token_id", 0)] + r.generated
         return r.prompt_ids.tolist() + r.generated
 
@@ -317,11 +318,11 @@ class Engine:
             r.pending = {sid: tok}
 
     def _lm_len(self, r):
-        return (1 if self.model.is_encoder_decoder else r.n_lm_prompt) + len(r.generated)
+        return (1 if self._t5 else r.n_lm_prompt) + len(r.generated)
 
     # ---- beams --------------------------------------------------------------------------------
     def _beam_prompt(self, r):
-        if self.model.is_encoder_decoder:
+        if self._t5:
             return [self.model.generation_defaults.get("decoder_start_token_id", 0)]
         return r.prompt_ids.tolist()
 
@@ -410,7 +411,7 @@ class Engine:
                 slots.append(slot)
                 tables.append(self.blocks.block_table(sid))
                 lens.append(self.blocks.num_tokens(sid))
-                if self.model.is_encoder_decoder:
+                if self._t5:
                     xt.append(self.blocks.block_table(r.cross_seq))
                     xl.append(self.blocks.num_tokens(r.cross_seq))
                 owners.append(r)

@@ -12,6 +12,7 @@ import math
 import warnings
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from ..models.kv import AttnMeta
@@ -195,7 +196,13 @@ class ModelRunner:
         """Copy one step's host-side inputs into (possibly static, larger) device buffers; rows past
         len(tokens) stay padding: slot -1 (nothing written) and a length-1 context."""
         n, W = len(tokens), ins["tables"].shape[1]
-        pad = lambda ts: torch.tensor([t + [0] * (W - len(t)) for t in ts], dtype=torch.int32)  # noqa: E731
+
+        def pad(ts):  # ragged block tables -> one zero-padded int32 array (numpy: fast row fills)
+            a = np.zeros((len(ts), W), dtype=np.int32)
+            for i, t in enumerate(ts):
+                a[i, : len(t)] = t
+            return torch.from_numpy(a)
+
         ins["ids"][:n, 0].copy_(torch.tensor(tokens), non_blocking=True)
         ins["pos"][:n, 0].copy_(torch.tensor(positions), non_blocking=True)
         ins["slots"][:n].copy_(torch.tensor(slots), non_blocking=True)
