@@ -254,3 +254,24 @@ def test_num_return_sequences(ckpt, lm):
                                             (ids[:1] if lm == "opt" else s[:1, :1]).expand(3, -1))
     with pytest.raises(ValueError, match="num_return_sequences"):
         m.generate(pv, input_ids=ids, max_new_tokens=3, num_return_sequences=2)
+
+
+def test_legacy_checkpoint_with_separate_q_v_bias(ckpt, tmp_path):
+    """Checkpoints saved by transformers 4.x keep the vision q/v biases as q_bias / v_bias."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d, hf = ckpt("opt")
+    sd = load_file(str(d / "model.safetensors"))
+    for k in [k for k in sd if k.endswith("self_attn.qkv.bias")]:
+        b = sd.pop(k)
+        E = b.shape[0] // 3
+        sd[k.replace("qkv.bias", "q_bias")] = b[:E].clone()
+        sd[k.replace("qkv.bias", "v_bias")] = b[2 * E:].clone()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    pv, ids, _ = image_prompt(hf, 1)
+    a = blip2_fast.load(tmp_path, backend="reference")(pixel_values=pv, input_ids=ids).logits
+    b = blip2_fast.load(d, backend="reference")(pixel_values=pv, input_ids=ids).logits
+    assert torch.equal(a, b)
