@@ -263,15 +263,22 @@ def test_legacy_checkpoint_with_separate_q_v_bias(ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
 
     d, hf = ckpt("opt")
+    new, old = tmp_path / "new", tmp_path / "old"
     sd = load_file(str(d / "model.safetensors"))
+    legacy = dict(sd)
     for k in [k for k in sd if k.endswith("self_attn.qkv.bias")]:
-        b = sd.pop(k)
+        b = sd[k].clone()
         E = b.shape[0] // 3
-        sd[k.replace("qkv.bias", "q_bias")] = b[:E].clone()
-        sd[k.replace("qkv.bias", "v_bias")] = b[2 * E:].clone()
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    shutil.copy(d / "config.json", tmp_path / "config.json")
+        b[E: 2 * E] = 0  # the k bias does not exist in the legacy layout
+        sd[k] = b
+        del legacy[k]
+        legacy[k.replace("qkv.bias", "q_bias")] = b[:E].clone()
+        legacy[k.replace("qkv.bias", "v_bias")] = b[2 * E:].clone()
+    for path, state in ((new, sd), (old, legacy)):
+        path.mkdir()
+        save_file(state, str(path / "model.safetensors"))
+        shutil.copy(d / "config.json", path / "config.json")
     pv, ids, _ = image_prompt(hf, 1)
-    a = blip2_fast.load(tmp_path, backend="reference")(pixel_values=pv, input_ids=ids).logits
-    b = blip2_fast.load(d, backend="reference")(pixel_values=pv, input_ids=ids).logits
+    a = blip2_fast.load(old, backend="reference")(pixel_values=pv, input_ids=ids).logits
+    b = blip2_fast.load(new, backend="reference")(pixel_values=pv, input_ids=ids).logits
     assert torch.equal(a, b)
