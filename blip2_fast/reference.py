@@ -66,18 +66,19 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_
     N, H, D = q.shape
     block_size = k_cache.shape[1]
     L = block_tables.shape[1] * block_size  # every sequence gathered to the table's full width
+    idx = block_tables.long()
+    k = k_cache[idx].view(N, L, H, D).transpose(1, 2)  # (N, H, L, D)
+    v = v_cache[idx].view(N, L, H, D).transpose(1, 2)
+    s = torch.matmul(_acc(q).unsqueeze(2), _acc(k).transpose(-1, -2)).squeeze(2) * scale  # (N, H, L)
     j = torch.arange(L, device=q.device)
     lens = seq_lens.long()[:, None]
-    live = (j < lens)[:, :, None, None]  # (N, L, 1, 1): slots past a sequence's length hold anything
-    k = torch.where(live, k_cache[block_tables.long()].reshape(N, L, H, D), 0)  # (N, L, H, D)
-    v = torch.where(live, v_cache[block_tables.long()].reshape(N, L, H, D), 0)
-    s = torch.einsum("nhd,nlhd->nhl", _acc(q), _acc(k)) * scale  # (N, H, L)
     if rel_bias is not None:
         dist = (lens - 1 - j).clamp(0, rel_bias.shape[1] - 1)  # (N, L): distance L-1-j of key j
         s = s + _acc(rel_bias)[:, dist].permute(1, 0, 2)  # (N, H, L)
-    s = s.masked_fill((j >= lens)[:, None, :], float("-inf"))  # slots past each sequence's length
-    p = torch.softmax(s, dim=-1)
-    return torch.einsum("nhl,nlhd->nhd", p, _acc(v)).to(q.dtype)
+    dead = (j >= lens)[:, None, :]  # (N, 1, L): slots past a sequence's length hold anything, NaN included
+    p = torch.softmax(s.masked_fill(dead, float("-inf")), dim=-1).masked_fill(dead, 0.0)
+    v = _acc(v).masked_fill(dead[..., None], 0.0)
+    return torch.matmul(p.unsqueeze(2), v).squeeze(2).to(q.dtype)  # (N, H, D)
 
 
 def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
