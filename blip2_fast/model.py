@@ -75,6 +75,12 @@ class Blip2(nn.Module):
         self._engine = None
         self._processor = None
 
+    def _apply(self, fn, recurse=True):
+        # Weights are plain tensors bound to ops resolved for one device and dtype at load time, so
+        # .to() / .cuda() / .half() cannot move them correctly; say so instead of silently doing nothing.
+        raise TypeError(f"a blip2_fast model is placed when it is loaded (it is on {self.device} in {self.dtype}): "
+                        "use blip2_fast.load(source, device=..., dtype=...) instead of .to() / .cuda() / .half()")
+
     # ---- properties -------------------------------------------------------------------------
     @property
     def is_encoder_decoder(self) -> bool:

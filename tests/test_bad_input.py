@@ -178,3 +178,11 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 def test_live_model_of_wrong_class_is_refused():
     with pytest.raises(UnsupportedModelError, match="Linear"):
         blip2_fast.load(torch.nn.Linear(2, 2))
+
+
+def test_moving_a_loaded_model_is_a_clear_error(ckpt):
+    m = blip2_fast.load(ckpt("opt")[0], backend="reference")
+    for move in (lambda: m.to("cpu"), lambda: m.half(), lambda: m.float()):
+        with pytest.raises(TypeError, match="blip2_fast.load"):
+            move()
+    assert m.eval() is m  # eval()/train() stay harmless
