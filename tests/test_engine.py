@@ -191,3 +191,31 @@ def test_soak_random_requests_and_aborts(ckpt):
         if o.finish_reason != "abort":
             assert len(o.token_ids) >= 1
     assert eng.num_free_blocks == eng.num_blocks
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_prefix_cache_hits_reuse_kv_and_match_transformers(ckpt, backend):
+    """Requests with the same image and prompt prefix share its blocks and skip its prefill; their
+    outputs still equal transformers' (same step, later steps, and different suffixes)."""
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend=backend)
+    eng = Engine(m, max_num_seqs=8, block_size=4, num_blocks=120)
+    (pv, ids), = _requests(hf, 1, seed=4)
+    prompts = [ids, ids, torch.cat([ids, torch.tensor([7, 9])]), ids[:-1]]
+    eos = m.generation_defaults["eos_token_id"]
+    want = {i: _trim_eos(hf_greedy(hf, pv, p, 6), eos) for i, p in enumerate(prompts)}
+    eng.add_request(0, pixel_values=pv, prompt=prompts[0], sampling=SamplingParams(max_new_tokens=6))
+    eng.add_request(1, pixel_values=pv, prompt=prompts[1], sampling=SamplingParams(max_new_tokens=6))
+    got = {}
+    for step in range(100):
+        if step == 2:
+            for i in (2, 3):
+                eng.add_request(i, pixel_values=pv, prompt=prompts[i], sampling=SamplingParams(max_new_tokens=6))
+        for o in eng.step():
+            if o.finished:
+                got[o.request_id] = o.token_ids
+        eng.blocks.check_invariants()
+        if not eng.has_unfinished() and step > 2:
+            break
+    assert eng.prefix_hit_tokens > 0
+    assert got == want

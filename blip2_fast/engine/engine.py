@@ -108,6 +108,7 @@ class Engine:
         self._order = itertools.count()
         self._seq_ids = itertools.count()
         self.num_preemptions = 0
+        self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache instead of a prefill
         self._queues: dict[object, asyncio.Queue] = {}
         self._aborted: list[_Request] = []
         self._slots: dict[int, tuple[int, int]] = {}
@@ -255,6 +256,7 @@ class Engine:
             self.waiting.popleft()
             sid = next(self._seq_ids)
             r.num_cached = self.blocks.allocate(sid, keys)[1]
+            self.prefix_hit_tokens += r.num_cached
             r.seqs = [sid]
             if xkeys:
                 r.cross_seq = ("x", sid)
@@ -281,7 +283,10 @@ class Engine:
             n = self.blocks.num_tokens(sid)
             # tokens served from the prefix cache keep their KV: never write into shared blocks
             slots = [-1] * r.num_cached + self.blocks.slot_mapping(sid, r.num_cached, n)
-            it = {"prompt_ids": r.prompt_ids, "lm_inputs": feats[r.digest], "generated": list(r.generated), "slots": slots}
+            it = {"prompt_ids": r.prompt_ids, "lm_inputs": feats[r.digest], "generated": list(r.generated), "slots": slots,
+                  "table": self.blocks.block_table(sid)}
+            if not self._t5:  # the decoder-only prefill reads cached prefixes instead of recomputing them
+                it["num_cached"] = r.num_cached
             if self._t5:
                 it["dec_start"] = self.model.generation_defaults.get("decoder_start_token_id", 0)
                 nx = self.blocks.num_tokens(r.cross_seq)

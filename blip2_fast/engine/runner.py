@@ -113,26 +113,33 @@ class ModelRunner:
         """
         if self.t5:
             return self._prefill_t5(items)
-        embs = []
+        embs, cached = [], []
         for it in items:
             e = self._prompt_embeds(it["prompt_ids"], it["lm_inputs"])
             if it["generated"]:
                 e = torch.cat([e, self.lm.embed_tokens(torch.tensor(it["generated"], device=self.device))])
-            embs.append(e)
+            c = it.get("num_cached", 0)  # leading tokens whose KV is already in the blocks
+            assert len(it["slots"]) == e.shape[0] and 0 <= c < e.shape[0]
+            embs.append(e[c:])
+            cached.append(c)
         n, S = len(embs), max(e.shape[0] for e in embs)
         E = embs[0].shape[1]
         x = torch.zeros(n, S, E, device=self.device, dtype=embs[0].dtype)
         pos = torch.full((n, S), -1, dtype=torch.long, device=self.device)
         mask = torch.zeros(n, S, dtype=torch.bool, device=self.device)
         slots = torch.full((n, S), -1, dtype=torch.long, device=self.device)
-        for i, (e, it) in enumerate(zip(embs, items)):
+        for i, (e, c, it) in enumerate(zip(embs, cached, items)):
             L = e.shape[0]
-            assert len(it["slots"]) == L
             x[i, S - L:] = e  # left-padded, as transformers pads decoder-only prompts
-            pos[i, S - L:] = torch.arange(L, device=self.device)
+            pos[i, S - L:] = torch.arange(c, c + L, device=self.device)
             mask[i, S - L:] = True
-            slots[i, S - L:] = torch.tensor(it["slots"], device=self.device)
+            slots[i, S - L:] = torch.tensor(it["slots"][c:], device=self.device)
         meta = AttnMeta(prefill=True, key_padding_mask=mask, slot_mapping=slots.view(-1))
+        C = max(cached)
+        if C:  # prefix-cache hits: attend to the cached K/V instead of recomputing it
+            meta.ctx_len = C
+            meta.block_tables = self._tables([it["table"] for it in items])
+            meta.ctx_mask = torch.arange(C, device=self.device)[None, :] < torch.tensor(cached, device=self.device)[:, None]
         h = self.lm(x, pos, meta, self.caches)
         return self.lm.logits(h[:, -1]).float()
 

@@ -18,6 +18,8 @@ class AttnMeta:
     T5's decoder also carries its cross-attention cache: `cross_slot_mapping` [B*Se] where prefill
     writes the encoder K/V, `cross_block_tables` / `cross_seq_lens` where decode reads them, and
     `encoder_mask` [B, Se] for prefill's cross-attention.
+    prefill with a cached prefix: `ctx_len` > 0, `block_tables` [B, max_blocks] and `ctx_mask`
+    [B, ctx_len]; the inputs are then only each row's uncached tokens.
     """
 
     prefill: bool
@@ -29,6 +31,10 @@ class AttnMeta:
     cross_block_tables: torch.Tensor | None = None
     cross_seq_lens: torch.Tensor | None = None
     encoder_mask: torch.Tensor | None = None
+    # prefill after a prefix-cache hit (decoder-only): the first ctx_len keys of each row come from its
+    # blocks (`block_tables`), `ctx_mask` [B, ctx_len] marks each row's cached tokens
+    ctx_len: int = 0
+    ctx_mask: torch.Tensor | None = None
 
 
 def heads(t: torch.Tensor, B: int, S: int, H: int) -> torch.Tensor:
@@ -46,3 +52,14 @@ def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     shape = hidden.shape
     h = hidden.reshape(-1, shape[-1])  # (n, E)
     return torch.mm(weight, h.t()).t().reshape(*shape[:-1], weight.shape[0])  # (..., V)
+
+
+def gather_context(cache, block_tables: torch.Tensor, n: int):
+    """The first `n` cached tokens' K and V of each row, gathered from its blocks: (B, H, n, D) each."""
+    k_cache, v_cache = cache
+    B = block_tables.shape[0]
+    bs, H, D = k_cache.shape[1:]
+    idx = block_tables.long()
+    k = k_cache[idx].view(B, -1, H, D)[:, :n]  # (B, n, H, D)
+    v = v_cache[idx].view(B, -1, H, D)[:, :n]
+    return k.transpose(1, 2), v.transpose(1, 2)

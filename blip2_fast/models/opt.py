@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..config import OPTConfig
 from ..ops import BoundOps
 from ..weights import WeightSource
-from .kv import AttnMeta, lm_head
+from .kv import AttnMeta, gather_context, lm_head
 
 
 class OPTBlock(nn.Module):
@@ -47,7 +47,12 @@ class OPTBlock(nn.Module):
             if cache is not None and meta.slot_mapping is not None:
                 self.ops.write_kv(qkv[:, :, 1].reshape(B * S, H, -1), qkv[:, :, 2].reshape(B * S, H, -1),
                                   cache[0], cache[1], meta.slot_mapping)
-            a = self.ops.attention(q, k, v, causal=True, key_padding_mask=meta.key_padding_mask, scale=1.0)
+            mask = meta.key_padding_mask
+            if meta.ctx_len:  # a cached prefix: its K/V come from the blocks (written before this read)
+                kc, vc = gather_context(cache, meta.block_tables, meta.ctx_len)  # (B, H, C, D) each
+                k, v = torch.cat([kc, k], 2), torch.cat([vc, v], 2)  # (B, H, C + S, D)
+                mask = torch.cat([meta.ctx_mask, mask], 1)  # causal stays bottom-right aligned
+            a = self.ops.attention(q, k, v, causal=True, key_padding_mask=mask, scale=1.0)
             a = a.transpose(1, 2).reshape(B, S, E)
         else:
             assert S == 1 and meta.slot_mapping.numel() == B
