@@ -245,7 +245,7 @@ def from_state_dict(state: dict, *, device, dtype, describe="state dict") -> Wei
     return WeightSource(state.__getitem__, state.keys(), device=device, dtype=dtype, describe=describe)
 
 
-def random_source(shapes_seen: dict | None = None, *, device, dtype, seed: int = 0, std: float = 0.02) -> WeightSource:
+def random_source(*, device, dtype, seed: int = 0, std: float = 0.02) -> WeightSource:
     """A WeightSource that invents every tensor it is asked for (random presets for benchmarks).
 
     Norm weights (keys ending in 'layer_norm.weight', 'LayerNorm.weight', 'layernorm.weight') are ones
