@@ -52,3 +52,15 @@ def image_prompt(hf, B, text_len=6, pads=(), seed=1, image=42):
         ids[r] = torch.cat([torch.full((n,), 1), ids[r, :-n]])
         mask[r, :n] = 0
     return pv, ids, mask
+
+
+@pytest.fixture(autouse=True)
+def _cpu_by_default(request, monkeypatch):
+    """Tests not marked `gpu` compare against transformers in fp32 on the CPU: keep load()'s default
+    device there even on a machine with a GPU (where it would pick cuda + bfloat16)."""
+    if request.node.get_closest_marker("gpu"):
+        return
+    import blip2_fast.loader as loader
+
+    resolve = loader._resolve_device_dtype
+    monkeypatch.setattr(loader, "_resolve_device_dtype", lambda device, dtype: resolve(device or "cpu", dtype))
