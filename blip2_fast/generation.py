@@ -42,10 +42,11 @@ def _params(model, kw: dict, prompt_len: int) -> SamplingParams:
         temperature=float(d.get("temperature") if d.get("temperature") is not None else 1.0),
         top_k=int(d.get("top_k") if d.get("top_k") is not None else 50),
         top_p=float(d.get("top_p") if d.get("top_p") is not None else 1.0),
-        repetition_penalty=float(d.get("repetition_penalty") or 1.0), num_beams=int(d.get("num_beams") or 1),
+        repetition_penalty=float(d.get("repetition_penalty") if d.get("repetition_penalty") is not None else 1.0),
+        num_beams=int(d.get("num_beams") if d.get("num_beams") is not None else 1),
         length_penalty=float(d.get("length_penalty") if d.get("length_penalty") is not None else 1.0),
         early_stopping=d.get("early_stopping", False), seed=kw.get("seed"),
-        num_return_sequences=int(d.get("num_return_sequences") or 1) if int(d.get("num_beams") or 1) > 1 else 1,
+
         stop_token_ids=None if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
 
 
@@ -68,6 +69,10 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
         raise ValueError(f"pixel_values must be a [batch, 3, H, W] tensor, got {getattr(pixel_values, 'shape', type(pixel_values))}")
     model.vision.check_pixels(pixel_values, interpolate_pos_encoding)
     B = pixel_values.shape[0]
+    if B == 0:
+        raise ValueError("pixel_values has batch size 0")
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values contain NaN or infinite values")
     defaults = getattr(model, "generation_defaults", {})
     if input_ids is None:
         if model.is_encoder_decoder:
@@ -84,7 +89,12 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
         mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
         ids_cpu, mask_cpu = input_ids.cpu().long(), mask.cpu().bool()
+        empty = [i for i in range(B) if not bool(mask_cpu[i].any())]
+        if input_ids.shape[1] and empty:
+            raise ValueError(f"attention_mask row {empty[0]} masks out its whole prompt")
         rows = [ids_cpu[i][mask_cpu[i]] for i in range(B)]
         out_prefix = ids_cpu
     generator = kw.pop("generator", None)

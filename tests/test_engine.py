@@ -219,3 +219,87 @@ def test_prefix_cache_hits_reuse_kv_and_match_transformers(ckpt, backend):
             break
     assert eng.prefix_hit_tokens > 0
     assert got == want
+
+
+# ---- regressions found by adversarial testing ------------------------------------------------------
+
+def test_t5_encoder_blocks_are_shared_only_for_the_whole_prompt(ckpt):
+    """T5's encoder is bidirectional: a prompt's prefix must not reuse a longer prompt's encoder K/V."""
+    d, hf = ckpt("t5")
+    m = blip2_fast.load(d, backend="reference")
+    pv, ids, _ = image_prompt(hf, 1, text_len=30)
+    m.generate(pv, input_ids=ids, max_new_tokens=6)  # caches the long prompt's blocks
+    with torch.no_grad():
+        ref = hf.generate(pixel_values=pv, input_ids=ids[:, :-12], max_new_tokens=6)
+    assert torch.equal(m.generate(pv, input_ids=ids[:, :-12], max_new_tokens=6), ref)
+
+
+def test_beams_stop_at_max_model_len(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    pv, ids, _ = image_prompt(hf, 2, text_len=115, seed=5)  # 120 of OPT's 128 positions
+    eng = Engine(m, block_size=4, num_blocks=400)
+    eng.add_request("greedy", pixel_values=pv[1], prompt=ids[1, :10], sampling=SamplingParams(max_new_tokens=12))
+    eng.add_request("beam", pixel_values=pv[0], prompt=ids[0], sampling=SamplingParams(max_new_tokens=30, num_beams=2))
+    out = eng.run()
+    assert len(out["beam"].token_ids) <= 8 and out["greedy"].finished
+    eng = Engine(m, block_size=4, num_blocks=400, max_model_len=20)
+    eng.add_request("b", pixel_values=pv[1], prompt=ids[1, :10], sampling=SamplingParams(max_new_tokens=30, num_beams=2))
+    assert 10 + len(eng.run()["b"].token_ids) <= 20
+
+
+def test_request_finished_in_prefill_is_never_preempted(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    pv, ids, _ = image_prompt(hf, 5, text_len=3, seed=2)  # 8-position prompts = 2 blocks of 4
+    eng = Engine(m, block_size=4, num_blocks=11)
+    for i in range(4):
+        eng.add_request(f"A{i}", pixel_values=pv[i], prompt=ids[i], sampling=SamplingParams(max_new_tokens=6, stop_token_ids=[]))
+    eng.step()
+    eng.add_request("B", pixel_values=pv[4], prompt=ids[4], sampling=SamplingParams(max_new_tokens=1, stop_token_ids=[]))
+    outs = []
+    while eng.has_unfinished():
+        outs += [o for o in eng.step() if o.request_id == "B"]
+    assert len(outs) == 1 and outs[0].finished and len(outs[0].token_ids) == 1
+
+
+def test_abort_frees_the_id_and_is_delivered(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    (pv, ids), = _requests(hf, 1)
+    eng = Engine(m, num_blocks=64, block_size=4)
+    eng.add_request("a", pixel_values=pv, prompt=ids, sampling=SamplingParams(max_new_tokens=5))
+    eng.step()
+    eng.abort("a")
+    eng.add_request("a", pixel_values=pv, prompt=ids, sampling=SamplingParams(max_new_tokens=2))  # id reusable
+    reasons = [o.finish_reason for o in eng.step() if o.finished]
+    assert "abort" in reasons
+    assert eng.run()["a"].finish_reason in ("stop", "length")
+
+
+def test_request_that_can_never_be_admitted_is_refused(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    (pv, ids), = _requests(hf, 1)
+    eng = Engine(m, num_blocks=2, block_size=4)
+    with pytest.raises(ValueError, match="KV blocks"):
+        eng.add_request("r", pixel_values=pv, prompt=ids, sampling=SamplingParams(max_new_tokens=1))
+
+
+def test_generate_rejects_bad_inputs(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    pv, ids, mask = image_prompt(hf, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        m.generate(pv.clone().fill_(float("nan")), input_ids=ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="integer"):
+        m.generate(pv, input_ids=ids.float(), max_new_tokens=2)
+    mask[1] = 0
+    with pytest.raises(ValueError, match="row 1"):
+        m.generate(pv, input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="batch size 0"):
+        m.generate(pv[:0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_beams"):
+        m.generate(pv, input_ids=ids, max_new_tokens=2, num_beams=0)
+    with pytest.raises(ValueError, match="early_stopping"):
+        m.generate(pv, input_ids=ids, max_new_tokens=2, num_beams=2, early_stopping="sometimes")

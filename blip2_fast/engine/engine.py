@@ -124,7 +124,8 @@ class Engine:
         return self.blocks.num_free_blocks
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """True while a request waits, runs, or has an abort output not yet returned by `step()`."""
+        return bool(self.waiting or self.running or self._aborted)
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id, *, pixel_values=None, image=None, prompt=None, sampling: SamplingParams | None = None,
@@ -146,6 +147,8 @@ class Engine:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 3:
             raise ValueError(f"pixel_values must be a [3, H, W] tensor, got {getattr(pixel_values, 'shape', type(pixel_values))}")
         model.vision.check_pixels(pixel_values[None], interpolate_pos_encoding)
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contain NaN or infinite values")
         prompt_ids = self._prompt_ids(prompt)
         lm_cfg = model.cfg.lm
         if prompt_ids.numel() and (int(prompt_ids.min()) < 0 or int(prompt_ids.max()) >= lm_cfg.vocab):
@@ -161,17 +164,15 @@ class Engine:
         else:
             keys = [("img", digest, j) for j in range(Q)] + [int(t) for t in prompt_ids.tolist()]
         n_lm = len(keys)
-        if model.is_encoder_decoder:
-            if p.num_beams == 1 and 1 + p.max_new_tokens > self.max_model_len:
-                raise ValueError(f"max_new_tokens={p.max_new_tokens} exceeds max_model_len={self.max_model_len}")
-        elif n_lm > self.max_model_len:
-            raise ValueError(f"prompt of {n_lm} positions (image queries included) exceeds the model's maximum of "
-                             f"{self.max_model_len} positions")
+        if not model.is_encoder_decoder and n_lm >= self.max_model_len:
+            raise ValueError(f"prompt of {n_lm} positions (image queries included) leaves no room for new tokens "
+                             f"within the model's maximum of {self.max_model_len} positions")
         need = max(p.num_beams, 1)
         if need > self.max_num_seqs:
             raise ValueError(f"num_beams={p.num_beams} exceeds max_num_seqs={self.max_num_seqs}")
         worst = math.ceil((n_lm + p.max_new_tokens) / self.block_size) * need + (
             math.ceil(n_lm / self.block_size) if model.is_encoder_decoder else 0)
+        worst = max(worst, self._blocks_to_admit(n_lm, 1 if model.is_encoder_decoder else n_lm, p.num_beams))
         if worst > self.num_blocks:
             raise ValueError(f"request {request_id!r} needs up to {worst} KV blocks but the pool has {self.num_blocks}")
         defaults = getattr(model, "generation_defaults", {})
@@ -215,6 +216,7 @@ class Engine:
             self.running.remove(req)
         self._free(req)
         req.finished, req.reason = True, "abort"
+        self.requests.pop(request_id, None)  # the id can be reused at once
         self._aborted.append(req)
 
     # ---- the step -------------------------------------------------------------------------------
@@ -249,9 +251,8 @@ class Engine:
             if n_seqs + need_seqs > self.max_num_seqs:
                 break
             keys = self._seq_keys(r)
-            need = len(keys) + (0 if r.p.num_beams == 1 else self.block_size * r.p.num_beams)
             xkeys = self._cross_keys(r) if self._t5 else []
-            if self.blocks.num_free_blocks < math.ceil(need / self.block_size) + math.ceil(len(xkeys) / self.block_size) + 1:
+            if self.blocks.num_free_blocks < self._blocks_to_admit(len(xkeys), len(keys), r.p.num_beams):
                 break
             self.waiting.popleft()
             sid = next(self._seq_ids)
@@ -266,6 +267,13 @@ class Engine:
             n_seqs += need_seqs
         return admitted
 
+    def _blocks_to_admit(self, n_cross: int, n_tokens: int, num_beams: int) -> int:
+        """Free blocks `_admit` wants before admitting: the prompt (+ one block per beam for its first
+        copy-on-write), the encoder K/V for T5, and one spare for the first decode step."""
+        need = n_tokens + (0 if num_beams == 1 else self.block_size * num_beams)
+        cross = math.ceil(n_cross / self.block_size) if self._t5 else 0
+        return math.ceil(need / self.block_size) + cross + 1
+
     def _seq_keys(self, r: _Request) -> list:
         if self._t5:
             base = [("dec", r.digest, tuple(r.prompt_ids.tolist()))]
@@ -273,7 +281,10 @@ class Engine:
         return r.keys + [(t, i) for i, t in enumerate(r.generated)]
 
     def _cross_keys(self, r: _Request) -> list:
-        return [("enc", k) for k in r.keys]
+        # T5's encoder is bidirectional: every position's K/V depend on the whole prompt, so encoder
+        # blocks may be shared only between requests with the same image and the same whole prompt
+        whole = (r.digest, tuple(r.prompt_ids.tolist()))
+        return [("enc", whole, i) for i in range(len(r.keys))]
 
     def _prefill(self, reqs: list[_Request]) -> None:
         feats = self.runner.image_inputs([(r.digest, r.px, r.interp) for r in reqs])
@@ -334,7 +345,9 @@ class Engine:
     def _start_beams(self, r: _Request, logits: torch.Tensor) -> None:
         k = r.p.num_beams
         prompt = self._beam_prompt(r)
-        r.beam = BeamState(r.p, prompt, r.eos, r.pad, len(prompt) + r.p.max_new_tokens)
+        # like greedy requests, beams stop at max_model_len (the model has no positions past it)
+        room = self.max_model_len - (1 if self._t5 else r.n_lm_prompt)
+        r.beam = BeamState(r.p, prompt, r.eos, r.pad, len(prompt) + min(r.p.max_new_tokens, room))
         self._beam_step(r, logits.expand(k, -1))
 
     def _beam_step(self, r: _Request, logits: torch.Tensor) -> None:
@@ -448,6 +461,8 @@ class Engine:
         r.finished, r.reason = True, reason
         r.pending = {}
         self._free(r)
+        if r in self.running:
+            self.running.remove(r)
 
     def _output(self, r: _Request) -> RequestOutput:
         if r.p.num_beams > 1 and not r.finished:
