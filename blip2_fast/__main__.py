@@ -33,8 +33,19 @@ def main(argv=None) -> int:
             return 1
         print("extension built")
         return 0
+    try:
+        return _caption(args)
+    except (ValueError, TypeError, OSError) as e:  # CheckpointError and UnsupportedModelError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _caption(args) -> int:
+    from pathlib import Path
+
     from PIL import Image, UnidentifiedImageError
 
+    from .generation import load_processor
     from .loader import load
 
     images = []
@@ -44,6 +55,8 @@ def main(argv=None) -> int:
         except (OSError, UnidentifiedImageError) as e:
             print(f"error: cannot read image {f}: {e}", file=sys.stderr)
             return 2
+    if Path(args.model).is_dir():
+        load_processor(args.model)  # fail before reading gigabytes of weights if there is no processor
     model = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     texts = model.caption(images, prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     for f, t in zip(args.images, texts):

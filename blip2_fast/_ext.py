@@ -112,9 +112,12 @@ def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
     """Build (or find cached) and load one configuration; returns the library's path."""
     name, sources, cflags, cuda_cflags = _config(cuda)
     d = _build_dir(name, sources, cflags, cuda_cflags)
-    d.mkdir(parents=True, exist_ok=True)
     lib = d / f"{name}.so"
     ok, failed = d / "OK", d / "FAILED"
+    if ok.exists() and lib.exists() and not force:  # built: load without the lock (the cache may be read-only)
+        torch.ops.load_library(str(lib))
+        return str(lib)
+    d.mkdir(parents=True, exist_ok=True)
     with _file_lock(d / "build.lock"):
         if not ok.exists() or not lib.exists():
             if failed.exists() and not force:

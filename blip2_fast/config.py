@@ -12,6 +12,8 @@ from pathlib import Path
 from .weights import CheckpointError
 
 SUPPORTED_LMS = ("opt", "t5")
+KNOWN_ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval",
+                       "Blip2VisionModelWithProjection", "Blip2TextModelWithProjection")
 
 
 class UnsupportedModelError(ValueError):
@@ -117,13 +119,30 @@ def _first(d: dict, *names, default=None):
 
 def parse(raw: dict) -> Blip2Config:
     """Turn a BLIP-2 config dict (as in config.json) into our dataclasses; raise on what we can't run."""
+    try:
+        return _parse(raw)
+    except (TypeError, AttributeError, ZeroDivisionError, KeyError) as e:  # a field of the wrong kind
+        raise CheckpointError(f"config.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def _parse(raw: dict) -> Blip2Config:
     from transformers import Blip2Config as HFBlip2Config
 
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, got {type(raw).__name__}")
+    for sub in ("vision_config", "qformer_config", "text_config"):
+        if raw.get(sub) is not None and not isinstance(raw[sub], dict):
+            raise CheckpointError(f"config.json: {sub} must be an object, got {type(raw[sub]).__name__}")
     if raw.get("model_type") not in ("blip-2", "blip_2"):
         raise UnsupportedModelError(f"not a BLIP-2 checkpoint: config.json has model_type={raw.get('model_type')!r} (expected 'blip-2')")
     text = raw.get("text_config") or {}
     lm_type = text.get("model_type", "opt")
     archs = raw.get("architectures") or ["Blip2ForConditionalGeneration"]
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list) or archs[0] not in KNOWN_ARCHITECTURES:
+        raise UnsupportedModelError(f"config.json architectures={archs!r}; blip2_fast runs "
+                                    f"{', '.join(KNOWN_ARCHITECTURES)}")
     needs_lm = archs[0] in ("Blip2ForConditionalGeneration", "Blip2Model")
     if needs_lm and lm_type not in SUPPORTED_LMS:
         raise UnsupportedModelError(
@@ -143,8 +162,13 @@ def parse(raw: dict) -> Blip2Config:
                             max_positions=q.max_position_embeddings, pad_token_id=q.pad_token_id or 0,
                             use_text_input=bool(getattr(q, "use_qformer_text_input", False)), act=q.hidden_act)
     for name, cfg in (("vision_config", vision), ("qformer_config", qformer)):
+        for field in ("hidden", "layers", "heads", "mlp"):
+            if not isinstance(getattr(cfg, field), int) or getattr(cfg, field) < 1:
+                raise CheckpointError(f"{name}: {field} must be a positive integer, got {getattr(cfg, field)!r}")
         if cfg.hidden % cfg.heads:
             raise CheckpointError(f"{name}: hidden size {cfg.hidden} is not divisible by {cfg.heads} heads")
+    if not isinstance(qformer.cross_every, int) or qformer.cross_every < 1:
+        raise CheckpointError(f"qformer_config.cross_attention_frequency must be >= 1, got {qformer.cross_every!r}")
     for name, act in (("vision_config.hidden_act", vision.act), ("qformer_config.hidden_act", qformer.act)):
         if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
             raise UnsupportedModelError(f"{name}={act!r} is not supported (expected gelu)")
@@ -160,6 +184,9 @@ def parse(raw: dict) -> Blip2Config:
                        ln_affine=getattr(t, "layer_norm_elementwise_affine", True),
                        tie_embeddings=getattr(t, "tie_word_embeddings", True),
                        bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id)
+        if min(lm.hidden, lm.heads, lm.layers, lm.ffn, lm.vocab) < 1:
+            raise CheckpointError("text_config: hidden_size, num_attention_heads, num_hidden_layers, ffn_dim and "
+                                  "vocab_size must be positive")
         if lm.hidden % lm.heads:
             raise CheckpointError(f"text_config: hidden size {lm.hidden} is not divisible by {lm.heads} heads")
     elif lm_type == "t5":
@@ -174,6 +201,9 @@ def parse(raw: dict) -> Blip2Config:
                       tie_embeddings=getattr(t, "tie_word_embeddings", True),
                       decoder_start_token_id=t.decoder_start_token_id if t.decoder_start_token_id is not None else (t.pad_token_id or 0),
                       eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id)
+        if min(lm.d_model, lm.d_kv, lm.heads, lm.d_ff, lm.enc_layers, lm.dec_layers, lm.vocab, lm.buckets) < 1:
+            raise CheckpointError("text_config: T5 sizes (d_model, d_kv, num_heads, d_ff, num_layers, "
+                                  "num_decoder_layers, vocab_size, relative_attention_num_buckets) must be positive")
     image_token_id = _first(raw, "image_token_id", "image_token_index")
     return Blip2Config(vision=vision, qformer=qformer, lm=lm, num_query_tokens=hf.num_query_tokens,
                        image_token_id=image_token_id, image_text_hidden=getattr(hf, "image_text_hidden_size", 256),

@@ -162,12 +162,24 @@ def processor_for(model):
                              "tokenize the text yourself, or load from a checkpoint directory with its processor files")
         from transformers import Blip2Processor
 
-        try:
-            model._processor = Blip2Processor.from_pretrained(str(model.source_dir))
-        except Exception as e:
-            raise ValueError(f"{model.source_dir} has no usable Blip2Processor (tokenizer / preprocessor files): "
-                             f"{type(e).__name__}: {str(e)[:200]}") from None
+        model._processor = load_processor(model.source_dir)
     return model._processor
+
+
+def load_processor(path):
+    """The Blip2Processor saved in checkpoint directory `path`, or a ValueError saying what is missing."""
+    from pathlib import Path
+
+    from transformers import Blip2Processor
+
+    path = Path(path)
+    if not (path / "preprocessor_config.json").exists() and not (path / "processor_config.json").exists():
+        raise ValueError(f"{path} has no processor files (preprocessor_config.json, tokenizer files): captioning "
+                         "needs the checkpoint's Blip2Processor; save one with processor.save_pretrained(dir)")
+    try:
+        return Blip2Processor.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many kinds for broken tokenizer files
+        raise ValueError(f"{path}: its Blip2Processor files could not be loaded ({type(e).__name__})") from None
 
 
 def _images(images):
@@ -176,6 +188,8 @@ def _images(images):
     if isinstance(images, Image.Image):
         images = [images]
     images = list(images)
+    if not images:
+        raise ValueError("no images given")
     for i, im in enumerate(images):
         if not isinstance(im, Image.Image):
             raise TypeError(f"image {i} is a {type(im).__name__}, expected a PIL image")

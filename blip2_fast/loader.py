@@ -23,6 +23,10 @@ def _resolve_device_dtype(device, dtype):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but torch {torch.__version__} sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device type {device.type!r} is not supported (expected cpu or cuda)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if dtype is None:
@@ -76,6 +80,8 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
         cfg = _config.parse(raw)
         src = weights.from_state_dict(source.state_dict(), device=device, dtype=dtype, describe=f"live {name}")
     else:
+        if isinstance(source, str) and not source.strip():
+            raise CheckpointError("source is an empty string; pass a checkpoint directory or a hub id")
         path = Path(os.fspath(source)).expanduser()
         if not path.exists():
             if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
@@ -89,6 +95,7 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
         src = weights.from_directory(path, device=device, dtype=dtype, progress=progress)
     with torch.inference_mode():
         model = Blip2(cfg, bound, src, source_dir=source_dir)
+    _warn_unused(src, cfg)
     if getattr(src, "progress", None) is not None:
         src.progress.close()
     model.generation_defaults = _generation_defaults(source, source_dir, cfg)
@@ -122,3 +129,21 @@ def _generation_defaults(source, source_dir, cfg) -> dict:
         if gen and gen.get(k) is not None:
             d[k] = gen[k]
     return d
+
+
+# Tensors a checkpoint may carry that the model legitimately does not read: T5 stores tied copies of
+# its embedding per stack; an LM head tied to the embeddings may be saved too.
+_IGNORABLE = ("language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight",
+              "language_model.lm_head.weight", "embeddings.position_ids", "qformer.embeddings.position_ids")
+
+
+def _warn_unused(src, cfg) -> None:
+    import warnings
+
+    unused = [k for k in src.unused() if k not in _IGNORABLE]
+    if cfg.architecture not in ("Blip2ForConditionalGeneration", "Blip2Model"):
+        # retrieval / projection models read a subset of a full checkpoint by design
+        unused = [k for k in unused if not k.startswith(("language_model.", "language_projection."))]
+    if unused:
+        warnings.warn(f"blip2_fast: {len(unused)} checkpoint tensors were not used (does config.json match the "
+                      f"weights?), e.g. {', '.join(unused[:3])}", UserWarning, stacklevel=3)

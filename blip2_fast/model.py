@@ -41,8 +41,19 @@ class Output:
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
 
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
     def __getitem__(self, i):
-        return [v for v in dataclasses.astuple(self) if v is not None][i] if isinstance(i, int) else getattr(self, i)
+        """out[0] / out[0:2]: the set fields in order, as transformers' ModelOutput; out["logits"]: by name."""
+        if isinstance(i, str):
+            if i not in self.keys():
+                raise KeyError(i)
+            return getattr(self, i)
+        return self.to_tuple()[i]  # the same tensor objects, never copies
 
 
 class Blip2(nn.Module):
@@ -185,6 +196,8 @@ class Blip2(nn.Module):
         """Logits as `Blip2ForConditionalGeneration` ([B, S, V]; T5: [B, T_dec, V]), or on retrieval
         checkpoints the ITM / ITC scores as `Blip2ForImageTextRetrieval` (`.logits_per_image`)."""
         if self.lm is None:
+            if pixel_values is None and self.architecture in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection"):
+                raise ValueError(f"a {self.architecture} forward needs pixel_values")
             if self.architecture == "Blip2ForImageTextRetrieval":
                 return self.image_text_scores(pixel_values, input_ids, attention_mask, use_image_text_matching_head)
             if self.architecture == "Blip2VisionModelWithProjection":

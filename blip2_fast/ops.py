@@ -107,6 +107,8 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
             import triton  # noqa: F401
         except Exception as e:  # ImportError, or a broken install
             return f"triton is not importable ({type(e).__name__}: {e})"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is visible (torch.cuda.is_available() is False)"
         if device.type != "cuda" and not triton_interpret():
             return f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to interpret them on the CPU"
     else:
@@ -141,7 +143,7 @@ _warned: set[tuple[str, str]] = set()
 
 
 def default_backend() -> str:
-    backend = os.environ.get("BLIP2_FAST_BACKEND", "fast")
+    backend = os.environ.get("BLIP2_FAST_BACKEND") or "fast"  # unset or empty: the default
     if backend not in IMPLS:
         raise ValueError(f"BLIP2_FAST_BACKEND={backend!r}; expected one of {IMPLS}")
     return backend

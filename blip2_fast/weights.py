@@ -38,13 +38,34 @@ def _validate_safetensors(path: Path) -> tuple[int, dict]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors header ({e}); truncated or corrupt") from None
-    end = 0
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: malformed safetensors header (not a JSON object)")
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES or "data_offsets" not in info:
-            raise CheckpointError(f"{path}: malformed safetensors entry for {key!r}")
-        end = max(end, int(info["data_offsets"][1]))
+        bad = f"{path}: malformed safetensors entry for {key!r}"
+        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
+            raise CheckpointError(bad)
+        offs, shape = info.get("data_offsets"), info.get("shape")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise CheckpointError(f"{bad}: data_offsets {offs!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{bad}: shape {shape!r}")
+        if info["dtype"] in _TORCH_DTYPES:
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * torch.tensor([], dtype=_TORCH_DTYPES[info["dtype"]]).element_size()
+            if offs[1] - offs[0] != nbytes:
+                raise CheckpointError(f"{bad}: {offs[1] - offs[0]} bytes for shape {shape} of {info['dtype']} (needs {nbytes})")
+        spans.append((offs[0], offs[1], key))
+    spans.sort()
+    for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise CheckpointError(f"{path}: tensors {ka!r} and {kb!r} overlap in the file; corrupt header")
+    end = spans[-1][1] if spans else 0
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}")
     return n, header
@@ -106,7 +127,7 @@ class WeightSource:
     """
 
     def __init__(self, getter: Callable[[str], torch.Tensor], keys: Iterable[str], *, device, dtype,
-                 describe: str, shape_of: Callable[[str], tuple] | None = None, progress=None):
+                 describe: str, shape_of: Callable[[str], tuple] | None = None, progress=None, copy: bool = False):
         self._get = getter
         self.keys = set(keys)
         self.device = torch.device(device)
@@ -115,6 +136,7 @@ class WeightSource:
         self._shape_of = shape_of
         self.used: set[str] = set()
         self.progress = progress
+        self.copy = copy  # a caller's live tensors: never alias them (in-place edits would half-propagate)
 
     def has(self, key: str) -> bool:
         return key in self.keys
@@ -137,7 +159,12 @@ class WeightSource:
         self.used.add(key)
         if self.progress is not None:
             self.progress.add(t.numel() * t.element_size())
-        return t.to(device=self.device, dtype=dtype or self.dtype, non_blocking=True).contiguous()
+        out = t.to(device=self.device, dtype=dtype or self.dtype, non_blocking=True).contiguous()
+        return out.clone() if self.copy and out.data_ptr() == t.data_ptr() else out
+
+    def unused(self) -> list[str]:
+        """Checkpoint tensors that no module asked for."""
+        return sorted(self.keys - self.used)
 
 
 class _Progress:
@@ -183,12 +210,16 @@ def from_directory(path: Path, *, device, dtype, progress: bool = True) -> Weigh
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: malformed shard index ({type(e).__name__}: {e})") from None
-        root = path.resolve()
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: malformed shard index (weight_map must map tensor names to file names)")
         shard_files = {}
         for fname in sorted(set(weight_map.values())):
-            f = (path / fname).resolve()
-            if root not in f.parents:
+            # the index may only name files in the directory; the files themselves may be symlinks
+            # (the Hugging Face cache links snapshots/<rev>/<file> to ../../blobs/<sha>)
+            rel = Path(fname)
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts:
                 raise CheckpointError(f"{index}: shard {fname!r} points outside the checkpoint directory {path}")
+            f = path / rel
             if not f.exists():
                 raise CheckpointError(f"{index}: shard {fname!r} is missing")
             shard_files[fname] = f
@@ -242,7 +273,11 @@ def _torch_bin_source(path: Path, bins, *, device, dtype) -> WeightSource:
 
 
 def from_state_dict(state: dict, *, device, dtype, describe="state dict") -> WeightSource:
-    return WeightSource(state.__getitem__, state.keys(), device=device, dtype=dtype, describe=describe)
+    meta = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_meta]
+    if meta:
+        raise CheckpointError(f"{describe}: tensor {meta[0]!r} is on the meta device (weights not materialised); "
+                              "load the model's weights before passing it to blip2_fast.load")
+    return WeightSource(state.__getitem__, state.keys(), device=device, dtype=dtype, describe=describe, copy=True)
 
 
 def random_source(*, device, dtype, seed: int = 0, std: float = 0.02) -> WeightSource:

@@ -1,6 +1,7 @@
 """Bad input gets a clear exception naming the problem."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,127 @@ def test_moving_a_loaded_model_is_a_clear_error(ckpt):
         with pytest.raises(TypeError, match="blip2_fast.load"):
             move()
     assert m.eval() is m  # eval()/train() stay harmless
+
+
+# ---- regressions found by adversarial testing ------------------------------------------------------
+
+def test_hf_cache_layout_with_symlinked_shards(ckpt, tmp_path):
+    """The Hugging Face cache links snapshots/<rev>/<file> to ../../blobs/<sha>: shards may be symlinks
+    that resolve outside the snapshot directory."""
+    d, hf = ckpt("opt")
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    hf.save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    for f in (tmp_path / "src").iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    pv, ids, _ = image_prompt(hf, 1)
+    a = blip2_fast.load(snap, backend="reference")(pixel_values=pv, input_ids=ids).logits
+    b = blip2_fast.load(d, backend="reference")(pixel_values=pv, input_ids=ids).logits
+    assert torch.equal(a, b)
+
+
+def _header_edit(path, edit):
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8: 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()  # data offsets are relative to the data, so the header may grow
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda h: h["query_tokens"].__setitem__("data_offsets", [-8, h["query_tokens"]["data_offsets"][1]]), "data_offsets"),
+    (lambda h: h["query_tokens"].__setitem__("data_offsets", "abc"), "data_offsets"),
+    (lambda h: h["query_tokens"].__setitem__("shape", [1, 5.0, 64]), "shape"),
+    (lambda h: h["language_projection.bias"].__setitem__("data_offsets", list(h["language_projection.weight"]["data_offsets"][:1]) + [h["language_projection.weight"]["data_offsets"][0] + 320]), "overlap|bytes"),
+])
+def test_lying_safetensors_header(ckpt, tmp_path, edit, match):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    _header_edit(d / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=match):
+        blip2_fast.load(d)
+
+
+@pytest.mark.parametrize("archs,match", [(["Foo"], "Foo"), (None, None)])
+def test_architectures_field(ckpt, tmp_path, archs, match):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = archs if archs is not None else "Blip2ForConditionalGeneration"  # a bare string is fine
+    (d / "config.json").write_text(json.dumps(cfg))
+    if match:
+        with pytest.raises(UnsupportedModelError, match=match):
+            blip2_fast.load(d)
+    else:
+        assert blip2_fast.load(d, backend="reference").architecture == "Blip2ForConditionalGeneration"
+
+
+def test_config_with_fewer_layers_than_the_weights_warns(ckpt, tmp_path):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="not used"):
+        blip2_fast.load(d, backend="reference")
+    cfg["text_config"]["num_hidden_layers"] = -1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="positive"):
+        blip2_fast.load(d)
+
+
+@pytest.mark.parametrize("edit", [lambda c: c.update(vision_config=[1]), lambda c: c["qformer_config"].update(cross_attention_frequency=0),
+                                  lambda c: c["vision_config"].update(num_attention_heads=0)])
+def test_malformed_config_values(ckpt, tmp_path, edit):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError):
+        blip2_fast.load(d)
+
+
+def test_output_indexing_returns_the_same_tensors(ckpt):
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    pv, ids, _ = image_prompt(hf, 1)
+    out = m(pixel_values=pv, input_ids=ids)
+    assert out[0] is out.logits and out["logits"] is out.logits and out.to_tuple()[0] is out.logits
+    with pytest.raises(KeyError):
+        out["nope"]
+
+
+def test_live_model_is_copied_and_meta_is_refused():
+    import transformers
+
+    from blip2_fast.testing import randomize_, tiny_config
+
+    hf = randomize_(transformers.Blip2ForConditionalGeneration(tiny_config("opt")).eval())
+    m = blip2_fast.load(hf, backend="reference")
+    assert m.query_tokens.data_ptr() != hf.query_tokens.data_ptr()
+    with torch.device("meta"):
+        meta = transformers.Blip2ForConditionalGeneration(tiny_config("opt"))
+    with pytest.raises(CheckpointError, match="meta"):
+        blip2_fast.load(meta)
+
+
+def test_cli_reports_user_errors_without_tracebacks(tmp_path):
+    import subprocess
+    import sys
+
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    r = subprocess.run([sys.executable, "-m", "blip2_fast", "caption", str(img), "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="CUDA"):
+        blip2_fast.load(ckpt("opt")[0], device="cuda")
