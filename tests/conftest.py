@@ -6,8 +6,8 @@ import torch
 
 # Without a GPU the Triton kernels run interpreted. Triton 3.9 reads TRITON_INTERPRET when
 # triton.language is first imported, so it is set here, before any test module imports triton.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# With a GPU they compile for it: "0" is set first so the kernel test modules' setdefault("1") keeps it.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import pytest  # noqa: E402
 
