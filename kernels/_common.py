@@ -82,6 +82,29 @@ def check_norm_args(x, params, residual, eps):
         raise ValueError(f"eps must be a non-negative float, got {eps}")
 
 
+def norm_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t [..., n] as [rows, n] with unit column stride (the norm kernels' layout): a view whenever the
+    leading dims collapse, a copy only otherwise."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
+
+
+@triton.jit
+def load_row_add_residual(
+    X, R, S,  # input row base, residual row base, sum output base (as the norm kernels describe them)
+    row, stride_x, stride_r, n_cols, cols, mask,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    """One row of X as float32; with a residual, X + R rounded once to X's dtype, stored to S (the
+    next block's residual must match an unfused model bit for bit) and returned."""
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + row * n_cols + cols, x, mask=mask)
+    return x.to(tl.float32)
+
+
 def norm_num_warps(block_n: int) -> int:
     # One row per program; enough warps that each thread holds ~8-16 elements of the row.
     if block_n >= 32768:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import check_norm_args, norm_num_warps
+from ._common import check_norm_args, load_row_add_residual, norm_num_warps, norm_rows
 
 
 @triton.jit
@@ -28,32 +28,22 @@ def _rms_norm_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
-        tl.store(S + row * n_cols + cols, x, mask=mask)
-    x = x.to(tl.float32)
+    x = load_row_add_residual(X, R, S, row, stride_x, stride_r, n_cols, cols, mask, HAS_RESIDUAL)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     w = tl.load(W + cols, mask=mask, other=0.0)
     y = (x * rstd).to(w.dtype).to(tl.float32) * w.to(tl.float32)
     tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    t2 = t.reshape(-1, n)  # a view whenever the leading dims are collapsible
-    return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
-
-
 def _rms_norm_impl(x, weight, residual, eps):
     n = x.shape[-1]
-    x2 = _rows(x, n)
+    x2 = norm_rows(x, n)
     y = _common.new_empty(x.shape, x.dtype, x.device)
     s = _common.new_empty(x.shape if residual is not None else (0,), x.dtype, x.device)
     n_rows = x2.shape[0]
     if n_rows == 0:
         return y, s
-    r2 = _rows(residual, n) if residual is not None else x2
+    r2 = norm_rows(residual, n) if residual is not None else x2
     block_n = triton.next_power_of_2(n)
     _rms_norm_fwd_kernel[(n_rows,)](
         x2, r2, y, s if residual is not None else y, weight,
