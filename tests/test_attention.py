@@ -6,26 +6,16 @@ the kernels are imported); with TRITON_INTERPRET=0 on a CUDA machine the same te
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when the kernel module is imported
+from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blip2_fast.kernels import _common  # noqa: E402
 from blip2_fast.kernels import attention as A  # noqa: E402
 from blip2_fast.reference import attention_ref  # noqa: E402
 
-INTERPRET = _common.interpreting()
-DEVICE = "cpu" if INTERPRET else "cuda"
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
-                                reason="needs a CUDA GPU with TRITON_INTERPRET unset")
 FLOOR = {torch.float32: 5e-7, torch.float16: 1e-4, torch.bfloat16: 2e-3}
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
 def eager(q, k, v, causal=False, key_padding_mask=None, scale=None, bias=None):

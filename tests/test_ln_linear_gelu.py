@@ -6,31 +6,17 @@ before the kernels are imported); bfloat16 runs on the GPU only (the interpreter
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when the kernel module is imported
+from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs, as_double as _d  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from blip2_fast.kernels import _common  # noqa: E402
 from blip2_fast.kernels import ln_linear_gelu as LLG  # noqa: E402
 from blip2_fast.reference import gelu_ref, ln_linear_gelu_ref  # noqa: E402
 
-INTERPRET = _common.interpreting()
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
-                                reason="needs a CUDA GPU with TRITON_INTERPRET unset")
 FLOOR = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
-
-
-def _d(t):
-    return None if t is None else t.double()
 
 
 def eager(x, lnw, lnb, eps, w, b, approximate):

@@ -9,7 +9,7 @@ split-K partials are NaN-poisoned before the kernels write them.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
 import json
 import subprocess
@@ -19,21 +19,11 @@ import textwrap
 import pytest
 import torch
 
-from blip2_fast.kernels import _common
 from blip2_fast.kernels.paged_attention import choose_num_splits, paged_attention
 from blip2_fast.reference import paged_attention_ref
 
-INTERPRET = _common.interpreting()
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
-                                reason="needs a CUDA GPU with TRITON_INTERPRET unset")
 # Error rule: fast error vs float64 <= 2 x the eager reference's error in the same dtype + this floor.
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 2e-3}
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
 def make_case(lens, H, D, block_size, dtype, seed=0, spare_blocks=3):

@@ -4,21 +4,14 @@ Runs interpreted on the CPU (TRITON_INTERPRET=1, set below before the kernel mod
 TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled, plus the bf16 ones. Caches start
 NaN-filled: slots nobody writes must stay NaN, written ones must hold the new values.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+from kernel_setup import DEVICE, INTERPRET, needs_cuda  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
 import pytest
 import torch
 
-from blip2_fast.kernels import _common
 from blip2_fast.kernels.write_kv import write_kv
 from blip2_fast.reference import write_kv_ref
 
-INTERPRET = _common.interpreting()
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
-                                reason="needs a CUDA GPU with TRITON_INTERPRET unset")
 
 
 def make_case(T, H, D, block_size, num_blocks, dtype, cache_dtype, slot_dtype=torch.int64, seed=0):
