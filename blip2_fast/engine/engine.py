@@ -309,14 +309,14 @@ class Engine:
             if r.p.num_beams > 1:
                 self._start_beams(r, logits[i: i + 1])
             else:
-                self._sample(r, [sid], logits[i: i + 1])
+                self._sample(r, logits[i: i + 1])
 
     def _history(self, r: _Request) -> list[int]:
         if self._t5:
             return [self.model.generation_defaults.get("decoder_start_token_id", 0)] + r.generated
         return r.prompt_ids.tolist() + r.generated
 
-    def _sample(self, r: _Request, sids: list[int], logits: torch.Tensor) -> None:
+    def _sample(self, r: _Request, logits: torch.Tensor) -> None:
         # one row of logits: processing it on the CPU keeps per-request generators device-independent
         scores = smp.process(logits.cpu(), r.p, [self._history(r)], [len(r.generated)], r.eos)
         self._take(r, int(smp.select(scores, r.p, r.generator)[0]))
@@ -443,7 +443,7 @@ class Engine:
             elif not r.p.do_sample and r.p.repetition_penalty == 1.0:
                 plain.append((r, i))  # greedy without penalties: one argmax for all of them, below
             else:
-                self._sample(r, r.seqs, chunk)
+                self._sample(r, chunk)
             i += n
         if plain:
             rows = torch.tensor([j for _, j in plain], device=logits.device)
