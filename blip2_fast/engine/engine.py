@@ -82,6 +82,7 @@ class Engine:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.model = model
         self._t5 = model.is_encoder_decoder  # read on every step: a plain attribute, not a property
+        self._dec_start = getattr(model, "generation_defaults", {}).get("decoder_start_token_id", 0)
         lm_cfg = model.cfg.lm
         default_len = getattr(lm_cfg, "max_positions", 2048)
         self.max_model_len = min(max_model_len or default_len, default_len)
@@ -237,8 +238,6 @@ class Engine:
             if id(r) in seen:
                 continue
             seen.add(id(r))
-            if r.finished and r in self.running:
-                self.running.remove(r)
             outs.append(self._output(r))
         return outs
 
@@ -298,14 +297,13 @@ class Engine:
                   "table": self.blocks.block_table(sid)}
             if not self._t5:  # the decoder-only prefill reads cached prefixes instead of recomputing them
                 it["num_cached"] = r.num_cached
-            if self._t5:
-                it["dec_start"] = self.model.generation_defaults.get("decoder_start_token_id", 0)
+            else:
+                it["dec_start"] = self._dec_start
                 nx = self.blocks.num_tokens(r.cross_seq)
                 it["cross_slots"] = [-1] * r.cross_cached + self.blocks.slot_mapping(r.cross_seq, r.cross_cached, nx)
             items.append(it)
         logits = self.runner.prefill(items)
         for i, r in enumerate(reqs):
-            sid = r.seqs[0]
             if r.p.num_beams > 1:
                 self._start_beams(r, logits[i: i + 1])
             else:
@@ -313,7 +311,7 @@ class Engine:
 
     def _history(self, r: _Request) -> list[int]:
         if self._t5:
-            return [self.model.generation_defaults.get("decoder_start_token_id", 0)] + r.generated
+            return [self._dec_start] + r.generated
         return r.prompt_ids.tolist() + r.generated
 
     def _sample(self, r: _Request, logits: torch.Tensor) -> None:
@@ -339,7 +337,7 @@ class Engine:
     # ---- beams --------------------------------------------------------------------------------
     def _beam_prompt(self, r):
         if self._t5:
-            return [self.model.generation_defaults.get("decoder_start_token_id", 0)]
+            return [self._dec_start]
         return r.prompt_ids.tolist()
 
     def _start_beams(self, r: _Request, logits: torch.Tensor) -> None:
