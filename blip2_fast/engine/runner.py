@@ -23,6 +23,14 @@ def image_digest(pixel_values: torch.Tensor) -> str:
     return hashlib.sha1(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
 
 
+def pad_tables(tables: list[list[int]], width: int) -> torch.Tensor:
+    """Ragged block tables -> one zero-padded int32 [n, width] CPU tensor (numpy row fills are fast)."""
+    a = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        a[i, : len(t)] = t
+    return torch.from_numpy(a)
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 256, *,
                  max_model_len: int = 2048, max_num_seqs: int = 256, enforce_eager: bool = False):
@@ -86,8 +94,7 @@ class ModelRunner:
             v[dst] = v[src]
 
     def _tables(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max(len(t) for t in tables)
-        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.device)
+        return pad_tables(tables, max(len(t) for t in tables)).to(self.device)
 
     def _prompt_embeds(self, prompt_ids: torch.Tensor, lm_inputs: torch.Tensor):
         """The prompt's LM embeddings with the image queries in place, as `Blip2.merge_prompt` lays
@@ -203,13 +210,7 @@ class ModelRunner:
         """Copy one step's host-side inputs into (possibly static, larger) device buffers; rows past
         len(tokens) stay padding: slot -1 (nothing written) and a length-1 context."""
         n, W = len(tokens), ins["tables"].shape[1]
-
-        def pad(ts):  # ragged block tables -> one zero-padded int32 array (numpy: fast row fills)
-            a = np.zeros((len(ts), W), dtype=np.int32)
-            for i, t in enumerate(ts):
-                a[i, : len(t)] = t
-            return torch.from_numpy(a)
-
+        pad = lambda ts: pad_tables(ts, W)  # noqa: E731
         ins["ids"][:n, 0].copy_(torch.tensor(tokens), non_blocking=True)
         ins["pos"][:n, 0].copy_(torch.tensor(positions), non_blocking=True)
         ins["slots"][:n].copy_(torch.tensor(slots), non_blocking=True)
