@@ -59,6 +59,11 @@ class _Request:
             self.generator = torch.Generator(device="cpu").manual_seed(self.p.seed)
 
 
+def _plain_greedy(r: _Request) -> bool:
+    """Greedy without penalties: the next token is the argmax of the logits (eos may be banned)."""
+    return r.p.num_beams == 1 and not r.p.do_sample and r.p.repetition_penalty == 1.0
+
+
 class Engine:
     """Continuous batching over a paged KV cache for a model from `blip2_fast.load()`.
 
@@ -431,14 +436,21 @@ class Engine:
                     xt.append(self.blocks.block_table(r.cross_seq))
                     xl.append(self.blocks.num_tokens(r.cross_seq))
                 owners.append(r)
-        logits = self.runner.decode(toks, pos, slots, tables, lens, xt or None, xl or None)
+        args = (toks, pos, slots, tables, lens, xt or None, xl or None)
+        if self.runner.greedy_head is not None and all(_plain_greedy(r) for r in reqs):
+            # every sequence only takes its argmax: the screened head skips the full fp32 logits
+            banned = [r.eos if len(r.generated) < r.p.min_new_tokens else [] for r in reqs]
+            for r, tok in zip(reqs, self.runner.decode_greedy(*args, banned=banned)):
+                self._take(r, tok)
+            return
+        logits = self.runner.decode(*args)
         i, plain = 0, []
         for r in reqs:
             n = len(r.seqs)
             chunk = logits[i: i + n]
             if r.p.num_beams > 1:
                 self._beam_step(r, chunk)
-            elif not r.p.do_sample and r.p.repetition_penalty == 1.0:
+            elif _plain_greedy(r):
                 plain.append((r, i))  # greedy without penalties: one argmax for all of them, below
             else:
                 self._sample(r, chunk)

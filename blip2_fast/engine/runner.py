@@ -15,6 +15,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ..models.greedy_head import ScreenedArgmax, screen_supported
 from ..models.kv import AttnMeta
 
 
@@ -53,6 +54,8 @@ class ModelRunner:
         self.buckets = [b for b in self.buckets if b <= max(max_num_seqs, 1)] or [1]
         self._graphs: dict[int, tuple] = {}
         self._graph_pool = None
+        # exact greedy ids without the full fp32 head GEMM (CPU, fp32 heads, bf16-capable cores)
+        self.greedy_head = None if screen_supported(self.lm.lm_head) else ScreenedArgmax(self.lm.lm_head)
 
     @staticmethod
     def bytes_per_block(model, block_size: int) -> int:
@@ -190,10 +193,23 @@ class ModelRunner:
             except Exception as e:  # capture can fail on unusual setups; never lose the request over it
                 warnings.warn(f"blip2_fast: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly", RuntimeWarning)
                 self.use_graphs = False
+        return self.lm.logits(self._eager_hidden(tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)).float()
+
+    @torch.inference_mode()
+    def decode_greedy(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+                      seq_lens: list[int], cross_tables=None, cross_lens=None, banned=None) -> list[int]:
+        """One greedy step for sequences that only take the argmax (no sampling, no penalties):
+        returns each one's next id; `banned[i]` ids are excluded for sequence i (min_new_tokens).
+        Needs `greedy_head` (the CPU screen); the ids equal argmax of `decode`'s logits."""
+        assert self.greedy_head is not None
+        h = self._eager_hidden(tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
+        return self.greedy_head(self.lm.head_input(h), banned)
+
+    def _eager_hidden(self, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens) -> torch.Tensor:
         width = max(len(t) for t in tables + (cross_tables or []))
         ins = self._inputs(len(tokens), width)
         self._fill(ins, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
-        return self._forward(ins)
+        return self._hidden(ins)
 
     def _inputs(self, n: int, width: int) -> dict:
         dev = self.device
@@ -224,6 +240,10 @@ class ModelRunner:
             ins["xlens"][n:] = 1
 
     def _forward(self, ins) -> torch.Tensor:
+        return self.lm.logits(self._hidden(ins)).float()
+
+    def _hidden(self, ins) -> torch.Tensor:
+        """The decode step up to the LM head: [n, E]."""
         meta = AttnMeta(prefill=False, slot_mapping=ins["slots"], block_tables=ins["tables"], seq_lens=ins["lens"])
         emb = self.lm.embed_tokens(ins["ids"])  # (n, 1, E)
         if self.t5:
@@ -231,7 +251,7 @@ class ModelRunner:
             h = self.lm.decode(emb, None, meta, self.caches, self.caches)
         else:
             h = self.lm(emb, ins["pos"], meta, self.caches)
-        return self.lm.logits(h[:, -1]).float()
+        return h[:, -1]
 
     def _decode_graph(self, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens) -> torch.Tensor:
         n = len(tokens)

@@ -118,7 +118,9 @@ class OPT(nn.Module):
             x = self.ops.layernorm(x, getattr(self, "lnf_w", None), getattr(self, "lnf_b", None), self.EPS)
         return x
 
+    def head_input(self, hidden):
+        """The final hidden states as the LM head multiplies them: [..., E] -> [..., E_vocab]."""
+        return F.linear(hidden, self.proj_out) if self.proj_out is not None else hidden
+
     def logits(self, hidden):
-        if self.proj_out is not None:
-            hidden = F.linear(hidden, self.proj_out)
-        return lm_head(hidden, self.lm_head)
+        return lm_head(self.head_input(hidden), self.lm_head)

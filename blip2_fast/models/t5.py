@@ -197,7 +197,9 @@ class T5(nn.Module):
 
         return self._stack(embeds, self.dec, self.dec_ln, step)
 
+    def head_input(self, hidden):
+        """The decoder's output as the LM head multiplies it (tied heads scale it by d_model^-0.5)."""
+        return hidden * self.cfg.d_model ** -0.5 if self.cfg.scale_decoder_outputs else hidden
+
     def logits(self, hidden):
-        if self.cfg.scale_decoder_outputs:
-            hidden = hidden * self.cfg.d_model ** -0.5
-        return lm_head(hidden, self.lm_head)
+        return lm_head(self.head_input(hidden), self.lm_head)

@@ -1,0 +1,94 @@
+"""The bf16-screened greedy head: the same ids as argmax over fp32 logits, a bound that holds, and the
+engine using it token-identically to transformers."""
+import pytest
+import torch
+
+import blip2_fast
+from blip2_fast import Engine, SamplingParams
+from blip2_fast.models.greedy_head import ScreenedArgmax, argmax_ref, screen_supported
+from conftest import image_prompt
+
+# (vocab, hidden): OPT-2.7B's and Flan-T5's head widths at a smaller vocabulary, and awkward ones
+SHAPES = [(50304, 512), (32128, 2048), (4099, 80), (5003, 2560)]
+
+
+def _head(V, E, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(V, E, generator=g) * scale / E ** 0.5, g
+
+
+@pytest.mark.parametrize("V,E", SHAPES)
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_ids_equal_float64_argmax(V, E, n):
+    w, g = _head(V, E, seed=V + n)
+    head = ScreenedArgmax(w)
+    for scale in (0.01, 1.0, 30.0):  # logits from nearly flat to widely spread
+        h = torch.randn(n, E, generator=g) * scale
+        want = (h.double() @ w.double().t()).argmax(-1).tolist()
+        assert head(h) == want, scale
+        assert argmax_ref(h, w).tolist() == want, scale
+
+
+@pytest.mark.parametrize("V,E", SHAPES[:3])
+def test_bound_holds(V, E):
+    """The per-row bound must cover the screened logits' true error for every token (else the
+    argmax could be screened out); 20 rows, float64 truth."""
+    w, g = _head(V, E, seed=7)
+    head = ScreenedArgmax(w)
+    h = torch.randn(20, E, generator=g) * torch.logspace(-2, 2, 20)[:, None]
+    hb = h.bfloat16()
+    a = torch.mm(head.wb, hb.t()).t().float().contiguous()
+    err = (h.double() @ w.double().t() - a.double()).abs().amax(1)
+    bound = head._bound(h, hb, a).double()
+    assert (err <= bound).all(), (err / bound).max()
+    assert (err > 0).all()  # the screen really is approximate: the recheck is doing work
+
+
+def test_banned_ids_ties_and_fallbacks():
+    V, E = 4099, 64
+    w, g = _head(V, E, seed=3)
+    w[100] = w[2000]  # an exact tie: argmax picks the lower id
+    w[4000:4090] = w[5]  # 91 identical rows: more candidates than the screen rechecks -> full row
+    head = ScreenedArgmax(w)
+    h = torch.randn(4, E, generator=g)
+    h[0] = w[2000] * 10  # row 0 wins at the tie 100/2000
+    h[1] = w[5] * 10  # row 1: the 92-way tie {5, 4000..4089}
+    h[3, 7] = float("nan")  # row 3: NaN logits, as argmax over them
+    got = head(h)
+    want = argmax_ref(h, w).tolist()
+    assert got == want and got[0] == 100 and got[1] == 5
+    banned = [[100], [5, 4000, -1, V + 5], [], []]  # out-of-range ids are ignored, like eos outside the vocab
+    got = head(h, banned)
+    assert got == argmax_ref(h, w, banned).tolist()
+    assert got[0] == 2000 and got[1] == 4001
+
+
+def test_screen_supported_reasons():
+    assert "float32" in screen_supported(torch.zeros(8192, 8, dtype=torch.bfloat16))
+    assert "too small" in screen_supported(torch.zeros(211, 8))
+    assert "meta" in screen_supported(torch.zeros(8192, 8, device="meta"))
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_engine_with_the_screen_matches_transformers(ckpt, lm):
+    """Greedy (with min_new_tokens banning eos) through the screened head, forced on for a tiny vocab."""
+    d, hf = ckpt(lm)
+    m = blip2_fast.load(d, backend="reference")
+    eng = Engine(m, max_num_seqs=4, block_size=4, num_blocks=200)
+    calls = []
+    head = ScreenedArgmax(m.lm.lm_head)
+    eng.runner.greedy_head = lambda h, banned=None: calls.append(banned) or head(h, banned)
+    pv, ids, _ = image_prompt(hf, 3)
+    for i in range(3):
+        eng.add_request(i, pixel_values=pv[i], prompt=ids[i], sampling=SamplingParams(max_new_tokens=9, min_new_tokens=6))
+    got = {rid: o.token_ids for rid, o in eng.run().items()}
+    with torch.no_grad():
+        want = hf.generate(pixel_values=pv, input_ids=ids, max_new_tokens=9, min_new_tokens=6)
+    want = want[:, 1:] if lm == "t5" else want[:, ids.shape[1]:]
+    eos = m.generation_defaults["eos_token_id"]
+    for i in range(3):
+        w = want[i].tolist()
+        w = w[: w.index(eos) + 1] if eos in w else w
+        assert got[i] == w, i
+    assert len(calls) >= 5 and any(any(b) for b in calls)  # decode steps went through it, eos banned early
+    assert eng.num_free_blocks == eng.num_blocks
