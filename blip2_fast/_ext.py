@@ -4,6 +4,7 @@
     _ext.build(verbose=True)                 # `python -m blip2_fast build-ext`: None, or why it failed
     _ext.unavailable_reason("cuda")          # None, or why the registry must bind the reference
     out = _ext.cross_attention(q, k, v)      # torch.ops.blip2_fast.cross_attention
+    out = _ext.paged_attention(q, kc, vc, tables, lens, scale)  # CPU decode attention
 
 The CPU kernels are always built; the CUDA ones only when torch is a CUDA build and a CUDA toolkit is
 found (for sm_80, which also runs on 8.x, and sm_90a). Builds live in
@@ -29,10 +30,14 @@ from pathlib import Path
 
 import torch
 
-_CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp")
+_CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp")
 _CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
-_HEADERS = ("checks.h", "cross_attention.h")
-_CFLAGS = ("-O3", "-fno-trapping-math")  # no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion
+_HEADERS = ("checks.h", "cpu_common.h", "cross_attention.h")
+# no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion. -fopenmp: at::parallel_for is a
+# header template that runs serially unless the extension itself is compiled with OpenMP; at run time
+# the libgomp.so.1 that torch already loaded serves it (same soname), so there is one thread pool.
+_CFLAGS = ("-O3", "-fno-trapping-math", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 _CUDA_ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
 _CUDA_CFLAGS = ("-O3",) + _CUDA_ARCH_FLAGS
 
@@ -78,7 +83,7 @@ def _config(cuda: bool) -> tuple[str, list[str], list[str], list[str]]:
 def _build_dir(name: str, sources: list[str], cflags: list[str], cuda_cflags: list[str]) -> Path:
     h = hashlib.sha256()
     for part in (name, torch.__version__, str(torch.version.cuda), sys.version.split()[0], platform.machine(),
-                 " ".join(cflags), " ".join(cuda_cflags)):
+                 " ".join(cflags), " ".join(cuda_cflags), " ".join(_LDFLAGS)):
         h.update(part.encode() + b"\0")
     for f in sorted(sources) + sorted(str(_csrc() / n) for n in _HEADERS):
         p = Path(f)
@@ -134,6 +139,7 @@ def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
             failed.write_text("an earlier build was interrupted; run `python -m blip2_fast build-ext` to retry")
             try:
                 cpp_extension.load(name, sources, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
+                                   extra_ldflags=list(_LDFLAGS),
                                    build_directory=str(d), verbose=verbose, with_cuda=cuda, is_python_module=False)
             except Exception as e:
                 failed.write_text(f"{type(e).__name__}: {e}")
@@ -150,6 +156,11 @@ def _register_fake() -> None:
     def _(q, k, v, key_padding_mask, scale):
         torch._check(q.dim() == 4, lambda: f"cross_attention: q must have shape [B, H, Nq, D], got {tuple(q.shape)}")
         return q.new_empty(q.shape)  # contiguous [B, H, Nq, D], like the kernels' output
+
+    @torch.library.register_fake("blip2_fast::paged_attention_cpu")
+    def _(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias):
+        torch._check(q.dim() == 3, lambda: f"paged_attention: q must have shape [N, H, D], got {tuple(q.shape)}")
+        return q.new_empty(q.shape)
 
 
 def _load(force: bool = False, verbose: bool = False) -> None:
@@ -236,3 +247,18 @@ def cross_attention(q, k, v, *, key_padding_mask=None, scale=None):
         if _loaded is None:
             raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
     return torch.ops.blip2_fast.cross_attention(q, k, v, key_padding_mask, scale)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias=None):
+    """Decode attention over the paged KV cache on the CPU, `torch.ops.blip2_fast.paged_attention_cpu`;
+    spec: `reference.paged_attention_ref` (same arguments). The GPU runs the Triton kernel instead.
+
+    q: [N, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D] (contiguous along D); block_tables:
+    int32 [N, max_blocks]; seq_lens: int32 [N], each in [1, max_blocks * block_size]; rel_bias: [H,
+    max_len] or None. Reads only each sequence's own blocks. Returns a contiguous [N, H, D].
+    """
+    if _loaded is None:
+        _load()
+        if _loaded is None:
+            raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
+    return torch.ops.blip2_fast.paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias)

@@ -54,20 +54,27 @@ class _Fast:
     module: str  # imported lazily, so `import blip2_fast` never needs triton or a compiler
     attr: str
     kind: str  # "triton" or "ext": decides how availability is checked
+    devices: tuple[str, ...]  # device types it runs on natively (Triton also runs interpreted on the CPU)
 
 
-# name -> where its fast implementation lives. An op missing here has no fast implementation yet
-# and binds its reference under "fast" (no warning: nothing was lost).
-_FAST: dict[str, _Fast] = {}
+# name -> its fast implementations, in order of preference. An op missing here has no fast
+# implementation yet and binds its reference under "fast" (no warning: nothing was lost).
+_FAST: dict[str, list[_Fast]] = {}
 
 
-def register_fast(name: str, module: str, attr: str, kind: str) -> None:
-    """Declare where `name`'s fast implementation lives (done once, below, at import)."""
+def register_fast(name: str, module: str, attr: str, kind: str, devices: tuple[str, ...] | None = None) -> None:
+    """Declare a fast implementation of `name` (done once per implementation, below, at import).
+
+    devices: the device types it runs on natively; default ("cuda",) for Triton and ("cpu", "cuda")
+    for the extension. An op may have one implementation per device type (paged_attention: Triton on
+    the GPU, the extension on the CPU); the first registered is the one `get(name, "fast")` returns.
+    """
     if name not in _REFERENCE:
         raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_NAMES)}")
     if kind not in ("triton", "ext"):
         raise ValueError(f"kind must be 'triton' or 'ext', got {kind!r}")
-    _FAST[name] = _Fast(module, attr, kind)
+    devices = devices or (("cuda",) if kind == "triton" else ("cpu", "cuda"))
+    _FAST.setdefault(name, []).append(_Fast(module, attr, kind, tuple(devices)))
 
 
 def _check(name: str, impl: str) -> None:
@@ -82,12 +89,28 @@ def has_fast(name: str) -> bool:
     return name in _FAST
 
 
-def get(name: str, impl: str = "reference") -> Callable:
-    """The callable implementing op `name` with `impl` ("reference" or "fast"). No fallback here."""
+def _candidates(name: str, device: torch.device) -> list[_Fast]:
+    """`name`'s fast implementations for `device`, preferred first: native ones, then Triton
+    interpreted on a CPU (a correctness tool, slower than any native kernel)."""
+    native = [f for f in _FAST[name] if device.type in f.devices]
+    return native + [f for f in _FAST[name] if f.kind == "triton" and f not in native and device.type != "cuda"]
+
+
+def get(name: str, impl: str = "reference", device: torch.device | str | None = None) -> Callable:
+    """The callable implementing op `name` with `impl` ("reference" or "fast"). No fallback here.
+
+    With `device`, the fast implementation that `bind` would pick for it (e.g. paged_attention: the
+    Triton kernel on cuda, the C++ kernel on cpu); without, the first registered one.
+    """
     _check(name, impl)
     if impl == "reference" or name not in _FAST:
         return _REFERENCE[name]
-    f = _FAST[name]
+    fs = _FAST[name] if device is None else _candidates(name, torch.device(device))
+    if device is not None:
+        fs = [f for f in fs if _reason(f, torch.device(device)) is None] or fs
+    if not fs:
+        raise ValueError(f"op {name!r} has no fast implementation for device type {torch.device(device).type!r}")
+    f = fs[0]
     return getattr(importlib.import_module(f.module), f.attr)
 
 
@@ -95,13 +118,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def unavailable_reason(name: str, device: torch.device | str) -> str | None:
-    """Why op `name`'s fast implementation cannot run on `device`, or None if it can."""
-    _check(name, "fast")
-    if name not in _FAST:
-        return None
-    device = torch.device(device)
-    f = _FAST[name]
+def _reason(f: _Fast, device: torch.device) -> str | None:
     if f.kind == "triton":
         try:
             import triton  # noqa: F401
@@ -112,16 +129,33 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
         if device.type != "cuda" and not triton_interpret():
             return f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to interpret them on the CPU"
     else:
+        if device.type not in f.devices:
+            return f"the extension's {f.attr} has no kernel for device type {device.type!r}"
         from . import _ext
 
         reason = _ext.unavailable_reason(device)
         if reason is not None:
             return reason
     try:
-        get(name, "fast")
+        getattr(importlib.import_module(f.module), f.attr)
     except Exception as e:
         return f"its module failed to import ({type(e).__name__}: {e})"
     return None
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """Why none of op `name`'s fast implementations can run on `device`, or None if one can."""
+    _check(name, "fast")
+    if name not in _FAST:
+        return None
+    device = torch.device(device)
+    reasons = []
+    for f in _candidates(name, device):
+        r = _reason(f, device)
+        if r is None:
+            return None
+        reasons.append(r)
+    return "; ".join(reasons) or f"it has no fast implementation for device type {device.type!r}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +209,7 @@ def bind(backend: str | None = None, overrides: dict | None = None, device="cpu"
                 impl = "reference"
         elif impl == "fast":
             impl = "reference"  # no fast implementation exists yet; nothing to warn about
-        fns[name] = get(name, impl)
+        fns[name] = get(name, impl, device)
         impls[name] = impl
     return BoundOps(**fns, impls=impls)
 
@@ -188,3 +222,4 @@ register_fast("rmsnorm", "blip2_fast.kernels.rms_norm", "rms_norm", "triton")
 register_fast("ln_linear_gelu", "blip2_fast.kernels.ln_linear_gelu", "ln_linear_gelu", "triton")
 register_fast("linear_gelu", "blip2_fast.kernels.linear_gelu", "linear_gelu", "triton")
 register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
+register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))

@@ -13,4 +13,9 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
   // D ** -0.5. Returns softmax(q kᵀ · scale) v as a contiguous [B, H, Nq, D] in q's dtype; a query whose
   // keys are all masked gets zeros.
   m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float? scale) -> Tensor");
+  // CPU only (the GPU runs the Triton kernel): one decode query per sequence over its paged cache.
+  // q [N, H, D]; k_cache, v_cache [num_blocks, block_size, H, D]; block_tables int32 [N, max_blocks];
+  // seq_lens int32 [N]; rel_bias [H, max_len] or None (T5). Returns a contiguous [N, H, D] in q's dtype.
+  m.def("paged_attention_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "float scale, Tensor? rel_bias) -> Tensor");
 }

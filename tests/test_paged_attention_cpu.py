@@ -1,0 +1,116 @@
+"""blip2_fast::paged_attention_cpu, the extension's CPU decode attention (csrc/paged_attention_cpu.cpp):
+against a float64 run of `paged_attention_ref`, error at most twice the reference's own in the same
+dtype plus a floor; T5's relative bias; strided q; the registry binding it on the CPU; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip2_fast import _ext, ops
+from blip2_fast.reference import paged_attention_ref
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+
+# (H, D, block_size, seq_lens): OPT-2.7B (32 x 80), ViT-g-sized heads (88), Flan-T5 (64), OPT-6.7B (128);
+# a batch-1 step, lengths one past a block, a single token, and an odd D with one-token blocks
+CASES = [
+    (32, 80, 16, [1, 17, 200]),
+    (16, 88, 16, [97]),
+    (32, 64, 8, [33, 1, 64, 65, 5, 9, 300, 2]),
+    (4, 128, 16, [1025]),
+    (3, 59, 1, [7, 1, 12]),
+]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    reason = _ext.unavailable_reason("cpu")
+    assert reason is None, f"the C++ extension did not build: {reason}"
+    return _ext
+
+
+def make(H, D, bs, lens, dtype, seed=0, bias=False):
+    """A shuffled pool (sequences' blocks interleaved), NaN in every slot no sequence owns."""
+    g = torch.Generator().manual_seed(seed)
+    N, W = len(lens), max(-(-n // bs) for n in lens) + 1  # one spare table column past the longest
+    nb = sum(-(-n // bs) for n in lens) + 3
+    kc = torch.full((nb, bs, H, D), float("nan"))
+    vc = torch.full((nb, bs, H, D), float("nan"))
+    perm = torch.randperm(nb, generator=g).tolist()
+    tables = torch.zeros(N, W, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        for b in range(-(-n // bs)):
+            blk = perm.pop()
+            tables[i, b] = blk
+            m = min(bs, n - b * bs)
+            kc[blk, :m] = torch.randn(m, H, D, generator=g)
+            vc[blk, :m] = torch.randn(m, H, D, generator=g)
+        tables[i, -(-n // bs):] = perm[0]  # unused columns point at a block full of NaN
+    q = torch.randn(N, H, D, generator=g)
+    rel = torch.randn(H, 40, generator=g) if bias else None
+    return q.to(dtype), kc.to(dtype), vc.to(dtype), tables, torch.tensor(lens, dtype=torch.int32), rel
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "t5-bias"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"H{c[0]}xD{c[1]}xbs{c[2]}")
+def test_matches_float64_reference(ext, case, bias, dtype):
+    H, D, bs, lens = case
+    q, kc, vc, bt, sl, rel = make(H, D, bs, lens, dtype, bias=bias)
+    scale = D ** -0.5
+    out = ext.paged_attention(q, kc, vc, bt, sl, scale, rel)
+    ref = paged_attention_ref(q.double(), kc.double(), vc.double(), bt, sl, scale,
+                              rel_bias=rel.double() if rel is not None else None)
+    base = paged_attention_ref(q, kc, vc, bt, sl, scale, rel_bias=rel)  # the reference in `dtype`
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    err = (out.double() - ref).abs().max().item()
+    berr = (base.double() - ref).abs().max().item()
+    assert err <= 2 * berr + FLOOR[dtype], f"error {err:.3g} vs the reference in {dtype}: {berr:.3g}"
+
+
+def test_strided_q_and_thread_counts(ext):
+    """The model passes q as a view into the fused qkv projection; batch 1 splits heads over threads."""
+    q, kc, vc, bt, sl, _ = make(8, 80, 16, [45, 3], torch.float32)
+    qkv = torch.stack([q, torch.randn_like(q), torch.randn_like(q)], 1)  # (N, 3, H, D)
+    want = paged_attention_ref(q, kc, vc, bt, sl, 0.1)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            for rows in (slice(0, 1), slice(0, 2)):
+                got = ext.paged_attention(qkv[rows, 0], kc, vc, bt[rows], sl[rows], 0.1)
+                torch.testing.assert_close(got, want[rows], rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_registry_binds_it_on_cpu_and_triton_on_cuda(ext):
+    assert ops.get("paged_attention", "fast", "cpu") is _ext.paged_attention
+    assert ops.get("paged_attention", "fast").__module__ == "blip2_fast.kernels.paged_attention"
+    assert ops.bind("fast", None, "cpu").paged_attention is _ext.paged_attention
+
+
+def test_opcheck(ext):
+    q, kc, vc, bt, sl, rel = make(4, 64, 4, [5, 9], torch.float32, bias=True)
+    kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # opcheck compares whole outputs across runs
+    torch.library.opcheck(torch.ops.blip2_fast.paged_attention_cpu.default, (q, kc, vc, bt, sl, 0.125, rel))
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(bt=a["bt"].long()), "block_tables must be int32"),
+    (lambda a: a.update(sl=torch.tensor([0, 3], dtype=torch.int32)), r"seq_lens\[0\] = 0"),
+    (lambda a: a.update(sl=torch.tensor([5, 999], dtype=torch.int32)), r"seq_lens\[1\] = 999"),
+    (lambda a: a["bt"].__setitem__((1, 0), 10_000), "outside the pool"),
+    (lambda a: a["bt"].__setitem__((0, 0), -1), "outside the pool"),
+    (lambda a: a.update(q=a["q"][:, :, :-1]), "k_cache must have shape"),
+    (lambda a: a.update(vc=a["vc"].half()), "must have q's dtype"),
+    (lambda a: a.update(rel=torch.zeros(3, 8)), "rel_bias must have shape"),
+    (lambda a: a.update(q=a["q"].long()), "q must be float32"),
+])
+def test_bad_input_names_the_argument(ext, mutate, match):
+    q, kc, vc, bt, sl, _ = make(4, 16, 4, [5, 3], torch.float32)
+    a = dict(q=q, kc=kc, vc=vc, bt=bt, sl=sl, rel=None)
+    mutate(a)
+    with pytest.raises(RuntimeError, match=match):
+        ext.paged_attention(a["q"], a["kc"], a["vc"], a["bt"], a["sl"], 1.0, a["rel"])
