@@ -53,7 +53,7 @@ _REFERENCE: dict[str, Callable] = {
 class _Fast:
     module: str  # imported lazily, so `import blip2_fast` never needs triton or a compiler
     attr: str
-    kind: str  # "triton" or "ext": decides how availability is checked
+    kind: str  # "triton", "ext" or "torch" (built on torch's own kernels): decides how availability is checked
     devices: tuple[str, ...]  # device types it runs on natively (Triton also runs interpreted on the CPU)
 
 
@@ -71,8 +71,10 @@ def register_fast(name: str, module: str, attr: str, kind: str, devices: tuple[s
     """
     if name not in _REFERENCE:
         raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_NAMES)}")
-    if kind not in ("triton", "ext"):
-        raise ValueError(f"kind must be 'triton' or 'ext', got {kind!r}")
+    if kind not in ("triton", "ext", "torch"):
+        raise ValueError(f"kind must be 'triton', 'ext' or 'torch', got {kind!r}")
+    if kind == "torch" and not devices:
+        raise ValueError("a 'torch' implementation must name its devices")
     devices = devices or (("cuda",) if kind == "triton" else ("cpu", "cuda"))
     _FAST.setdefault(name, []).append(_Fast(module, attr, kind, tuple(devices)))
 
@@ -128,9 +130,9 @@ def _reason(f: _Fast, device: torch.device) -> str | None:
             return "no CUDA device is visible (torch.cuda.is_available() is False)"
         if device.type != "cuda" and not triton_interpret():
             return f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to interpret them on the CPU"
-    else:
-        if device.type not in f.devices:
-            return f"the extension's {f.attr} has no kernel for device type {device.type!r}"
+    elif device.type not in f.devices:
+        return f"{f.module}.{f.attr} has no kernel for device type {device.type!r}"
+    elif f.kind == "ext":
         from . import _ext
 
         reason = _ext.unavailable_reason(device)
@@ -223,3 +225,4 @@ register_fast("ln_linear_gelu", "blip2_fast.kernels.ln_linear_gelu", "ln_linear_
 register_fast("linear_gelu", "blip2_fast.kernels.linear_gelu", "linear_gelu", "triton")
 register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
+register_fast("attention", "blip2_fast.ops_cpu", "attention", "torch", devices=("cpu",))

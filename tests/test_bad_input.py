@@ -166,8 +166,8 @@ def test_explicit_fast_op_that_cannot_run_raises(ckpt, monkeypatch):
     """Asking for a fast op explicitly never silently falls back to the reference."""
     d, _ = ckpt("opt")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="attention"):
-        blip2_fast.load(d, ops={"attention": "fast"})
+    with pytest.raises(RuntimeError, match="layernorm"):  # Triton only: no CPU kernel without the interpreter
+        blip2_fast.load(d, ops={"layernorm": "fast"})
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):

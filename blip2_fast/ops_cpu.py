@@ -1,0 +1,52 @@
+"""Fast CPU implementations built on torch's own fused kernels (bound by `ops` on the CPU only).
+
+    attention: torch's scaled_dot_product_attention, whose CPU kernel tiles the keys with an online
+        softmax and never forms the [Sq, Sk] probabilities in memory. Against `attention_ref` on 2
+        cores: ViT-g's 8 x 16 heads x 257 x 88 takes 22 ms instead of 57, the 6-head D=64 encoder of
+        the CPU benchmark 7 ms instead of 10, a causal 8 x 8 x 40 x 64 prefill 0.4 ms instead of 0.8.
+
+The GPU runs the Triton kernels (kernels/); the spec is `reference.attention_ref`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=None):
+    """softmax(q kᵀ · scale + bias + masks) v, with `reference.attention_ref`'s semantics.
+
+    q: [B, H, Sq, D]; k, v: [B, H, Sk, D] (any strides). causal is bottom-right aligned (query i sees
+    keys j <= i + Sk - Sq). key_padding_mask: [B, Sk], nonzero = keep. bias: additive, broadcastable
+    to [B, H, Sq, Sk]. A query with no visible key returns zeros. Returns [B, H, Sq, D] in q's dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[-1] != k.shape[-1] or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"attention: q must be [B, H, Sq, D] and k, v [B, H, Sk, D] alike; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    keep = None  # bool, broadcastable to (B, H, Sq, Sk)
+    if causal and Sq != Sk:  # SDPA's is_causal is top-left aligned; ours is bottom-right
+        i = torch.arange(Sq, device=q.device)[:, None]
+        keep = torch.arange(Sk, device=q.device)[None, :] <= i + (Sk - Sq)  # (Sq, Sk)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (B, Sk):
+            raise ValueError(f"attention: key_padding_mask must be [B, Sk] = [{B}, {Sk}], got {tuple(key_padding_mask.shape)}")
+        kpm = key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, Sk)
+        keep = kpm if keep is None else keep & kpm
+    is_causal = causal and Sq == Sk
+    mask = keep
+    if bias is not None:
+        if is_causal:  # SDPA takes either a mask or is_causal: fold causality into the float mask
+            tri = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
+            keep = tri if keep is None else keep & tri
+            is_causal = False
+        bias = bias.to(q.dtype)
+        mask = bias if keep is None else torch.where(keep, bias, float("-inf"))  # broadcasts both
+    elif is_causal and keep is not None:
+        mask, is_causal = keep & torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(), False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    if keep is not None:  # rows with no visible key: zeros, whatever the backend made of -inf rows
+        # unconditionally (no data-dependent branch, so torch.compile traces it as one graph)
+        out = out.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)  # mask (B or 1, 1, Sq or 1, 1)
+    return out
