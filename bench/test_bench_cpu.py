@@ -84,3 +84,46 @@ def test_generate_tiny(benchmark, tiny_model):
 
     out = benchmark.pedantic(gen, rounds=5, warmup_rounds=1)
     assert out.shape == (4, tiny_model.cfg.num_query_tokens + 1 + 8)
+
+
+# (B, H, S, D): the CPU benchmark's 6-head encoder over 257 tokens, ViT-g's 16 heads of 88 (batch 1)
+@pytest.mark.parametrize("impl", ["sdpa", "ref"])
+@pytest.mark.parametrize("shape", [(8, 6, 257, 64), (1, 16, 257, 88)], ids=lambda s: "x".join(map(str, s)))
+def test_vision_attention_cpu(benchmark, shape, impl):
+    from blip2_fast import ops_cpu
+
+    B, H, S, D = shape
+    q, k, v = _rand(B, H, S, D, seed=1), _rand(B, H, S, D, seed=2), _rand(B, H, S, D, seed=3)
+    fn = ops_cpu.attention if impl == "sdpa" else reference.attention_ref
+    out = benchmark.pedantic(fn, (q, k, v), rounds=ROUNDS, warmup_rounds=1)
+    torch.testing.assert_close(out, reference.attention_ref(q, k, v), atol=1e-4, rtol=1e-4)
+
+
+def _paged(N, H, D, L, bs=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = -(-L // bs)
+    nb = N * W + 1
+    kc, vc = torch.randn(nb, bs, H, D, generator=g), torch.randn(nb, bs, H, D, generator=g)
+    tables = torch.randperm(nb, generator=g)[: N * W].view(N, W).to(torch.int32)
+    return torch.randn(N, H, D, generator=g), kc, vc, tables, torch.full((N,), L, dtype=torch.int32)
+
+
+# (N, H, D, context): batch-8 decode of the CPU benchmark's LM, one OPT-2.7B-shaped sequence
+@pytest.mark.parametrize("impl", ["cpp", "ref"])
+@pytest.mark.parametrize("shape", [(8, 8, 64, 60), (1, 32, 80, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_paged_attention_cpu(benchmark, shape, impl):
+    args = _paged(*shape)
+    fn = _ext_or_skip().paged_attention if impl == "cpp" else reference.paged_attention_ref
+    out = benchmark.pedantic(fn, (*args, 0.125), rounds=ROUNDS, warmup_rounds=1)
+    torch.testing.assert_close(out, reference.paged_attention_ref(*args, 0.125), atol=1e-5, rtol=1e-5)
+
+
+# greedy choice over a 50304-way fp32 head at batch 8: the bf16 screen against the full fp32 logits
+@pytest.mark.parametrize("impl", ["screened", "fp32"])
+def test_greedy_head(benchmark, impl):
+    from blip2_fast.models.greedy_head import ScreenedArgmax, argmax_ref
+
+    w, h = _rand(50304, 512, seed=1) / 512 ** 0.5, _rand(8, 512, seed=2)
+    fn = ScreenedArgmax(w) if impl == "screened" else (lambda x: argmax_ref(x, w).tolist())
+    out = benchmark.pedantic(fn, (h,), rounds=ROUNDS, warmup_rounds=1)
+    assert out == argmax_ref(h, w).tolist()
