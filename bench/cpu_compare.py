@@ -52,6 +52,8 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
 
+    from blip2_fast.models.greedy_head import screen_supported
+
     hf, ours = build(a.preset, seed=0)
     S = ours.cfg.vision.image_size
     g = torch.Generator().manual_seed(1)
@@ -92,6 +94,10 @@ def main(argv=None) -> dict:
                     "torch_threads": torch.get_num_threads()},
         "versions": _versions(),
         "impls": ours.impls,
+        # which implementation each op resolved to (on a CPU "fast" means the C++ extension or torch's SDPA)
+        "impl_modules": {n: f"{getattr(ours.ops, n).__module__}.{getattr(ours.ops, n).__name__}" for n in ours.impls},
+        # the exact bf16-screened greedy head (blip2_fast/models/greedy_head.py): "on", or why not
+        "greedy_screen": screen_supported(ours.lm.lm_head) or "on",
         "blip2_fast_s": [round(t, 3) for t in times["blip2_fast"]],
         "transformers_s": [round(t, 3) for t in times["transformers"]],
         "blip2_fast_median_s": round(m_ours, 3), "transformers_median_s": round(m_hf, 3),
