@@ -1,7 +1,12 @@
 """The op layer: every hot op by name, with a reference and a fast implementation.
 
-    ops.get("attention", "reference")  -> blip2_fast.reference.attention_ref
-    ops.get("attention", "fast")       -> the Triton kernel's host function
+    ops.get("attention", "reference")    -> blip2_fast.reference.attention_ref
+    ops.get("attention", "fast")         -> the Triton kernel's host function
+    ops.get("attention", "fast", "cpu")  -> blip2_fast.ops_cpu.attention (torch's fused SDPA)
+
+An op may have one fast implementation per device type (Triton or CUDA on the GPU; the C++
+extension or torch's own fused kernels on the CPU); `bind` picks the device's native one, and Triton
+interpreted on the CPU only where there is no native one.
 
 `get` never touches global state, so tests call implementations directly. Models never look ops up
 per call: `bind(...)` resolves the choice once (at `load()` time) into a frozen `BoundOps` whose
