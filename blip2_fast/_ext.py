@@ -9,8 +9,8 @@
 The CPU kernels are always built; the CUDA ones only when torch is a CUDA build and a CUDA toolkit is
 found (for sm_80, which also runs on 8.x, and sm_90a). Builds live in
 `$BLIP2_FAST_CACHE/ext-<hash>` (default `~/.cache/blip2_fast`), the hash covering the sources, the
-flags, torch, CUDA and Python versions, so a changed source never loads a stale library. An
-exclusive file lock serialises processes building the same directory. A failed build is remembered
+flags, the compilers' versions, torch, CUDA and Python versions, so a changed source or toolchain
+never loads a stale library. An exclusive file lock serialises processes building the same directory. A failed build is remembered
 in its directory (file FAILED), warned about once per process, and reported by `unavailable_reason`;
 `build()` always retries it.
 """
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.resources
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -80,10 +82,28 @@ def _config(cuda: bool) -> tuple[str, list[str], list[str], list[str]]:
             list(_CFLAGS), list(_CUDA_CFLAGS) if cuda else [])
 
 
+@functools.lru_cache(maxsize=None)
+def _compiler_ids(cuda: bool) -> str:
+    """The C++ compiler's (and for a CUDA build nvcc's) `--version` text: an upgraded compiler must not
+    load a library another one built (an ABI or codegen change would otherwise go unnoticed)."""
+    cmds = [[os.environ.get("CXX") or "c++", "--version"]]
+    if cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        cmds.append([os.path.join(CUDA_HOME or "", "bin", "nvcc"), "--version"])
+    out = []
+    for cmd in cmds:
+        try:
+            out.append(subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip())
+        except (OSError, subprocess.SubprocessError) as e:  # no compiler: the build itself will say so
+            out.append(f"{cmd[0]}: {type(e).__name__}")
+    return "\n".join(out)
+
+
 def _build_dir(name: str, sources: list[str], cflags: list[str], cuda_cflags: list[str]) -> Path:
     h = hashlib.sha256()
     for part in (name, torch.__version__, str(torch.version.cuda), sys.version.split()[0], platform.machine(),
-                 " ".join(cflags), " ".join(cuda_cflags), " ".join(_LDFLAGS)):
+                 " ".join(cflags), " ".join(cuda_cflags), " ".join(_LDFLAGS), _compiler_ids(bool(cuda_cflags))):
         h.update(part.encode() + b"\0")
     for f in sorted(sources) + sorted(str(_csrc() / n) for n in _HEADERS):
         p = Path(f)

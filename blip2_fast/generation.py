@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -160,8 +159,6 @@ def processor_for(model):
         if model.source_dir is None:
             raise ValueError("this model was not loaded from a directory, so it has no processor: "
                              "tokenize the text yourself, or load from a checkpoint directory with its processor files")
-        from transformers import Blip2Processor
-
         model._processor = load_processor(model.source_dir)
     return model._processor
 

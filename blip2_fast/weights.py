@@ -7,7 +7,6 @@ with both shapes named, and every tensor is cast to the target dtype and moved t
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 import time

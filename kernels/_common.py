@@ -7,6 +7,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover - a Triton without the interpreter never interprets
+    InterpretedFunction = type(None)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -128,3 +133,27 @@ def gelu_tanh(x):
     # form saturates cleanly (exp2 overflow gives x/inf = -0, underflow gives x).
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     return x / (1.0 + tl.exp2(-2.8853900817779268 * u))  # -2·log2(e)·u
+
+
+_INTERPRETED: dict = {}
+
+
+def runnable(kernel):
+    """`kernel` as TRITON_INTERPRET says now. @triton.jit picks compiler or interpreter when this
+    module is imported; if that happened before a test set TRITON_INTERPRET=1, re-wrap it."""
+    if interpreting() and not isinstance(kernel, InterpretedFunction):
+        if kernel not in _INTERPRETED:
+            _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
+        return _INTERPRETED[kernel]
+    return kernel
+
+
+def row_alignment(t: torch.Tensor) -> int:
+    """Largest power of two, at most 16 bytes' worth of elements, dividing every stride of t but the
+    last: every row t[i, j, k, :] then starts that many elements apart. 1 if rows are strided."""
+    if t.stride(-1) != 1:
+        return 1
+    align = max(1, 16 // t.element_size())
+    while align > 1 and any(s % align for s in t.stride()[:-1]):
+        align //= 2
+    return align

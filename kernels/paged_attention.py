@@ -23,12 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import FLOAT_DTYPES, check_device, interpreting
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover - a Triton without the interpreter never interprets
-    InterpretedFunction = type(None)
+from ._common import FLOAT_DTYPES, check_device, interpreting, row_alignment, runnable
 
 # The kernels reduce with tl.reduce and these combiners instead of tl.sum / tl.max, and build
 # constants with tl.full instead of tl.zeros: tl.sum, tl.max and tl.zeros are themselves @jit
@@ -42,19 +37,6 @@ _MAX_HEAD_DIM = 256
 _MAX_SPLITS = 64
 # A split shorter than this costs more in its partial write and the merge than it saves.
 _MIN_TOKENS_PER_SPLIT = 256
-
-
-_INTERPRETED: dict = {}
-
-
-def _runnable(kernel):
-    """`kernel` as TRITON_INTERPRET says now. @triton.jit picks compiler or interpreter when this
-    module is imported; if that happened before a test set TRITON_INTERPRET=1, re-wrap it."""
-    if interpreting() and not isinstance(kernel, InterpretedFunction):
-        if kernel not in _INTERPRETED:
-            _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
-        return _INTERPRETED[kernel]
-    return kernel
 
 
 @triton.jit
@@ -167,17 +149,6 @@ def _paged_attention_merge_kernel(
     tl.store(OUT + row * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
-def row_alignment(t: torch.Tensor) -> int:
-    """Largest power of two, at most 16 bytes' worth of elements, dividing every stride of t but the
-    last: every row t[i, j, k, :] then starts that many elements apart. 1 if rows are strided."""
-    if t.stride(-1) != 1:
-        return 1
-    align = max(1, 16 // t.element_size())
-    while align > 1 and any(s % align for s in t.stride()[:-1]):
-        align //= 2
-    return align
-
-
 _SM_COUNT: dict = {}
 
 
@@ -235,7 +206,7 @@ def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         part_m = _common.new_empty((N, H, num_splits), torch.float32, q.device)
         part_l = _common.new_empty((N, H, num_splits), torch.float32, q.device)
     has_bias = rel_bias is not None
-    _runnable(_paged_attention_split_kernel)[(N, H, num_splits)](
+    runnable(_paged_attention_split_kernel)[(N, H, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, rel_bias if has_bias else q, part_o, part_m, part_l,
         scale * math.log2(math.e), num_splits, tokens_per_split,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
@@ -245,7 +216,7 @@ def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
-        _runnable(_paged_attention_merge_kernel)[(N, H)](
+        runnable(_paged_attention_merge_kernel)[(N, H)](
             out, part_o, part_m, part_l, num_splits,
             HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
             num_warps=1 if interpreting() else 4,

@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_device, interpreting
-from .paged_attention import _runnable, row_alignment
+from ._common import FLOAT_DTYPES, check_device, interpreting, row_alignment, runnable
 
 _MAX_HEAD_DIM = 256
 
@@ -72,7 +71,7 @@ def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         # <= 4096 elements per tensor per program: a [32, 128] fp16 tile is 8 KB each of K and V.
         BLOCK_H, num_warps = min(triton.next_power_of_2(H), max(1, 4096 // BLOCK_D)), 4
     grid = (T, triton.cdiv(H, BLOCK_H))
-    _runnable(_write_kv_kernel)[grid](
+    runnable(_write_kv_kernel)[grid](
         k, v, k_cache, v_cache, slot_mapping, H,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_D=BLOCK_D,

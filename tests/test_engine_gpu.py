@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import blip2_fast
 from blip2_fast import Engine, SamplingParams
 
 pytestmark = pytest.mark.gpu

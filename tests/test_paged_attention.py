@@ -7,8 +7,6 @@ Caches are NaN everywhere a sequence has no token, and block-table entries past 
 point at an all-NaN block, so reading anything outside the context shows up as NaN. Outputs and
 split-K partials are NaN-poisoned before the kernels write them.
 """
-import os
-
 from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
 import json

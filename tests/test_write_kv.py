@@ -4,7 +4,7 @@ Runs interpreted on the CPU (TRITON_INTERPRET=1, set below before the kernel mod
 TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled, plus the bf16 ones. Caches start
 NaN-filled: slots nobody writes must stay NaN, written ones must hold the new values.
 """
-from kernel_setup import DEVICE, INTERPRET, needs_cuda  # noqa: E402,F401 (before the kernel modules; autouse fixture)
+from kernel_setup import DEVICE, needs_cuda  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
 import pytest
 import torch
