@@ -62,7 +62,9 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
         (fetched with huggingface_hub when online), or a live transformers `Blip2ForConditionalGeneration`,
         `Blip2Model`, `Blip2ForImageTextRetrieval`, `Blip2VisionModelWithProjection` or
         `Blip2TextModelWithProjection` (its state dict is used; it is not modified).
-    device / dtype: default cuda + bfloat16 when a GPU is available, else cpu + float32.
+    device / dtype: default cuda + bfloat16 when a GPU is available, else cpu + float32. With
+        float16 the Q-Former and its query tokens stay in float32, as transformers keeps them
+        (`model.qformer_dtype`); its output is cast to float16 before the projections.
     backend: "fast" or "reference" for every op; default $BLIP2_FAST_BACKEND, else "fast".
     ops: per-op overrides, e.g. {"attention": "reference"}. An op asked for as "fast" here that
         cannot run on the device raises; one that falls back under `backend="fast"` warns once.

@@ -20,7 +20,7 @@ from .models.qformer import QFormer, TextEmbeddings
 from .models.t5 import T5
 from .models.vision import VisionEncoder
 from .ops import BoundOps
-from .weights import WeightSource
+from .weights import DtypeView, WeightSource
 
 _HAS_LM = ("Blip2ForConditionalGeneration", "Blip2Model")
 _HAS_VISION = _HAS_LM + ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection")
@@ -67,8 +67,13 @@ class Blip2(nn.Module):
         self.source_dir = source_dir
         Q, Hq = cfg.num_query_tokens, cfg.qformer.hidden
         self.vision = VisionEncoder(cfg.vision, ops, src) if cfg.architecture in _HAS_VISION else None
-        self.query_tokens = src.take("query_tokens", (1, Q, Hq))
-        self.qformer = QFormer(cfg.qformer, ops, src)
+        # transformers keeps the Q-Former and the query tokens in fp32 when a model is loaded in fp16
+        # (`_keep_in_fp32_modules`, which it applies to fp16 only): so do we, for the same numbers. Its
+        # inputs are cast up on entry and its outputs down before the model-dtype projections.
+        self.qformer_dtype = torch.float32 if src.dtype == torch.float16 else src.dtype
+        qsrc = src if self.qformer_dtype == src.dtype else DtypeView(src, self.qformer_dtype)
+        self.query_tokens = qsrc.take("query_tokens", (1, Q, Hq))
+        self.qformer = QFormer(cfg.qformer, ops, qsrc)
         self.text_embeddings = TextEmbeddings(cfg.qformer, src) if cfg.architecture in _HAS_TEXT_EMB else None
         self.lm = None
         if cfg.architecture in _HAS_LM:
@@ -127,7 +132,8 @@ class Blip2(nn.Module):
     def language_model_inputs(self, pixel_values, interpolate_pos_encoding=False) -> torch.Tensor:
         """Projected query outputs the language model sees in place of the image tokens: [B, Q, E_lm]."""
         self._need("language model", self.lm is not None)
-        return F.linear(self.get_qformer_features(pixel_values, interpolate_pos_encoding), self.proj_w, self.proj_b)
+        q = self.get_qformer_features(pixel_values, interpolate_pos_encoding)
+        return F.linear(q.to(self.dtype), self.proj_w, self.proj_b)
 
     # ---- text side --------------------------------------------------------------------------
     def _ids(self, input_ids, attention_mask):
@@ -243,17 +249,18 @@ class Blip2(nn.Module):
             ids = input_ids[:, Q:] if has_img_tok else input_ids
             if not has_img_tok:
                 mask = torch.cat([torch.ones(B, Q, dtype=mask.dtype, device=mask.device), mask], 1)
-            emb = torch.cat([self.query_tokens.expand(B, -1, -1), self.text_embeddings(ids)], 1)
+            text = self.text_embeddings(ids)  # model dtype; transformers casts the queries to it too
+            emb = torch.cat([self.query_tokens.expand(B, -1, -1).to(text.dtype), text], 1)
             out = self.qformer(emb, n_query=Q, attention_mask=mask.bool(), image_embeds=image_embeds)
-            logits = F.linear(out[:, :Q], *self.itm_head).mean(1)
+            logits = F.linear(out[:, :Q].to(self.dtype), *self.itm_head).mean(1)
             return Output(logits_per_image=logits, logits_per_text=logits.t())
         self._need("projections", hasattr(self, "vision_proj") and hasattr(self, "text_proj"))
         q = self._qformer_queries(image_embeds)
         if has_img_tok:
             input_ids, mask = input_ids[:, Q:], mask[:, Q:]
         t = self.qformer(self.text_embeddings(input_ids), n_query=0, attention_mask=mask.bool())
-        img = F.normalize(F.linear(q, *self.vision_proj), dim=-1)  # (B, Q, P)
-        txt = F.normalize(F.linear(t[:, 0], *self.text_proj), dim=-1)  # (Bt, P)
+        img = F.normalize(F.linear(q.to(self.dtype), *self.vision_proj), dim=-1)  # (B, Q, P)
+        txt = F.normalize(F.linear(t[:, 0].to(self.dtype), *self.text_proj), dim=-1)  # (Bt, P)
         logits = torch.matmul(img, txt.t()).max(dim=1).values  # (B, Bt)
         return Output(logits_per_image=logits, logits_per_text=logits.t(), text_embeds=txt, image_embeds=img)
 
@@ -263,7 +270,8 @@ class Blip2(nn.Module):
         self._need("vision projection", hasattr(self, "vision_proj"))
         feats = self.get_image_features(pixel_values)
         q = self._qformer_queries(feats.last_hidden_state)
-        return Output(image_embeds=F.normalize(F.linear(q, *self.vision_proj), dim=-1), last_hidden_state=feats.last_hidden_state)
+        img = F.normalize(F.linear(q.to(self.dtype), *self.vision_proj), dim=-1)
+        return Output(image_embeds=img, last_hidden_state=feats.last_hidden_state)
 
     @torch.inference_mode()
     def text_with_projection(self, input_ids, attention_mask=None) -> Output:
@@ -271,7 +279,7 @@ class Blip2(nn.Module):
         self._need("text projection", hasattr(self, "text_proj") and self.text_embeddings is not None)
         input_ids, mask = self._ids(input_ids, attention_mask)
         t = self.qformer(self.text_embeddings(input_ids), n_query=0, attention_mask=mask.bool())
-        return Output(text_embeds=F.normalize(F.linear(t, *self.text_proj), dim=-1), last_hidden_state=t)
+        return Output(text_embeds=F.normalize(F.linear(t.to(self.dtype), *self.text_proj), dim=-1), last_hidden_state=t)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, interpolate_pos_encoding=False, **kwargs):

@@ -113,6 +113,20 @@ class _MappedFile:
         return raw.view(dtype).view(info["shape"])  # byte count vs shape checked by _validate_safetensors
 
 
+class DtypeView:
+    """A weight source seen with another default dtype: what the Q-Former of an fp16 model loads through
+    (transformers keeps it in fp32). Takes are recorded on the underlying source as usual."""
+
+    def __init__(self, src, dtype: torch.dtype):
+        self._src, self.dtype, self.device = src, dtype, src.device
+
+    def has(self, key: str) -> bool:
+        return self._src.has(key)
+
+    def take(self, key: str, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._src.take(key, shape, dtype or self.dtype)
+
+
 class WeightSource:
     """Tensors by key from a checkpoint directory or a state dict.
 

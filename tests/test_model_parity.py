@@ -282,3 +282,41 @@ def test_legacy_checkpoint_with_separate_q_v_bias(ckpt, tmp_path):
     a = blip2_fast.load(old, backend="reference")(pixel_values=pv, input_ids=ids).logits
     b = blip2_fast.load(new, backend="reference")(pixel_values=pv, input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_fp16_keeps_the_qformer_in_fp32_like_transformers(ckpt):
+    """transformers loads the Q-Former and query tokens in fp32 when asked for fp16 (its
+    `_keep_in_fp32_modules`); so does load(dtype=float16): on the same image features the Q-Former
+    outputs then agree to fp32 accuracy, and the fp16 logits / ITM scores to fp16 accuracy."""
+    import transformers
+
+    d, _ = ckpt("opt")
+    hf = transformers.Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.float16).eval()
+    assert hf.query_tokens.dtype == torch.float32  # the behaviour we match
+    m = blip2_fast.load(d, dtype=torch.float16, backend="reference")
+    assert m.qformer_dtype == torch.float32 and m.dtype == torch.float16
+    pv, ids, mask = image_prompt(hf, 2, pads=((1, 2),))
+    with torch.no_grad():
+        emb = hf.vision_model(pixel_values=pv.half()).last_hidden_state  # fp16
+        ones = torch.ones(emb.shape[:2], dtype=torch.long)
+        ref_q = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=emb,
+                           encoder_attention_mask=ones).last_hidden_state
+        ref = hf(pixel_values=pv.half(), input_ids=ids, attention_mask=mask).logits
+    got_q = m._qformer_queries(emb)
+    assert got_q.dtype == torch.float32 and rel_err(got_q, ref_q) < 1e-5
+    out = m(pixel_values=pv.half(), input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert rel_err(out[valid].float(), ref[valid].float()) < 5e-3
+
+    d, _ = ckpt("opt", arch="Blip2ForImageTextRetrieval")
+    hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(d, dtype=torch.float16).eval()
+    m = blip2_fast.load(d, dtype=torch.float16, backend="reference")
+    Q = hf.config.num_query_tokens
+    text = torch.randint(5, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    for itm in (True, False):
+        ids = torch.cat([torch.full((2, Q), 0 if itm else hf.config.image_token_index), text], 1)
+        am = torch.ones_like(ids)
+        with torch.no_grad():
+            ref = hf(pixel_values=pv.half(), input_ids=ids, attention_mask=am, use_image_text_matching_head=itm).logits_per_image
+        got = m(pixel_values=pv.half(), input_ids=ids, attention_mask=am, use_image_text_matching_head=itm).logits_per_image
+        assert got.dtype == ref.dtype and rel_err(got.float(), ref.float()) < 5e-3, itm
