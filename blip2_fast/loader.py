@@ -64,7 +64,9 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
         `Blip2TextModelWithProjection` (its state dict is used; it is not modified).
     device / dtype: default cuda + bfloat16 when a GPU is available, else cpu + float32. With
         float16 the Q-Former and its query tokens stay in float32, as transformers keeps them
-        (`model.qformer_dtype`); its output is cast to float16 before the projections.
+        (`model.qformer_dtype`); its output is cast to float16 before the projections. A float16
+        Flan-T5 keeps each feed-forward's `wo` in float32 and clamps overflowing float16 states,
+        also as transformers does.
     backend: "fast" or "reference" for every op; default $BLIP2_FAST_BACKEND, else "fast".
     ops: per-op overrides, e.g. {"attention": "reference"}. An op asked for as "fast" here that
         cannot run on the device raises; one that falls back under `backend="fast"` warns once.

@@ -320,3 +320,36 @@ def test_fp16_keeps_the_qformer_in_fp32_like_transformers(ckpt):
             ref = hf(pixel_values=pv.half(), input_ids=ids, attention_mask=am, use_image_text_matching_head=itm).logits_per_image
         got = m(pixel_values=pv.half(), input_ids=ids, attention_mask=am, use_image_text_matching_head=itm).logits_per_image
         assert got.dtype == ref.dtype and rel_err(got.float(), ref.float()) < 5e-3, itm
+
+
+def test_fp16_t5_keeps_wo_in_fp32_like_transformers(tmp_path):
+    """transformers runs a float16 T5 with each feed-forward's `wo` in float32 (so the residual stream
+    is float32) and clamps overflowing float16 states. With feed-forward outputs scaled past float16's
+    range, a pure-float16 T5 turns to NaN; load(dtype=float16) must stay finite and give
+    transformers' tokens, its logits no further from float32 than transformers' own."""
+    import transformers
+
+    from blip2_fast.testing import build_checkpoint
+
+    hf = build_checkpoint(tmp_path, "t5")
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("DenseReluDense.wo.weight"):
+                p.mul_(1e5)  # FFN outputs ~1e5-1e6: past float16's 65504
+    hf.save_pretrained(tmp_path)
+    hf16 = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    m = blip2_fast.load(tmp_path, dtype=torch.float16, backend="reference")
+    assert m.lm.enc[0].wo.dtype == torch.float32 and m.lm.enc[0].wi0.dtype == torch.float16
+    pv, ids, mask = image_prompt(hf, 2, pads=((1, 2),))
+    dec = torch.randint(2, 200, (2, 4), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    with torch.no_grad():
+        ref32 = hf(pixel_values=pv, **kw).logits
+        ref16 = hf16(pixel_values=pv.half(), **kw).logits
+    out = m(pixel_values=pv.half(), **kw).logits
+    assert torch.isfinite(out).all()
+    assert rel_err(out.float(), ref32) <= max(rel_err(ref16.float(), ref32), 1e-3)
+    with torch.no_grad():
+        want = hf16.generate(pixel_values=pv.half(), input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    got = m.generate(pv.half(), input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(got, want), f"\n{got}\n{want}"

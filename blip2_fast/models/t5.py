@@ -1,6 +1,11 @@
 """Flan-T5 encoder-decoder (transformers' `T5ForConditionalGeneration`): RMSNorm, relative position
 bias, gated-GELU feed-forward; the decoder's self-attention and cross-attention K/V live in the paged
-cache (the encoder's K/V are written once per request and read by every decode step)."""
+cache (the encoder's K/V are written once per request and read by every decode step).
+
+In float16, as transformers: each feed-forward's output projection `wo` is kept in float32 (its
+`_keep_in_fp32_modules`), which makes the residual stream float32 from the first feed-forward on;
+half-precision hidden states are clamped after every sublayer when they overflow; each RMSNorm's
+output is rounded to the weight's float16 for the next sublayer."""
 from __future__ import annotations
 
 import math
@@ -29,6 +34,14 @@ def relative_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, ma
                          * (num_buckets - max_exact)).long()
     large = torch.clamp(large, max=num_buckets - 1)
     return out + torch.where(rel < max_exact, rel, large)
+
+
+def _clamp_overflow(x: torch.Tensor) -> torch.Tensor:
+    """transformers' T5 guard for float16 hidden states: when any is infinite, clamp all to
+    ±(max - 1000); no host sync (a 0-dim tensor bound), so CUDA graphs can capture it."""
+    big = torch.finfo(torch.float16).max
+    lim = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, -lim, lim)
 
 
 class T5Attention(nn.Module):
@@ -65,16 +78,17 @@ class T5Block(nn.Module):
             self.wi0, self.wi1 = src.take(d + "wi_0.weight", (cfg.d_ff, D)), src.take(d + "wi_1.weight", (cfg.d_ff, D))
         else:
             self.wi = src.take(d + "wi.weight", (cfg.d_ff, D))
-        self.wo = src.take(d + "wo.weight", (D, cfg.d_ff))
+        # float16 models keep this projection in float32 (see the module docstring)
+        self.wo = src.take(d + "wo.weight", (D, cfg.d_ff), torch.float32 if src.dtype == torch.float16 else None)
         self.ln_ff = src.take(f"{p}layer.{f}.layer_norm.weight", (D,))
 
     def ffn(self, h):
         if self.gated:
             g = F.relu(F.linear(h, self.wi0)) if self.relu else self.ops.linear_gelu(h, self.wi0, None, self.approx)
-            return F.linear(g * F.linear(h, self.wi1), self.wo)
+            return F.linear((g * F.linear(h, self.wi1)).to(self.wo.dtype), self.wo)
         h = F.linear(h, self.wi)
         h = F.relu(h) if self.relu else F.gelu(h, approximate=self.approx)
-        return F.linear(h, self.wo)
+        return F.linear(h.to(self.wo.dtype), self.wo)
 
     def self_attention(self, h, bias, meta: AttnMeta, cache, rel_table):
         B, S, _ = h.shape
@@ -153,8 +167,28 @@ class T5(nn.Module):
         b = relative_bucket(mem - ctx, bidirectional, self.cfg.buckets, self.cfg.max_distance)
         return F.embedding(b, table).permute(2, 0, 1).unsqueeze(0)  # (1, H, Sq, Sk)
 
-    def _stack(self, x, blocks, final_w, step):
+    def _rms(self):
+        """rms(x, w, eps) / rms(delta, w, eps, residual) -> (normed, residual + delta), as the stacks use it.
+
+        Float32 and bfloat16: the fused op. Float16: transformers' mixed precision (module docstring):
+        the sum in the wider dtype of the two, clamped if it is float16, normalised, rounded to w's dtype.
+        """
         rms = self.ops.rmsnorm
+        if self.shared.dtype != torch.float16:
+            return rms
+
+        def mixed(x, w, eps, residual=None):
+            if residual is None:
+                return rms(x, w, eps).to(w.dtype)
+            s = residual + x  # float32 once a float32 feed-forward output was added
+            if s.dtype == torch.float16:
+                s = _clamp_overflow(s)
+            return rms(s, w, eps).to(w.dtype), s
+
+        return mixed
+
+    def _stack(self, x, blocks, final_w, step):
+        rms = self._rms()
         delta = None
         for blk in blocks:
             delta, x = step(blk, delta, x, rms)
