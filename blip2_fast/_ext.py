@@ -35,11 +35,13 @@ import torch
 _CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp")
 _CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
 _HEADERS = ("checks.h", "cpu_common.h", "cross_attention.h")
-# no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion. -fopenmp: at::parallel_for is a
-# header template that runs serially unless the extension itself is compiled with OpenMP; at run time
-# the libgomp.so.1 that torch already loaded serves it (same soname), so there is one thread pool.
-_CFLAGS = ("-O3", "-fno-trapping-math", "-fopenmp")
-_LDFLAGS = ("-fopenmp",)
+# no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion.
+_CFLAGS = ("-O3", "-fno-trapping-math")
+# at::parallel_for is a header template that runs serially unless the extension itself is compiled
+# with OpenMP. With GCC, the libgomp.so.1 that torch already loaded serves it at run time (same
+# soname), so there is one thread pool. Not with clang (its libomp would be a second runtime that
+# ignores torch.set_num_threads): there, and if an OpenMP build fails, the kernels build serial.
+_OPENMP_FLAGS = ("-fopenmp",)
 _CUDA_ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
 _CUDA_CFLAGS = ("-O3",) + _CUDA_ARCH_FLAGS
 
@@ -75,11 +77,18 @@ def _cuda_toolkit_reason() -> str | None:
     return None
 
 
-def _config(cuda: bool) -> tuple[str, list[str], list[str], list[str]]:
-    """(name, sources, cflags, cuda_cflags) of the CPU-only or the CPU+CUDA build."""
+def _config(cuda: bool, openmp: bool = True) -> tuple[str, list[str], list[str], list[str], list[str]]:
+    """(name, sources, cflags, cuda_cflags, ldflags) of the CPU-only or the CPU+CUDA build."""
     names = _CPU_SOURCES + (_CUDA_SOURCES if cuda else ())
+    omp = list(_OPENMP_FLAGS) if openmp else []
     return ("blip2_fast_ext_cuda" if cuda else "blip2_fast_ext_cpu", [str(_csrc() / n) for n in names],
-            list(_CFLAGS), list(_CUDA_CFLAGS) if cuda else [])
+            list(_CFLAGS) + omp, list(_CUDA_CFLAGS) if cuda else [], omp)
+
+
+def _openmp_variants() -> list[bool]:
+    """OpenMP first where it shares torch's runtime (GCC on Linux), then a serial build as the fallback."""
+    gcc = sys.platform.startswith("linux") and "clang" not in _compiler_ids(False).lower()
+    return [True, False] if gcc else [False]
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,10 +109,10 @@ def _compiler_ids(cuda: bool) -> str:
     return "\n".join(out)
 
 
-def _build_dir(name: str, sources: list[str], cflags: list[str], cuda_cflags: list[str]) -> Path:
+def _build_dir(name: str, sources: list[str], cflags: list[str], cuda_cflags: list[str], ldflags: list[str]) -> Path:
     h = hashlib.sha256()
     for part in (name, torch.__version__, str(torch.version.cuda), sys.version.split()[0], platform.machine(),
-                 " ".join(cflags), " ".join(cuda_cflags), " ".join(_LDFLAGS), _compiler_ids(bool(cuda_cflags))):
+                 " ".join(cflags), " ".join(cuda_cflags), " ".join(ldflags), _compiler_ids(bool(cuda_cflags))):
         h.update(part.encode() + b"\0")
     for f in sorted(sources) + sorted(str(_csrc() / n) for n in _HEADERS):
         p = Path(f)
@@ -134,9 +143,22 @@ def _first_error(text: str) -> str:
 
 
 def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
-    """Build (or find cached) and load one configuration; returns the library's path."""
-    name, sources, cflags, cuda_cflags = _config(cuda)
-    d = _build_dir(name, sources, cflags, cuda_cflags)
+    """Build (or find cached) and load one configuration, with OpenMP if it can; returns the library's path."""
+    variants = _openmp_variants()
+    for i, openmp in enumerate(variants):
+        try:
+            return _build_variant(cuda, openmp, force, verbose)
+        except _BuildError:
+            if i == len(variants) - 1:
+                raise
+            print("blip2_fast: the OpenMP build failed; building the extension without OpenMP (single-threaded CPU "
+                  "kernels)", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _build_variant(cuda: bool, openmp: bool, force: bool, verbose: bool) -> str:
+    name, sources, cflags, cuda_cflags, ldflags = _config(cuda, openmp)
+    d = _build_dir(name, sources, cflags, cuda_cflags, ldflags)
     lib = d / f"{name}.so"
     ok, failed = d / "OK", d / "FAILED"
     if ok.exists() and lib.exists() and not force:  # built: load without the lock (the cache may be read-only)
@@ -159,7 +181,7 @@ def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
             failed.write_text("an earlier build was interrupted; run `python -m blip2_fast build-ext` to retry")
             try:
                 cpp_extension.load(name, sources, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
-                                   extra_ldflags=list(_LDFLAGS),
+                                   extra_ldflags=ldflags,
                                    build_directory=str(d), verbose=verbose, with_cuda=cuda, is_python_module=False)
             except Exception as e:
                 failed.write_text(f"{type(e).__name__}: {e}")
@@ -200,7 +222,7 @@ def _load(force: bool = False, verbose: bool = False) -> None:
                 _path = _build_one(cuda, force, verbose)
             except Exception as e:
                 text = str(e)
-                d = _build_dir(*_config(cuda))
+                d = _build_dir(*_config(cuda, openmp=False))  # the last variant tried
                 _errors[config] = f"the {config.upper()} extension failed to build: {_first_error(text)} (log: {d / 'FAILED'})"
                 _tails[config] = _tail(text)
                 if cuda:

@@ -18,7 +18,9 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=
 
     q: [B, H, Sq, D]; k, v: [B, H, Sk, D] (any strides). causal is bottom-right aligned (query i sees
     keys j <= i + Sk - Sq). key_padding_mask: [B, Sk], nonzero = keep. bias: additive, broadcastable
-    to [B, H, Sq, Sk]. A query with no visible key returns zeros. Returns [B, H, Sq, D] in q's dtype.
+    to [B, H, Sq, Sk]; SDPA takes it in q's dtype, so a bf16/fp16 call rounds it there (the reference
+    adds it in fp32; eager attention in that dtype rounds it too). A query with no visible key returns
+    zeros. Returns [B, H, Sq, D] in q's dtype.
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[-1] != k.shape[-1] or q.shape[:2] != k.shape[:2]:
         raise ValueError(f"attention: q must be [B, H, Sq, D] and k, v [B, H, Sk, D] alike; got q {tuple(q.shape)}, "

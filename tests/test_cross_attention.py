@@ -280,6 +280,22 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     assert "(once)..." in r.stderr  # build() retried instead of reading FAILED
 
 
+def test_openmp_build_failure_falls_back_to_a_serial_build(tmp_path):
+    """A compiler that rejects the OpenMP flags must not cost the whole extension."""
+    code = """
+        import torch
+        from blip2_fast import _ext
+        _ext._OPENMP_FLAGS = ("-fopenmp", "-fno-such-flag-for-the-test")
+        assert _ext.build() is None, "the serial fallback did not load"
+        q = torch.randn(1, 2, 3, 8)
+        assert torch.ops.blip2_fast.cross_attention(q, q, q, None, None).shape == q.shape
+        print("ok")
+    """
+    r = _python(code, {"BLIP2_FAST_CACHE": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    assert "without OpenMP" in r.stderr, r.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_concurrent_cold_builds_share_one_cache(tmp_path):
     env = {"BLIP2_FAST_CACHE": str(tmp_path)}

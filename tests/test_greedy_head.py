@@ -1,5 +1,7 @@
 """The bf16-screened greedy head: the same ids as argmax over fp32 logits, a bound that holds, and the
 engine using it token-identically to transformers."""
+import warnings
+
 import pytest
 import torch
 
@@ -67,6 +69,10 @@ def test_screen_supported_reasons():
     assert "float32" in screen_supported(torch.zeros(8192, 8, dtype=torch.bfloat16))
     assert "too small" in screen_supported(torch.zeros(211, 8))
     assert "meta" in screen_supported(torch.zeros(8192, 8, device="meta"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note about oneDNN TF32 on Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert "disabled" in screen_supported(torch.zeros(8192, 8))
 
 
 @pytest.mark.parametrize("lm", ["opt", "t5"])
@@ -92,3 +98,46 @@ def test_engine_with_the_screen_matches_transformers(ckpt, lm):
         assert got[i] == w, i
     assert len(calls) >= 5 and any(any(b) for b in calls)  # decode steps went through it, eos banned early
     assert eng.num_free_blocks == eng.num_blocks
+
+
+def test_tiny_hidden_states_keep_the_bound():
+    """At |h| ~ 1e-25 the squares in an fp32 norm underflow to 0: the bound must still hold (norms
+    in float64). Row 20's bf16 copy cancels to 0 while its fp32 residual wins: the screen must keep it."""
+    V, E = 4099, 64
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(V, E, generator=g).bfloat16().float() * 5e-4  # bf16-exact, small
+    sign = torch.randn(E, generator=g).sign()
+    w[10] = 0
+    w[10, 0] = sign[0] * 2.0 ** -6  # row 10: the best screened logit
+    alt = sign * torch.tensor([1.0, -1.0]).repeat(E // 2)  # bf16 part: +-1 that cancels against sign
+    w[20] = alt + sign * 2.0 ** -9 * 0.99  # fp32 part just under half a bf16 ulp, aligned with h
+    assert torch.equal(w[20].bfloat16().float(), alt)
+    h = sign[None] * 1e-25
+    assert float(h.norm()) == 0.0  # the underflow this guards against
+    truth = int((h.double() @ w.double().t()).argmax())
+    assert truth == 20 and ScreenedArgmax(w)(h) == [20] == argmax_ref(h, w).tolist()
+
+
+def test_flat_rows_are_scored_in_full_not_rechecked():
+    """A zero hidden state makes every logit tie: the row goes to the full fp32 path (argmax: id 0)
+    instead of rechecking all V candidates (which would gather the whole head)."""
+    w, g = _head(50304, 512, seed=5)
+    head = ScreenedArgmax(w)
+    h = torch.randn(3, 512, generator=g)
+    h[1] = 0.0
+    gathered = []
+    real = torch.Tensor.__getitem__
+
+    def spy(t, idx):  # record how many head rows the recheck gathers
+        out = real(t, idx)
+        if t is w and isinstance(idx, torch.Tensor):
+            gathered.append(idx.numel())
+        return out
+
+    torch.Tensor.__getitem__ = spy
+    try:
+        got = head(h)
+    finally:
+        torch.Tensor.__getitem__ = real
+    assert got == argmax_ref(h, w).tolist() and got[1] == 0
+    assert gathered and max(gathered) <= 2 * 64

@@ -1,6 +1,9 @@
-"""The whole model on the fast backend (Triton interpreted on the CPU, the C++ extension) still
-matches transformers: logits within 1e-3 relative in fp32 and identical greedy tokens; and no fast
-op silently falls back to its reference."""
+"""The whole model on the fast backend still matches transformers: logits within 1e-3 relative in
+fp32 and identical greedy tokens; and no fast op silently falls back to its reference.
+
+On a CPU, `bind` prefers the CPU-native fast implementations (torch's SDPA, the C++ extension) and
+interprets Triton only for ops without one; the `triton` variant below reorders the registry so that
+every op with a Triton kernel runs it (interpreted), exercising the GPU kernels inside the model."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,11 +25,18 @@ def test_every_fast_op_binds_fast():
         assert getattr(bound, name) is ops.get(name, "fast", "cpu")
 
 
+@pytest.mark.parametrize("prefer", ["native", "triton"])
 @pytest.mark.parametrize("lm", ["opt", "t5"])
-def test_fast_backend_matches_transformers(ckpt, lm):
+def test_fast_backend_matches_transformers(ckpt, lm, prefer, monkeypatch):
+    if prefer == "triton":
+        candidates = ops._candidates
+        monkeypatch.setattr(ops, "_candidates", lambda name, dev: sorted(candidates(name, dev), key=lambda f: f.kind != "triton"))
     d, hf = ckpt(lm)
     m = blip2_fast.load(d, backend="fast")
     assert set(m.impls.values()) == {"fast"}, m.impls
+    kernel = {"native": "blip2_fast.ops_cpu", "triton": "blip2_fast.kernels.attention"}[prefer]
+    assert m.ops.attention.__module__ == kernel
+    assert m.ops.paged_attention.__module__ == {"native": "blip2_fast._ext", "triton": "blip2_fast.kernels.paged_attention"}[prefer]
     pv, ids, mask = image_prompt(hf, 2, pads=((1, 2),))
     kw = {"decoder_input_ids": torch.randint(2, 200, (2, 4), generator=torch.Generator().manual_seed(0))} if lm == "t5" else {}
     with torch.no_grad():

@@ -23,6 +23,8 @@ and per row the maxima over v of the norms are used, so B is one scalar per row.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _SAFETY = 1.5  # margin on the bound for the GEMM's unknown internals (e.g. how it splits K)
@@ -52,9 +54,23 @@ def screen_supported(weight: torch.Tensor) -> str | None:
         return f"the head is {weight.dtype}, not float32 (its GEMM is already narrow)"
     if weight.shape[0] < 4096:
         return f"a {weight.shape[0]}-way vocabulary is too small for the screen to pay off"
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "this CPU has no fast bf16 GEMM (oneDNN reports no bf16 support)"
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return "oneDNN (torch.backends.mkldnn) is unavailable or disabled, so bf16 GEMMs would not be fast"
+    if not _native_bf16():
+        return "this CPU has no bf16 matrix instructions (avx512_bf16 / amx_bf16); emulated bf16 is no faster"
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively. oneDNN also reports bf16 support on AVX-512 CPUs
+    that only emulate it (no faster than fp32 there), so the CPU flags decide (Linux; elsewhere no)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class ScreenedArgmax:
@@ -70,19 +86,23 @@ class ScreenedArgmax:
         K = weight.shape[1]
         w_max = r_max = wb_max = 0.0
         for s in range(0, weight.shape[0], chunk):  # chunks: no second fp32 copy of the head at once
-            w, wb = weight[s: s + chunk], self.wb[s: s + chunk].float()
+            # norms in float64: squares of tiny fp32 values would underflow to 0 and void the bound
+            w, wb = weight[s: s + chunk].double(), self.wb[s: s + chunk].double()
             w_max = max(w_max, float(w.norm(dim=1).max()))
             r_max = max(r_max, float((w - wb).norm(dim=1).max()))
             wb_max = max(wb_max, float(wb.norm(dim=1).max()))
-        self.w_max = w_max
+        self.K, self.w_max = K, w_max
         self.r_max = r_max + 2 * K * 2.0 ** -24 * wb_max  # the bf16 residual and the fp32 accumulation
 
     def _bound(self, h: torch.Tensor, hb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """[n]: max over v of |h · w_v - a_v| (a = the screened logits, [n, V])."""
-        hbf = hb.float()
-        b = (h - hbf).norm(dim=1) * self.w_max + hbf.norm(dim=1) * self.r_max  # (n,)
-        b = b + 2.0 ** -8 * torch.maximum(a.amax(dim=1), -a.amin(dim=1))
-        return b * _SAFETY
+        h64, hb64 = h.double(), hb.double()  # (n, E): float64 norms never underflow
+        b = (h64 - hb64).norm(dim=1) * self.w_max + hb64.norm(dim=1) * self.r_max  # (n,)
+        b = b + 2.0 ** -8 * torch.maximum(a.amax(dim=1), -a.amin(dim=1)).double()
+        # bf16 matrix units flush subnormal inputs, products and results to zero (DAZ/FTZ): each
+        # flush errs by < 2^-126; K products per logit plus the inputs and output, generously
+        b = b + 2.0 ** -120 * self.K * (1.0 + self.w_max + hb64.norm(dim=1))
+        return (b * _SAFETY).float()
 
     def __call__(self, hidden: torch.Tensor, banned: list[list[int]] | None = None) -> list[int]:
         """Greedy ids for hidden [n, E] (fp32); banned[i] ids are excluded from row i (min_new_tokens)."""
@@ -94,17 +114,21 @@ class ScreenedArgmax:
         bound = self._bound(h, hb, a)
         _ban(a, banned)
         thr = a.amax(dim=1) - 2 * bound  # (n,): candidates score at least this
-        rows, cols = (a >= thr[:, None]).nonzero(as_tuple=True)  # row-major: ids ascend within a row
-        counts = torch.bincount(rows, minlength=h.shape[0]).tolist()
+        cand = a >= thr[:, None]  # (n, V)
+        counts = cand.sum(dim=1)  # (n,)
+        screened = (counts > 0) & (counts <= _MAX_CANDIDATES)
+        # a row with no candidate (non-finite) or too many (flat logits) is scored in full below;
+        # never recheck its candidates one by one (a flat row would gather the whole head)
+        rows, cols = (cand & screened[:, None]).nonzero(as_tuple=True)  # row-major: ids ascend in a row
         exact = (h[rows] * self.weight[cols]).sum(dim=1).tolist()  # fp32 logits of the candidates
-        out, k = [], 0
-        rows_l, cols_l = rows.tolist(), cols.tolist()
-        for i, c in enumerate(counts):
-            if c == 0 or c > _MAX_CANDIDATES:  # non-finite row, or a flat one: score it in full
-                out.append(int(argmax_ref(h[i: i + 1], self.weight, [banned[i]] if banned else None)))
+        best: dict[int, tuple[float, int]] = {}
+        for r, c, e in zip(rows.tolist(), cols.tolist(), exact):
+            if r not in best or e > best[r][0]:  # strictly greater: ties keep the lower id, as argmax
+                best[r] = (e, c)
+        out = []
+        for i, ok in enumerate(screened.tolist()):
+            if ok:
+                out.append(best[i][1])
             else:
-                best = max(range(k, k + c), key=lambda j: (exact[j], -cols_l[j]))
-                assert rows_l[best] == i
-                out.append(cols_l[best])
-            k += c
+                out.append(int(argmax_ref(h[i: i + 1], self.weight, [banned[i]] if banned else None)))
         return out
