@@ -114,12 +114,13 @@ class ScreenedArgmax:
         bound = self._bound(h, hb, a)
         _ban(a, banned)
         thr = a.amax(dim=1) - 2 * bound  # (n,): candidates score at least this
-        cand = a >= thr[:, None]  # (n, V)
-        counts = cand.sum(dim=1)  # (n,)
+        rows, cols = (a >= thr[:, None]).nonzero(as_tuple=True)  # row-major: ids ascend within a row
+        counts = torch.bincount(rows, minlength=h.shape[0])  # (n,)
         screened = (counts > 0) & (counts <= _MAX_CANDIDATES)
         # a row with no candidate (non-finite) or too many (flat logits) is scored in full below;
         # never recheck its candidates one by one (a flat row would gather the whole head)
-        rows, cols = (cand & screened[:, None]).nonzero(as_tuple=True)  # row-major: ids ascend in a row
+        keep = screened[rows]
+        rows, cols = rows[keep], cols[keep]
         exact = (h[rows] * self.weight[cols]).sum(dim=1).tolist()  # fp32 logits of the candidates
         best: dict[int, tuple[float, int]] = {}
         for r, c, e in zip(rows.tolist(), cols.tolist(), exact):
