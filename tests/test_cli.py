@@ -66,3 +66,32 @@ def test_demo_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "blip2_fast", "demo"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "RANDOM weights" in r.stdout and "[reference]" in r.stdout and "[fast" in r.stdout
+
+
+def test_engine_text_is_decoded_on_access_only(demo_dir):
+    """RequestOutput.text: the tokenizer's decoding of token_ids, computed when read, never per step."""
+    from transformers import Blip2Processor
+
+    tok = Blip2Processor.from_pretrained(str(demo_dir)).tokenizer
+    calls = []
+
+    class Counting:
+        def decode(self, ids, **kw):
+            calls.append(list(ids))
+            return tok.decode(ids, **kw)
+
+        def __call__(self, text):
+            return tok(text)
+
+    m = blip2_fast.load(demo_dir, backend="reference")
+    eng = blip2_fast.Engine(m, num_blocks=64, tokenizer=Counting())
+    eng.add_request("a", image=sample_image(), prompt="a photo of", sampling=blip2_fast.SamplingParams(max_new_tokens=6, min_new_tokens=6))
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert len(outs) >= 6 and not calls  # six steps, nothing decoded yet
+    last = outs[-1]
+    assert last.finished and last.text == tok.decode(last.token_ids, skip_special_tokens=True)
+    assert last.text == last.text and len(calls) == 1  # decoded once, then cached
+    assert outs[2].text == tok.decode(outs[2].token_ids, skip_special_tokens=True)
+    assert blip2_fast.Engine(m, num_blocks=64).tokenizer is None

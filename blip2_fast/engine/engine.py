@@ -26,13 +26,23 @@ from .sampling import SamplingParams
 
 @dataclasses.dataclass
 class RequestOutput:
+    """One request's state after a step. `text` is `token_ids` decoded by the engine's tokenizer
+    (None without one), decoded when first read: a step costs no detokenisation nobody asked for."""
+
     request_id: object
     token_ids: list[int]  # generated so far, prompt excluded (beam search: the best beam, at the end)
     new_token_ids: list[int]  # generated since the previous output of this request
     finished: bool
     finish_reason: str | None = None  # "stop" (eos/stop token), "length", "abort"
-    text: str | None = None
     candidates: list[list[int]] | None = None  # beam search: the best num_return_sequences beams, best first
+    _tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
+    _text: str | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def text(self) -> str | None:
+        if self._text is None and self._tokenizer is not None:
+            self._text = self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        return self._text
 
 
 class _Request:
@@ -71,7 +81,8 @@ class Engine:
     block_size: tokens per KV block. num_blocks: pool size; default: `gpu_memory_utilization` of
     the free GPU memory, or on CPU enough for min(max_num_seqs, 16) sequences of max_model_len.
     max_model_len: longest prompt + output (default: OPT's max positions, 2048 for T5).
-    tokenizer: for text prompts and `RequestOutput.text` (default: the checkpoint's, if it has one).
+    tokenizer: decodes `RequestOutput.text` (None: text stays None) and encodes string prompts
+        (without one, string prompts go through the checkpoint's processor).
     enforce_eager: on a GPU the decode step replays CUDA graphs captured per batch-size bucket
         (1, 2, 4, 8, 16, ... max_num_seqs); True turns that off. The CPU path always runs eagerly.
     """
@@ -447,22 +458,23 @@ class Engine:
         i, plain = 0, []
         for r in reqs:
             n = len(r.seqs)
-            chunk = logits[i: i + n]
             if r.p.num_beams > 1:
-                self._beam_step(r, chunk)
+                self._beam_step(r, logits[i: i + n])
             elif _plain_greedy(r):
                 plain.append((r, i))  # greedy without penalties: one argmax for all of them, below
             else:
-                self._sample(r, chunk)
+                self._sample(r, logits[i: i + n])
             i += n
         if plain:
-            rows = torch.tensor([j for _, j in plain], device=logits.device)
-            scores = logits[rows]
-            early = [(k, r.eos) for k, (r, _) in enumerate(plain) if len(r.generated) < r.p.min_new_tokens and r.eos]
-            if early:
-                scores = scores.clone()
-                for k, eos in early:
-                    scores[k, [e for e in eos if 0 <= e < scores.shape[1]]] = float("-inf")
+            # every row plain: argmax the logits in place (nothing else reads them); else a gathered copy
+            scores = logits if len(plain) == logits.shape[0] else logits[torch.tensor([j for _, j in plain], device=logits.device)]
+            V = scores.shape[1]
+            ban = [(k, e) for k, (r, _) in enumerate(plain) if len(r.generated) < r.p.min_new_tokens
+                   for e in r.eos if 0 <= e < V]  # min_new_tokens: eos is not allowed yet
+            if ban:  # one indexed write for the whole batch (inference mode: the logits were made in it)
+                rows, cols = zip(*ban)
+                with torch.inference_mode():
+                    scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = float("-inf")
             for (r, _), tok in zip(plain, scores.argmax(-1).tolist()):
                 self._take(r, tok)
 
@@ -481,12 +493,10 @@ class Engine:
             toks = list(r.generated)
             new = toks[r.emitted:]
             r.emitted = len(toks)
-        text = None
-        if self.tokenizer is not None and (r.finished or r.p.num_beams == 1):
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+        tok = self.tokenizer if (r.finished or r.p.num_beams == 1) else None  # running beams have no text yet
         if r.finished:
             self.requests.pop(r.id, None)
-        out = RequestOutput(r.id, toks, new, r.finished, r.reason, text, r.candidates if r.finished else None)
+        out = RequestOutput(r.id, toks, new, r.finished, r.reason, r.candidates if r.finished else None, tok)
         q = self._queues.get(r.id)
         if q is not None:
             q.put_nowait(out)
