@@ -319,11 +319,16 @@ class Engine:
                 it["cross_slots"] = [-1] * r.cross_cached + self.blocks.slot_mapping(r.cross_seq, r.cross_cached, nx)
             items.append(it)
         logits = self.runner.prefill(items)
+        plain = []
         for i, r in enumerate(reqs):
             if r.p.num_beams > 1:
                 self._start_beams(r, logits[i: i + 1])
+            elif _plain_greedy(r):
+                plain.append((r, i))
             else:
                 self._sample(r, logits[i: i + 1])
+        if plain:
+            self._take_argmax(logits, plain)
 
     def _history(self, r: _Request) -> list[int]:
         if self._t5:
@@ -466,17 +471,23 @@ class Engine:
                 self._sample(r, logits[i: i + n])
             i += n
         if plain:
-            # every row plain: argmax the logits in place (nothing else reads them); else a gathered copy
-            scores = logits if len(plain) == logits.shape[0] else logits[torch.tensor([j for _, j in plain], device=logits.device)]
-            V = scores.shape[1]
-            ban = [(k, e) for k, (r, _) in enumerate(plain) if len(r.generated) < r.p.min_new_tokens
-                   for e in r.eos if 0 <= e < V]  # min_new_tokens: eos is not allowed yet
-            if ban:  # one indexed write for the whole batch (inference mode: the logits were made in it)
-                rows, cols = zip(*ban)
-                with torch.inference_mode():
-                    scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = float("-inf")
-            for (r, _), tok in zip(plain, scores.argmax(-1).tolist()):
-                self._take(r, tok)
+            self._take_argmax(logits, plain)
+
+    def _take_argmax(self, logits: torch.Tensor, plain: list[tuple[_Request, int]]) -> None:
+        """Greedy requests without penalties (`_plain_greedy`), (request, row of logits) each: one
+        argmax for all of them, with eos banned for those still short of min_new_tokens (as
+        `sampling.process` would), one host transfer instead of one per request."""
+        # every row plain: argmax the logits in place (nothing else reads them); else a gathered copy
+        scores = logits if len(plain) == logits.shape[0] else logits[torch.tensor([j for _, j in plain], device=logits.device)]
+        V = scores.shape[1]
+        ban = [(k, e) for k, (r, _) in enumerate(plain) if len(r.generated) < r.p.min_new_tokens
+               for e in r.eos if 0 <= e < V]  # min_new_tokens: eos is not allowed yet
+        if ban:  # one indexed write for the whole batch (inference mode: the logits were made in it)
+            rows, cols = zip(*ban)
+            with torch.inference_mode():
+                scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = float("-inf")
+        for (r, _), tok in zip(plain, scores.argmax(-1).tolist()):
+            self._take(r, tok)
 
     # ---- outputs --------------------------------------------------------------------------------
     def _finish(self, r: _Request, reason: str) -> None:
