@@ -90,6 +90,7 @@ class Blip2(nn.Module):
             self.itm_head = (src.take("itm_head.weight", (2, Hq)), src.take("itm_head.bias", (2,)))
         self._engine = None
         self._processor = None
+        self._greedy_head = None  # built by the engine on first use (engine/runner.py)
 
     def _apply(self, fn, recurse=True):
         # Weights are plain tensors bound to ops resolved for one device and dtype at load time, so

@@ -141,3 +141,23 @@ def test_flat_rows_are_scored_in_full_not_rechecked():
         torch.Tensor.__getitem__ = real
     assert got == argmax_ref(h, w).tolist() and got[1] == 0
     assert gathered and max(gathered) <= 2 * 64
+
+
+def test_the_screen_is_built_once_per_model(ckpt, monkeypatch):
+    """generate() makes a new engine whenever it needs a bigger pool; the screen (a bf16 copy of the
+    head) must come from the model, not be rebuilt per engine."""
+    from blip2_fast.engine import runner
+
+    monkeypatch.setattr(runner, "screen_supported", lambda w: None)  # on, whatever the CPU or vocabulary
+    built = []
+    real = runner.ScreenedArgmax
+    monkeypatch.setattr(runner, "ScreenedArgmax", lambda w: built.append(1) or real(w))
+    d, hf = ckpt("opt")
+    m = blip2_fast.load(d, backend="reference")
+    e1, e2 = Engine(m, num_blocks=50), Engine(m, num_blocks=90)
+    assert e1.runner.greedy_head is e2.runner.greedy_head is not None and len(built) == 1
+    pv, ids, _ = image_prompt(hf, 2)
+    with torch.no_grad():
+        want = hf.generate(pixel_values=pv, input_ids=ids, max_new_tokens=5, min_new_tokens=5)
+    assert torch.equal(m.generate(pv, input_ids=ids, max_new_tokens=5, min_new_tokens=5), want)
+    assert len(built) == 1
