@@ -30,8 +30,22 @@ from ._common import FLOAT_DTYPES, check_device, interpreting, row_alignment, ru
 # functions, compiled-only if triton.language was imported before TRITON_INTERPRET=1 was set (another
 # test module importing triton first), and then the interpreter cannot call them. Its reduce still
 # recognises these two combiners and runs them as numpy sum / max; the compiled code is identical.
-_SUM = tl.standard._sum_combine
-_MAX = tl.standard._elementwise_max
+# They are private to Triton: a release without them falls back to our own combiners (the same
+# arithmetic; only the mixed-import-order interpreter case above loses its workaround).
+
+
+@triton.jit
+def _sum_fallback(a, b):
+    return a + b
+
+
+@triton.jit
+def _max_fallback(a, b):
+    return tl.maximum(a, b)
+
+
+_SUM = getattr(tl.standard, "_sum_combine", None) or _sum_fallback
+_MAX = getattr(tl.standard, "_elementwise_max", None) or _max_fallback
 
 _MAX_HEAD_DIM = 256
 _MAX_SPLITS = 64

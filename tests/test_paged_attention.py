@@ -96,6 +96,18 @@ def test_rel_bias(num_splits, dtype):
     check(q, kc, vc, bt, lens, 1.0, rel_bias, num_splits=num_splits)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="swaps module globals under the interpreter; compiled kernels are cached")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fallback_combiners(num_splits, monkeypatch):
+    """The reductions use Triton's private combiners when they exist and our own otherwise: the
+    fallbacks must give the same results (split and unsplit, so both kernels use them)."""
+    from blip2_fast.kernels import paged_attention as P
+
+    monkeypatch.setattr(P, "_SUM", P._sum_fallback)
+    monkeypatch.setattr(P, "_MAX", P._max_fallback)
+    check(*make_case([70, 3, 33], 2, 80, 16, torch.float32, seed=12), 80 ** -0.5, num_splits=num_splits)
+
+
 def test_split_k_chosen_automatically():
     q, kc, vc, bt, lens = make_case([600], 2, 64, 16, torch.float32, seed=4)
     assert choose_num_splits(1, 2, bt.shape[1] * 16, 4) > 1  # the interpreter's notional 4 SMs
