@@ -318,6 +318,11 @@ class Engine:
                 nx = self.blocks.num_tokens(r.cross_seq)
                 it["cross_slots"] = [-1] * r.cross_cached + self.blocks.slot_mapping(r.cross_seq, r.cross_cached, nx)
             items.append(it)
+        if self.runner.greedy_head is not None and all(_plain_greedy(r) for r in reqs):
+            # every request only takes its argmax: the screened head skips the full fp32 logits
+            for r, tok in zip(reqs, self.runner.prefill_greedy(items, banned=self._banned(reqs))):
+                self._take(r, tok)
+            return
         logits = self.runner.prefill(items)
         plain = []
         for i, r in enumerate(reqs):
@@ -455,8 +460,7 @@ class Engine:
         args = (toks, pos, slots, tables, lens, xt or None, xl or None)
         if self.runner.greedy_head is not None and all(_plain_greedy(r) for r in reqs):
             # every sequence only takes its argmax: the screened head skips the full fp32 logits
-            banned = [r.eos if len(r.generated) < r.p.min_new_tokens else [] for r in reqs]
-            for r, tok in zip(reqs, self.runner.decode_greedy(*args, banned=banned)):
+            for r, tok in zip(reqs, self.runner.decode_greedy(*args, banned=self._banned(reqs))):
                 self._take(r, tok)
             return
         logits = self.runner.decode(*args)
@@ -472,6 +476,11 @@ class Engine:
             i += n
         if plain:
             self._take_argmax(logits, plain)
+
+    @staticmethod
+    def _banned(reqs: list[_Request]) -> list[list[int]]:
+        """Per request, the ids it may not take now: eos while short of min_new_tokens."""
+        return [r.eos if len(r.generated) < r.p.min_new_tokens else [] for r in reqs]
 
     def _take_argmax(self, logits: torch.Tensor, plain: list[tuple[_Request, int]]) -> None:
         """Greedy requests without penalties (`_plain_greedy`), (request, row of logits) each: one

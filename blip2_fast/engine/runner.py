@@ -132,6 +132,16 @@ class ModelRunner:
         KV is to be recomputed, after a preemption), slots (flat slot per LM token, -1 = already
         cached), and for T5: dec_start, cross_slots (per encoder token).
         """
+        return self.lm.logits(self._prefill_hidden(items)).float()
+
+    @torch.inference_mode()
+    def prefill_greedy(self, items: list[dict], banned=None) -> list[int]:
+        """`prefill` for sequences that only take the argmax (see `decode_greedy`): each one's next id."""
+        assert self.greedy_head is not None
+        return self.greedy_head(self.lm.head_input(self._prefill_hidden(items)), banned)
+
+    def _prefill_hidden(self, items: list[dict]) -> torch.Tensor:
+        """The prefill up to the LM head: each sequence's last hidden state [n, E]."""
         if self.t5:
             return self._prefill_t5(items)
         embs, cached = [], []
@@ -162,7 +172,7 @@ class ModelRunner:
             meta.block_tables = self._tables([it["table"] for it in items])
             meta.ctx_mask = torch.arange(C, device=self.device)[None, :] < torch.tensor(cached, device=self.device)[:, None]
         h = self.lm(x, pos, meta, self.caches)
-        return self.lm.logits(h[:, -1]).float()
+        return h[:, -1]
 
     def _prefill_t5(self, items):
         embs = [self._prompt_embeds(it["prompt_ids"], it["lm_inputs"]) for it in items]
@@ -189,7 +199,7 @@ class ModelRunner:
                         cross_slot_mapping=xslots.view(-1), encoder_mask=emask)
         h = self.lm.decode(self.lm.embed_tokens(ids), enc, meta, self.caches, self.caches)
         last = torch.tensor([len(d) - 1 for d in decs], device=self.device)
-        return self.lm.logits(h[torch.arange(n, device=self.device), last]).float()
+        return h[torch.arange(n, device=self.device), last]
 
     # ---- decode -------------------------------------------------------------------------------
     @torch.inference_mode()
