@@ -49,13 +49,20 @@ _lock = threading.Lock()
 _tried = False
 _loaded: str | None = None  # "cpu" or "cuda": which build is loaded into this process
 _path: str | None = None
+_openmp: bool | None = None  # whether the loaded CPU kernels were built with OpenMP (threaded)
 _errors: dict[str, str] = {}  # config -> short reason it is unavailable
 _tails: dict[str, str] = {}  # config -> tail of the compiler output of its failed build
 _warned: set[str] = set()
 
 
+_INTERRUPTED = "an earlier build was interrupted; run `python -m blip2_fast build-ext` to retry"
+
+
 class _BuildError(RuntimeError):
-    pass
+    def __init__(self, text: str, build_dir: Path | None = None):
+        super().__init__(text)
+        self.build_dir = build_dir
+        self.interrupted = text.startswith(_INTERRUPTED)  # no compiler verdict: not a reason to downgrade
 
 
 def _csrc() -> Path:
@@ -81,8 +88,9 @@ def _config(cuda: bool, openmp: bool = True) -> tuple[str, list[str], list[str],
     """(name, sources, cflags, cuda_cflags, ldflags) of the CPU-only or the CPU+CUDA build."""
     names = _CPU_SOURCES + (_CUDA_SOURCES if cuda else ())
     omp = list(_OPENMP_FLAGS) if openmp else []
-    return ("blip2_fast_ext_cuda" if cuda else "blip2_fast_ext_cpu", [str(_csrc() / n) for n in names],
-            list(_CFLAGS) + omp, list(_CUDA_CFLAGS) if cuda else [], omp)
+    # one extension name per variant: torch renames a second build of the same name in one process
+    name = ("blip2_fast_ext_cuda" if cuda else "blip2_fast_ext_cpu") + ("" if openmp else "_serial")
+    return name, [str(_csrc() / n) for n in names], list(_CFLAGS) + omp, list(_CUDA_CFLAGS) if cuda else [], omp
 
 
 def _openmp_variants() -> list[bool]:
@@ -143,20 +151,32 @@ def _first_error(text: str) -> str:
 
 
 def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
-    """Build (or find cached) and load one configuration, with OpenMP if it can; returns the library's path."""
+    """Build (or find cached) and load one configuration, with OpenMP if it can; returns the library's path.
+
+    The serial variant is the fallback only for a compiler that rejected the OpenMP build (or a cache
+    that cannot be used for it), never for an interrupted one, which stays an error until `build()`.
+    """
+    global _openmp
     variants = _openmp_variants()
     for i, openmp in enumerate(variants):
+        last = i == len(variants) - 1
+        note = None if i == 0 else "the OpenMP build failed; building without OpenMP (single-threaded CPU kernels)"
         try:
-            return _build_variant(cuda, openmp, force, verbose)
-        except _BuildError:
-            if i == len(variants) - 1:
+            path = _build_variant(cuda, openmp, force, verbose, note)
+        except _BuildError as e:
+            if last or e.interrupted:
                 raise
-            print("blip2_fast: the OpenMP build failed; building the extension without OpenMP (single-threaded CPU "
-                  "kernels)", file=sys.stderr, flush=True)
+            continue
+        except OSError:
+            if last:
+                raise
+            continue
+        _openmp = openmp
+        return path
     raise AssertionError("unreachable")
 
 
-def _build_variant(cuda: bool, openmp: bool, force: bool, verbose: bool) -> str:
+def _build_variant(cuda: bool, openmp: bool, force: bool, verbose: bool, note: str | None = None) -> str:
     name, sources, cflags, cuda_cflags, ldflags = _config(cuda, openmp)
     d = _build_dir(name, sources, cflags, cuda_cflags, ldflags)
     lib = d / f"{name}.so"
@@ -168,24 +188,26 @@ def _build_variant(cuda: bool, openmp: bool, force: bool, verbose: bool) -> str:
     with _file_lock(d / "build.lock"):
         if not ok.exists() or not lib.exists():
             if failed.exists() and not force:
-                raise _BuildError(failed.read_text())
+                raise _BuildError(failed.read_text(), d)
             from torch.utils import cpp_extension
 
             failed.unlink(missing_ok=True)
             (d / "lock").unlink(missing_ok=True)  # torch's baton, stale if a build was killed; we hold the lock
+            if note:
+                print(f"blip2_fast: {note}", file=sys.stderr, flush=True)
             print(f"blip2_fast: building the {'CPU+CUDA' if cuda else 'CPU'} extension in {d} (once)...",
                   file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             # marked failed until it succeeds: a build killed midway (a timeout, Ctrl-C) is then reported
             # once instead of being retried by every later process; `build-ext` retries it
-            failed.write_text("an earlier build was interrupted; run `python -m blip2_fast build-ext` to retry")
+            failed.write_text(_INTERRUPTED)
             try:
                 cpp_extension.load(name, sources, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
                                    extra_ldflags=ldflags,
                                    build_directory=str(d), verbose=verbose, with_cuda=cuda, is_python_module=False)
             except Exception as e:
                 failed.write_text(f"{type(e).__name__}: {e}")
-                raise _BuildError(failed.read_text()) from e
+                raise _BuildError(failed.read_text(), d) from e
             ok.write_text(f"built in {time.perf_counter() - t0:.1f} s with torch {torch.__version__}\n")
             failed.unlink(missing_ok=True)
             return str(lib)
@@ -222,7 +244,7 @@ def _load(force: bool = False, verbose: bool = False) -> None:
                 _path = _build_one(cuda, force, verbose)
             except Exception as e:
                 text = str(e)
-                d = _build_dir(*_config(cuda, openmp=False))  # the last variant tried
+                d = getattr(e, "build_dir", None) or _build_dir(*_config(cuda, openmp=False))
                 _errors[config] = f"the {config.upper()} extension failed to build: {_first_error(text)} (log: {d / 'FAILED'})"
                 _tails[config] = _tail(text)
                 if cuda:
@@ -250,7 +272,8 @@ def build(verbose: bool = False) -> str | None:
     if _loaded is None:
         return "blip2_fast: the extension failed to build:\n" + "\n".join(_errors.values()) + "\n" + _tails.get("cpu", "")
     if verbose:
-        print(f"blip2_fast: loaded {_path} ({_loaded.upper()} kernels)", file=sys.stderr)
+        threads = "OpenMP-threaded" if _openmp else "single-threaded: built without OpenMP"
+        print(f"blip2_fast: loaded {_path} ({_loaded.upper()} build; CPU kernels {threads})", file=sys.stderr)
     if _loaded == "cpu" and _cuda_toolkit_reason() is None:
         return f"only the CPU kernels loaded: {_errors.get('cuda')}\n{_tails.get('cuda', '')}"
     return None

@@ -86,7 +86,7 @@ def weight_bytes(model: Blip2, part: str | None = None) -> int:
                 visit(o)
         elif isinstance(obj, torch.nn.Module) or type(obj).__module__.startswith("blip2_fast.models"):
             for k, o in vars(obj).items():
-                if k not in ("ops", "cfg", "_engine", "_processor"):
+                if k not in ("ops", "cfg", "_engine", "_processor", "_greedy_head"):  # not checkpoint weights
                     visit(o)
 
     visit(model if part is None else getattr(model, part))

@@ -95,3 +95,28 @@ def test_engine_text_is_decoded_on_access_only(demo_dir):
     assert last.text == last.text and len(calls) == 1  # decoded once, then cached
     assert outs[2].text == tok.decode(outs[2].token_ids, skip_special_tokens=True)
     assert blip2_fast.Engine(m, num_blocks=64).tokenizer is None
+
+
+def test_request_output_copies_carry_text_not_the_tokenizer():
+    import copy
+    import dataclasses
+    import json
+    import pickle
+
+    from blip2_fast.engine.engine import RequestOutput
+
+    class Tok:
+        calls = 0
+
+        def decode(self, ids, **kw):
+            Tok.calls += 1
+            return " ".join(map(str, ids))
+
+    out = RequestOutput._decoded_later(Tok(), "a", [1, 2], [2], False, None, None, None)
+    assert Tok.calls == 0
+    for c in (pickle.loads(pickle.dumps(out)), copy.deepcopy(out)):
+        assert c.text == "1 2" and "_tokenizer" not in c.__dict__
+    assert Tok.calls == 1  # decoded once, for the first copy
+    assert json.loads(json.dumps(dataclasses.asdict(out)))["text"] == "1 2"
+    assert RequestOutput("b", [3], [3], True, "stop", "given", None).text == "given"  # constructor unchanged
+    assert RequestOutput("b", [3], [3], True).text is None

@@ -281,19 +281,41 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
 
 
 def test_openmp_build_failure_falls_back_to_a_serial_build(tmp_path):
-    """A compiler that rejects the OpenMP flags must not cost the whole extension."""
+    """A compiler that rejects the OpenMP flags must not cost the whole extension; the serial build is
+    then cached like any other (a second process loads it without building or a word), while an
+    interrupted OpenMP build is an error until build(), not a reason to go serial."""
     code = """
-        import torch
+        import os, torch
         from blip2_fast import _ext
         _ext._OPENMP_FLAGS = ("-fopenmp", "-fno-such-flag-for-the-test")
-        assert _ext.build() is None, "the serial fallback did not load"
+        reason = _ext.unavailable_reason("cpu")
+        assert reason is None, reason
+        assert os.path.exists(_ext._path) and _ext._path.endswith("_serial.so") and _ext._openmp is False, _ext._path
         q = torch.randn(1, 2, 3, 8)
         assert torch.ops.blip2_fast.cross_attention(q, q, q, None, None).shape == q.shape
         print("ok")
     """
-    r = _python(code, {"BLIP2_FAST_CACHE": str(tmp_path)})
+    env = {"BLIP2_FAST_CACHE": str(tmp_path)}
+    r = _python(code, env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
-    assert "without OpenMP" in r.stderr, r.stderr[-3000:]
+    assert "without OpenMP" in r.stderr and r.stderr.count("(once)...") == 2, r.stderr[-3000:]
+    r = _python(code, env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    assert "(once)..." not in r.stderr and "without OpenMP" not in r.stderr, r.stderr[-3000:]
+    # an interrupted OpenMP build (no compiler verdict) with no serial build: unavailable, not serial
+    code2 = """
+        from blip2_fast import _ext
+        name, src, cf, ccf, ld = _ext._config(False, True)
+        d = _ext._build_dir(name, src, cf, ccf, ld)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "FAILED").write_text(_ext._INTERRUPTED)
+        reason = _ext.unavailable_reason("cpu")
+        assert reason is not None and "interrupted" in reason and _ext._loaded is None, reason
+        print("ok")
+    """
+    r = _python(code2, {"BLIP2_FAST_CACHE": str(tmp_path / "other")})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    assert "(once)..." not in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -26,23 +26,47 @@ from .sampling import SamplingParams
 
 @dataclasses.dataclass
 class RequestOutput:
-    """One request's state after a step. `text` is `token_ids` decoded by the engine's tokenizer
-    (None without one), decoded when first read: a step costs no detokenisation nobody asked for."""
+    """One request's state after a step.
+
+    `text` is `token_ids` decoded by the engine's tokenizer (None without one), decoded when first
+    read, so a step costs no detokenisation nobody asked for. Pickling or deep-copying an output
+    carries the decoded text, never the tokenizer.
+    """
 
     request_id: object
     token_ids: list[int]  # generated so far, prompt excluded (beam search: the best beam, at the end)
     new_token_ids: list[int]  # generated since the previous output of this request
     finished: bool
     finish_reason: str | None = None  # "stop" (eos/stop token), "length", "abort"
+    text: str | None = None
     candidates: list[list[int]] | None = None  # beam search: the best num_return_sequences beams, best first
-    _tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
-    _text: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
-    @property
-    def text(self) -> str | None:
-        if self._text is None and self._tokenizer is not None:
-            self._text = self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        return self._text
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k != "_tokenizer"}
+        state["_text"] = self.text
+        return state
+
+    @classmethod
+    def _decoded_later(cls, tokenizer, *args) -> RequestOutput:
+        out = cls(*args)
+        out.__dict__["_tokenizer"] = tokenizer
+        return out
+
+
+def _text(self: RequestOutput) -> str | None:
+    d = self.__dict__
+    if d.get("_text") is None and d.get("_tokenizer") is not None:
+        d["_text"] = d.pop("_tokenizer").decode(self.token_ids, skip_special_tokens=True)
+    return d.get("_text")
+
+
+def _set_text(self: RequestOutput, value: str | None) -> None:
+    self.__dict__["_text"] = value
+    self.__dict__.pop("_tokenizer", None)
+
+
+# A property over the dataclass field: `RequestOutput(..., text=...)`, asdict and == still see `text`.
+RequestOutput.text = property(_text, _set_text)
 
 
 class _Request:
@@ -516,7 +540,8 @@ class Engine:
         tok = self.tokenizer if (r.finished or r.p.num_beams == 1) else None  # running beams have no text yet
         if r.finished:
             self.requests.pop(r.id, None)
-        out = RequestOutput(r.id, toks, new, r.finished, r.reason, r.candidates if r.finished else None, tok)
+        out = RequestOutput._decoded_later(tok, r.id, toks, new, r.finished, r.reason, None,
+                                           r.candidates if r.finished else None)
         q = self._queues.get(r.id)
         if q is not None:
             q.put_nowait(out)
