@@ -4,7 +4,8 @@ The `blip2-cpu-mid` preset (224 px -> 257 vision tokens, 32 queries, 6-layer OPT
 generates 24 tokens greedily at batch 8 (min_new_tokens = max_new_tokens, so both run every step).
 Runs are interleaved (ours, theirs, ours, ...) so drift in machine load hits both alike; the reported
 ratio is median(transformers) / median(blip2_fast) (> 1: blip2_fast is faster). Outputs must be
-token-identical. Writes bench/results/cpu-compare-<date>.json.
+token-identical. Writes bench/results/cpu-compare-<date>.json (`--dtype bf16`: both runtimes in bf16,
+cpu-compare-bf16-<date>.json; bf16 tokens need not match).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 
-def build(preset: str, seed: int):
+def build(preset: str, seed: int, dtype: torch.dtype = torch.float32):
     import transformers
 
     import blip2_fast
@@ -35,7 +36,9 @@ def build(preset: str, seed: int):
     randomize_(hf, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # fast ops falling back to the reference on CPU
-        ours = blip2_fast.load(hf, device="cpu", dtype=torch.float32, progress=False)
+        ours = blip2_fast.load(hf, device="cpu", dtype=dtype, progress=False)  # a copy of the weights
+    if dtype != torch.float32:
+        hf = hf.to(dtype)  # transformers in the same dtype (its fp16 Q-Former rule applies at from_pretrained only)
     return hf, ours
 
 
@@ -46,6 +49,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--runs", type=int, default=3, help="timed runs of each (after one warm-up each)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="both runtimes' dtype (bf16: the CPU's bf16 matrix units; tokens need not be identical)")
     ap.add_argument("--json", default=None, help="output path (default bench/results/cpu-compare-<date>.json)")
     ap.add_argument("--profile", action="store_true", help="cProfile one blip2_fast run and print the top entries")
     a = ap.parse_args(argv)
@@ -54,11 +59,12 @@ def main(argv=None) -> dict:
 
     from blip2_fast.models.greedy_head import screen_supported
 
-    hf, ours = build(a.preset, seed=0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    hf, ours = build(a.preset, seed=0, dtype=dtype)
     S = ours.cfg.vision.image_size
     g = torch.Generator().manual_seed(1)
     # a fresh image batch per round: blip2_fast's engine caches image features by content digest
-    pxs = [torch.randn(a.batch, 3, S, S, generator=g) for _ in range(a.runs + 2)]
+    pxs = [torch.randn(a.batch, 3, S, S, generator=g).to(dtype) for _ in range(a.runs + 2)]
     N = a.new_tokens
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, num_beams=1)
 
@@ -88,7 +94,7 @@ def main(argv=None) -> dict:
     m_ours, m_hf = statistics.median(times["blip2_fast"]), statistics.median(times["transformers"])
     ratios = [h / o for o, h in zip(times["blip2_fast"], times["transformers"])]
     res = {
-        "preset": a.preset, "batch": a.batch, "new_tokens": N, "runs": a.runs,
+        "preset": a.preset, "dtype": a.dtype, "batch": a.batch, "new_tokens": N, "runs": a.runs,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
@@ -129,7 +135,8 @@ def main(argv=None) -> dict:
         pr.disable()
         pstats.Stats(pr).sort_stats("cumulative").print_stats(30)
         pstats.Stats(pr).sort_stats("tottime").print_stats(20)
-    out = Path(a.json) if a.json else Path(__file__).parent / "results" / f"cpu-compare-{datetime.date.today()}.json"
+    tag = "" if a.dtype == "fp32" else f"-{a.dtype}"
+    out = Path(a.json) if a.json else Path(__file__).parent / "results" / f"cpu-compare{tag}-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)

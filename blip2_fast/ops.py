@@ -230,4 +230,5 @@ register_fast("ln_linear_gelu", "blip2_fast.kernels.ln_linear_gelu", "ln_linear_
 register_fast("linear_gelu", "blip2_fast.kernels.linear_gelu", "linear_gelu", "triton")
 register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
-register_fast("attention", "blip2_fast.ops_cpu", "attention", "torch", devices=("cpu",))
+for _name in ("attention", "layernorm", "linear_gelu", "ln_linear_gelu"):
+    register_fast(_name, "blip2_fast.ops_cpu", _name, "torch", devices=("cpu",))

@@ -5,7 +5,13 @@
         cores: ViT-g's 8 x 16 heads x 257 x 88 takes 22 ms instead of 57, the 6-head D=64 encoder of
         the CPU benchmark 7 ms instead of 10, a causal 8 x 8 x 40 x 64 prefill 0.4 ms instead of 0.8.
 
-The GPU runs the Triton kernels (kernels/); the spec is `reference.attention_ref`.
+    layernorm, linear_gelu, ln_linear_gelu: torch's own CPU kernels in the input's dtype. The
+        references compute in float32 (weights upcast on every call), which in bfloat16 costs a
+        weight copy per call and keeps the GEMM off the bf16 matrix units; here a bf16 GEMM
+        accumulates in fp32 and rounds once, then GELU rounds again, as eager bf16 does. In
+        float32 they run the same ops as the references.
+
+The GPU runs the Triton kernels (kernels/); the specs are in `blip2_fast.reference`.
 """
 from __future__ import annotations
 
@@ -52,3 +58,23 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=
         # unconditionally (no data-dependent branch, so torch.compile traces it as one graph)
         out = out.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)  # mask (B or 1, 1, Sq or 1, 1)
     return out
+
+
+def layernorm(x, weight, bias, eps, residual=None):
+    """`reference.layernorm_ref`'s semantics (statistics in fp32: torch's CPU kernel accumulates
+    half-precision rows in fp32); with `residual`, returns (LayerNorm(x + residual), x + residual)."""
+    if residual is not None:
+        x = x + residual  # rounded once to x's dtype, as the spec keeps it
+    y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return (y, x) if residual is not None else y
+
+
+def linear_gelu(x, weight, bias, approximate="none"):
+    """GELU(x @ weightᵀ + bias), `reference.linear_gelu_ref`'s semantics."""
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+def ln_linear_gelu(x, ln_weight, ln_bias, eps, weight, bias, approximate="none"):
+    """GELU(LayerNorm(x) @ weightᵀ + bias), `reference.ln_linear_gelu_ref`'s semantics."""
+    h = F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps)
+    return F.gelu(F.linear(h, weight, bias), approximate=approximate)

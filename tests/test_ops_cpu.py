@@ -83,3 +83,65 @@ def test_registry_binds_it_on_cpu_only():
     assert ops.unavailable_reason("attention", "cpu") is None
     assert ops.bind("fast", None, "cpu").attention is ops_cpu.attention
     assert ops.bind("reference", None, "cpu").attention is ops.get("attention")
+
+
+# (rows, K, N): ViT-g's MLP entry (257 patches, 1408 -> 6144), the Q-Former's FFN (32 queries,
+# 768 -> 3072), a Flan-T5 gated input (5 tokens, 2048 -> 5120), an awkward one
+GEMM_SHAPES = [(257, 1408, 6144), (32, 768, 3072), (5, 2048, 5120), (7, 59, 33)]
+
+
+def _bound(base, want, dtype):
+    return 2 * _rel(base, want) + 1e-6 if dtype == torch.float32 else 1.5e-2  # bf16: 2^-8 = 3.9e-3 per rounding
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _norm_gemm_inputs(M, K, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * 3 + 1  # an offset and scale LayerNorm must remove
+    lw, lb = 1 + 0.1 * torch.randn(K, generator=g), 0.1 * torch.randn(K, generator=g)
+    w, b = torch.randn(N, K, generator=g) / K ** 0.5, 0.1 * torch.randn(N, generator=g)
+    return [t.to(dtype) for t in (x, lw, lb, w, b)]
+
+
+@pytest.mark.parametrize("approx", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ln_linear_gelu_and_linear_gelu(shape, dtype, approx):
+    """vs float64 references. fp32: at most twice the reference's own error (the same ops). bf16: the
+    eager-bf16 ops (GEMM output and GELU each rounded to bf16, where the reference rounds once), so a
+    bf16-level bound; fp32 is where a wrong eps, bias or GELU variant would show."""
+    from blip2_fast.reference import linear_gelu_ref, ln_linear_gelu_ref
+
+    x, lw, lb, w, b = _norm_gemm_inputs(*shape, dtype)
+    d = [t.double() for t in (x, lw, lb, w, b)]
+    want = ln_linear_gelu_ref(d[0], d[1], d[2], 1e-6, d[3], d[4], approx)
+    got = ops_cpu.ln_linear_gelu(x, lw, lb, 1e-6, w, b, approx)
+    base = ln_linear_gelu_ref(x, lw, lb, 1e-6, w, b, approx)
+    assert got.dtype == dtype and _rel(got, want) <= _bound(base, want, dtype)
+    want = linear_gelu_ref(d[0], d[3], d[4], approx)
+    got = ops_cpu.linear_gelu(x, w, b, approx)
+    base = linear_gelu_ref(x, w, b, approx)
+    assert got.dtype == dtype and _rel(got, want) <= _bound(base, want, dtype)
+    assert ops_cpu.linear_gelu(x, w, None, approx).shape == (shape[0], shape[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [1408, 768, 59])
+def test_layernorm_with_and_without_residual(N, dtype):
+    from blip2_fast.reference import layernorm_ref
+
+    x, lw, lb, _, _ = _norm_gemm_inputs(9, N, 1, dtype)
+    r = torch.randn(9, N, generator=torch.Generator().manual_seed(3)).to(dtype)
+    want = layernorm_ref(x.double(), lw.double(), lb.double(), 1e-5)
+    assert _rel(ops_cpu.layernorm(x, lw, lb, 1e-5), want) <= 2 * _rel(layernorm_ref(x, lw, lb, 1e-5), want) + 1e-6
+    y, s = ops_cpu.layernorm(x, lw, lb, 1e-5, r)
+    y_ref, s_ref = layernorm_ref(x, lw, lb, 1e-5, r)
+    assert torch.equal(s, s_ref)  # the residual sum is rounded once, in x's dtype, as the spec says
+    want = layernorm_ref((x + r).double(), lw.double(), lb.double(), 1e-5)
+    assert _rel(y, want) <= 2 * _rel(y_ref, want) + 1e-6
+    assert ops_cpu.layernorm(x, None, None, 1e-5).shape == x.shape  # non-affine (OPT's option)
+    if dtype == torch.float32:  # the same ops as the reference: identical in fp32
+        assert torch.equal(ops_cpu.layernorm(x, lw, lb, 1e-5), layernorm_ref(x, lw, lb, 1e-5))
