@@ -137,6 +137,16 @@ def test_engine_rejects_bad_requests(ckpt):
         eng.add_request(1, pixel_values=pv, prompt=ids)
     with pytest.raises(ValueError, match="top_p"):
         eng.add_request(2, pixel_values=pv, prompt=ids, sampling=SamplingParams(do_sample=True, top_p=0))
+    with pytest.raises(TypeError, match="decode"):
+        Engine(m, num_blocks=20, tokenizer="gpt2")  # a name, not a tokenizer
+
+    class DecodeOnly:
+        def decode(self, ids, **kw):
+            return ""
+
+    eng = Engine(m, num_blocks=20, block_size=4, tokenizer=DecodeOnly())
+    with pytest.raises(TypeError, match="callable tokenizer"):
+        eng.add_request(3, pixel_values=pv, prompt="a text prompt")
 
 
 def test_kv_bytes_fit_the_tokens(ckpt):

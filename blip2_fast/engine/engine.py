@@ -141,6 +141,9 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, max_model_len=self.max_model_len,
                                   max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
+        if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+            raise TypeError(f"tokenizer must have a decode(ids, skip_special_tokens=...) method (a transformers "
+                            f"tokenizer); got {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         self.enforce_eager = enforce_eager
         self.waiting: deque[_Request] = deque()
@@ -240,6 +243,9 @@ class Engine:
                 proc = processor_for(model)
                 ids = proc(text=[prompt], return_tensors="pt")["input_ids"][0]
                 return ids.long()
+            if not callable(tok):
+                raise TypeError(f"a text prompt needs a callable tokenizer (tokenizer(text)['input_ids']); "
+                                f"{type(tok).__name__} is not: pass token ids instead")
             return torch.tensor(tok(prompt)["input_ids"], dtype=torch.long)
         ids = torch.as_tensor(prompt)
         if ids.dim() != 1 or ids.is_floating_point():
