@@ -94,6 +94,18 @@ def norm_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
 
 
+def norm_launch(x: torch.Tensor, residual: torch.Tensor | None):
+    """What the norm kernels' host functions share: (x2, r2, y, s, block_n) with x and residual as
+    [rows, n] (r2 is x2 without a residual), outputs y (x's shape) and s (the sum, or empty), and
+    the row's power-of-two block. rows == x2.shape[0] may be 0: then there is nothing to launch."""
+    n = x.shape[-1]
+    x2 = norm_rows(x, n)
+    y = new_empty(x.shape, x.dtype, x.device)
+    s = new_empty(x.shape if residual is not None else (0,), x.dtype, x.device)
+    r2 = norm_rows(residual, n) if residual is not None else x2
+    return x2, r2, y, s, triton.next_power_of_2(n)
+
+
 @triton.jit
 def load_row_add_residual(
     X, R, S,  # input row base, residual row base, sum output base (as the norm kernels describe them)

@@ -9,8 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import check_norm_args, load_row_add_residual, norm_num_warps, norm_rows
+from ._common import check_norm_args, load_row_add_residual, norm_launch, norm_num_warps
 
 
 @triton.jit
@@ -41,15 +40,10 @@ def _layer_norm_fwd_kernel(
 
 
 def _layer_norm_impl(x, weight, bias, residual, eps):
-    n = x.shape[-1]
-    x2 = norm_rows(x, n)
-    y = _common.new_empty(x.shape, x.dtype, x.device)
-    s = _common.new_empty(x.shape if residual is not None else (0,), x.dtype, x.device)
-    n_rows = x2.shape[0]
+    x2, r2, y, s, block_n = norm_launch(x, residual)
+    n, n_rows = x.shape[-1], x2.shape[0]
     if n_rows == 0:
         return y, s
-    r2 = norm_rows(residual, n) if residual is not None else x2
-    block_n = triton.next_power_of_2(n)
     _layer_norm_fwd_kernel[(n_rows,)](
         x2, r2, y, s if residual is not None else y,
         weight if weight is not None else x2, bias if bias is not None else x2,
