@@ -4,9 +4,7 @@ Rule (FlashAttention's): the kernel's max error vs float64 is at most twice eage
 same dtype, plus a small floor. Runs interpreted on the CPU (TRITON_INTERPRET=1, set below before
 the kernels are imported); with TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled.
 """
-import os
-
-from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs  # noqa: E402,F401 (before the kernel modules; autouse fixture)
+from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs, run_sm90_check  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -270,12 +268,4 @@ for D, causal, bm, bn, warps, stages in [(88, False, 128, 64, 8, 3), (80, True, 
 
 
 def test_compiles_for_sm90_without_spills():
-    import subprocess
-    import sys
-
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("Triton's bundled ptxas is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    r = subprocess.run([sys.executable, "-c", _SM90_CHECK], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    run_sm90_check(_SM90_CHECK)

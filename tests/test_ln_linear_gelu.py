@@ -4,9 +4,7 @@ Rule: the kernel's max error vs float64 is at most twice eager PyTorch's (F.laye
 and GELU in the same dtype) plus a small floor. Runs interpreted on the CPU (TRITON_INTERPRET=1, set
 before the kernels are imported); bfloat16 runs on the GPU only (the interpreter's bf16 tl.dot is wrong).
 """
-import os
-
-from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs, as_double as _d  # noqa: E402,F401 (before the kernel modules; autouse fixture)
+from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs, run_sm90_check, as_double as _d  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -181,12 +179,4 @@ for norm in (True, False):
 
 
 def test_compiles_for_sm90_without_spills():
-    import subprocess
-    import sys
-
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("Triton's bundled ptxas is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    r = subprocess.run([sys.executable, "-c", _SM90_CHECK], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    run_sm90_check(_SM90_CHECK)
