@@ -64,3 +64,32 @@ def _cpu_by_default(request, monkeypatch):
 
     resolve = loader._resolve_device_dtype
     monkeypatch.setattr(loader, "_resolve_device_dtype", lambda device, dtype: resolve(device or "cpu", dtype))
+
+
+def paged_case(lens, H, D, block_size, dtype, seed=0, spare_blocks=3, device="cpu"):
+    """Random q [N, H, D] (a strided view, as the models pass it), a paged K/V cache with each
+    sequence's tokens in shuffled blocks, its int32 block tables and seq_lens. Every slot no sequence
+    owns is NaN and unused table entries point at an all-NaN block, so reading past a context shows."""
+    g = torch.Generator().manual_seed(seed)
+    N = len(lens)
+    nblk = [(L + block_size - 1) // block_size for L in lens]
+    max_blocks = max(max(nblk), 1) + 1  # one spare column: entries past every length
+    num_blocks = sum(nblk) + spare_blocks + 1
+    kc = torch.full((num_blocks, block_size, H, D), float("nan"), dtype=torch.float64)
+    vc = kc.clone()
+    poison_block = num_blocks - 1  # stays all-NaN; unused table entries point here
+    order = torch.randperm(num_blocks - 1, generator=g)
+    bt = torch.full((N, max_blocks), poison_block, dtype=torch.int32)
+    used = 0
+    for n, L in enumerate(lens):
+        blocks = order[used:used + nblk[n]]
+        used += nblk[n]
+        bt[n, :nblk[n]] = blocks.int()
+        for t in range(L):
+            kc[blocks[t // block_size], t % block_size] = torch.randn(H, D, generator=g, dtype=torch.float64)
+            vc[blocks[t // block_size], t % block_size] = torch.randn(H, D, generator=g, dtype=torch.float64)
+    # q as a strided view of a fused projection, the way the model produces it
+    qkv = torch.randn(N, 3, H, D, generator=g, dtype=torch.float64)
+    q = qkv.to(dtype)[:, 0]
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    return [t.to(device) for t in (q, kc.to(dtype), vc.to(dtype), bt, seq_lens)]

@@ -9,6 +9,7 @@ split-K partials are NaN-poisoned before the kernels write them.
 """
 from kernel_setup import DEVICE, INTERPRET, needs_cuda, poison_outputs  # noqa: E402,F401 (before the kernel modules; autouse fixture)
 
+import functools
 import json
 import subprocess
 import sys
@@ -19,36 +20,14 @@ import torch
 
 from blip2_fast.kernels.paged_attention import choose_num_splits, paged_attention
 from blip2_fast.reference import paged_attention_ref
+from conftest import paged_case
 
 # Error rule: fast error vs float64 <= 2 x the eager reference's error in the same dtype + this floor.
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 2e-3}
 
 
-def make_case(lens, H, D, block_size, dtype, seed=0, spare_blocks=3):
-    """Random q, a NaN-poisoned paged cache with each sequence's tokens in shuffled blocks."""
-    g = torch.Generator().manual_seed(seed)
-    N = len(lens)
-    nblk = [(L + block_size - 1) // block_size for L in lens]
-    max_blocks = max(max(nblk), 1) + 1  # one spare column: entries past every length
-    num_blocks = sum(nblk) + spare_blocks + 1
-    kc = torch.full((num_blocks, block_size, H, D), float("nan"), dtype=torch.float64)
-    vc = kc.clone()
-    poison_block = num_blocks - 1  # stays all-NaN; unused table entries point here
-    order = torch.randperm(num_blocks - 1, generator=g)
-    bt = torch.full((N, max_blocks), poison_block, dtype=torch.int32)
-    used = 0
-    for n, L in enumerate(lens):
-        blocks = order[used:used + nblk[n]]
-        used += nblk[n]
-        bt[n, :nblk[n]] = blocks.int()
-        for t in range(L):
-            kc[blocks[t // block_size], t % block_size] = torch.randn(H, D, generator=g, dtype=torch.float64)
-            vc[blocks[t // block_size], t % block_size] = torch.randn(H, D, generator=g, dtype=torch.float64)
-    # q as a strided view of a fused projection, the way the model produces it
-    qkv = torch.randn(N, 3, H, D, generator=g, dtype=torch.float64)
-    q = qkv.to(dtype)[:, 0]
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    return [t.to(DEVICE) for t in (q, kc.to(dtype), vc.to(dtype), bt, seq_lens)]
+# random q and a NaN-poisoned paged cache (conftest.paged_case), on the kernels' device
+make_case = functools.partial(paged_case, device=DEVICE)
 
 
 def check(q, kc, vc, bt, seq_lens, scale, rel_bias=None, **kw):

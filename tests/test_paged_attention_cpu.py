@@ -8,6 +8,7 @@ import torch
 
 from blip2_fast import _ext, ops
 from blip2_fast.reference import paged_attention_ref
+from conftest import paged_case
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}
@@ -31,25 +32,10 @@ def ext():
 
 
 def make(H, D, bs, lens, dtype, seed=0, bias=False):
-    """A shuffled pool (sequences' blocks interleaved), NaN in every slot no sequence owns."""
-    g = torch.Generator().manual_seed(seed)
-    N, W = len(lens), max(-(-n // bs) for n in lens) + 1  # one spare table column past the longest
-    nb = sum(-(-n // bs) for n in lens) + 3
-    kc = torch.full((nb, bs, H, D), float("nan"))
-    vc = torch.full((nb, bs, H, D), float("nan"))
-    perm = torch.randperm(nb, generator=g).tolist()
-    tables = torch.zeros(N, W, dtype=torch.int32)
-    for i, n in enumerate(lens):
-        for b in range(-(-n // bs)):
-            blk = perm.pop()
-            tables[i, b] = blk
-            m = min(bs, n - b * bs)
-            kc[blk, :m] = torch.randn(m, H, D, generator=g)
-            vc[blk, :m] = torch.randn(m, H, D, generator=g)
-        tables[i, -(-n // bs):] = perm[0]  # unused columns point at a block full of NaN
-    q = torch.randn(N, H, D, generator=g)
-    rel = torch.randn(H, 40, generator=g) if bias else None
-    return q.to(dtype), kc.to(dtype), vc.to(dtype), tables, torch.tensor(lens, dtype=torch.int32), rel
+    """conftest.paged_case (NaN in every slot no sequence owns), plus T5's bias table when asked."""
+    q, kc, vc, bt, sl = paged_case(lens, H, D, bs, dtype, seed=seed)
+    rel = torch.randn(H, 40, generator=torch.Generator().manual_seed(seed + 1)) if bias else None
+    return q, kc, vc, bt, sl, rel
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
