@@ -112,12 +112,16 @@ def get(name: str, impl: str = "reference", device: torch.device | str | None = 
     _check(name, impl)
     if impl == "reference" or name not in _FAST:
         return _REFERENCE[name]
-    fs = _FAST[name] if device is None else _candidates(name, torch.device(device))
-    if device is not None:
-        fs = [f for f in fs if _reason(f, torch.device(device)) is None] or fs
-    if not fs:
-        raise ValueError(f"op {name!r} has no fast implementation for device type {torch.device(device).type!r}")
-    f = fs[0]
+    if device is None:
+        f = _FAST[name][0]
+    else:
+        device = torch.device(device)
+        f, _ = _pick(name, device)
+        if f is None:  # none can run: return the preferred one anyway (no fallback here), if any
+            cands = _candidates(name, device)
+            if not cands:
+                raise ValueError(f"op {name!r} has no fast implementation for device type {device.type!r}")
+            f = cands[0]
     return getattr(importlib.import_module(f.module), f.attr)
 
 
@@ -156,13 +160,21 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     if name not in _FAST:
         return None
     device = torch.device(device)
+    f, reasons = _pick(name, device)
+    if f is not None:
+        return None
+    return "; ".join(reasons) or f"it has no fast implementation for device type {device.type!r}"
+
+
+def _pick(name: str, device: torch.device) -> tuple[_Fast | None, list[str]]:
+    """The first of `name`'s candidates for `device` that can run there, and why those before it cannot."""
     reasons = []
     for f in _candidates(name, device):
         r = _reason(f, device)
         if r is None:
-            return None
+            return f, reasons
         reasons.append(r)
-    return "; ".join(reasons) or f"it has no fast implementation for device type {device.type!r}"
+    return None, reasons
 
 
 @dataclasses.dataclass(frozen=True)

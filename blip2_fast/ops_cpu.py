@@ -76,5 +76,4 @@ def linear_gelu(x, weight, bias, approximate="none"):
 
 def ln_linear_gelu(x, ln_weight, ln_bias, eps, weight, bias, approximate="none"):
     """GELU(LayerNorm(x) @ weightᵀ + bias), `reference.ln_linear_gelu_ref`'s semantics."""
-    h = F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps)
-    return F.gelu(F.linear(h, weight, bias), approximate=approximate)
+    return linear_gelu(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), weight, bias, approximate)
