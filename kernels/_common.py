@@ -60,12 +60,17 @@ def bucket(n: int, lo: int = 16, hi: int = 1 << 16) -> int:
 NORM_MAX_N = 65536  # the norm kernels hold one row in registers; wider rows would spill
 
 
-def check_norm_args(x, params, residual, eps):
-    """Shared by layer_norm and rms_norm: x [..., N]; params {name: (N,) tensor or None}."""
+def check_rows_input(x, last: str) -> None:
+    """x must be a float tensor [..., last] where a Triton kernel can run (norms: N; GEMMs: K)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"x must be a tensor [..., N], got {getattr(x, 'shape', type(x).__name__)}")
+        raise ValueError(f"x must be a tensor [..., {last}], got {getattr(x, 'shape', type(x).__name__)}")
     check_float("x", x)
     check_device("x", x)
+
+
+def check_norm_args(x, params, residual, eps):
+    """Shared by layer_norm and rms_norm: x [..., N]; params {name: (N,) tensor or None}."""
+    check_rows_input(x, "N")
     n = x.shape[-1]
     if not 1 <= n <= NORM_MAX_N:
         raise ValueError(f"x's last dim N must be in 1..{NORM_MAX_N}, got {n} (x {tuple(x.shape)})")

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import bucket, check_device, check_float, dot_precision, gelu_erf, gelu_tanh, interpreting
+from ._common import bucket, check_float, check_rows_input, dot_precision, gelu_erf, gelu_tanh, interpreting
 
 
 @triton.jit
@@ -160,10 +160,7 @@ def _(x, weight, bias, approximate):
 
 def check_gemm_args(x, weight, bias, approximate):
     """Shared with ln_linear_gelu: x [..., K], weight [N, K], bias [N] or None."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"x must be a tensor [..., K], got {getattr(x, 'shape', type(x).__name__)}")
-    check_float("x", x)
-    check_device("x", x)
+    check_rows_input(x, "K")
     K = x.shape[-1]
     if K < 1:
         raise ValueError(f"x's last dim K must be >= 1, got x {tuple(x.shape)}")
