@@ -241,8 +241,8 @@ register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
 for _name in ("attention", "layernorm", "linear_gelu", "ln_linear_gelu"):
     register_fast(_name, "blip2_fast.ops_cpu", _name, "torch", devices=("cpu",))
-# On the CPU these two run as plain PyTorch: the references are the CPU implementations (a decode
-# step's K/V scatter is one index_copy_; RMSNorm is a few vector passes), so a default CPU load binds
-# them without a fallback warning, and never through the Triton interpreter.
-register_fast("write_kv", "blip2_fast.reference", "write_kv_ref", "torch", devices=("cpu",))
+# On the CPU these two run as plain PyTorch (a decode step's K/V scatter is one index_copy_, wrapped
+# as a custom op so it traces; RMSNorm is a few vector passes: the reference itself), so a default
+# CPU load binds them without a fallback warning, and never through the Triton interpreter.
+register_fast("write_kv", "blip2_fast.ops_cpu", "write_kv", "torch", devices=("cpu",))
 register_fast("rmsnorm", "blip2_fast.reference", "rmsnorm_ref", "torch", devices=("cpu",))

@@ -10,7 +10,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without the interpreter never interprets
     InterpretedFunction = type(None)
 
-from .interpret import interpreting  # noqa: F401  (re-exported: the kernels ask _common)
+from .interpret import autotuning, interpreting  # noqa: F401  (re-exported: the kernels ask _common)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -1,4 +1,5 @@
-"""The one answer to "are the Triton kernels interpreted on the CPU?", importable without Triton.
+"""The one answer to "are the Triton kernels interpreted on the CPU?" (and "do they autotune?"),
+importable without Triton.
 
 Both the op registry (which must not import Triton to decide) and the kernels ask `interpreting()`.
 """
@@ -19,3 +20,10 @@ def interpreting() -> bool:
     imported earlier are re-wrapped by `_common.runnable`).
     """
     return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
+
+
+def autotuning() -> bool:
+    """Whether the GPU kernels autotune their tile configs (default) or launch one fixed config per
+    shape class: BLIP2_FAST_AUTOTUNE=0 (also off/false/no/n), which the test suite sets so that a GPU
+    test compiles one kernel per case instead of timing dozens."""
+    return os.environ.get("BLIP2_FAST_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no", "n")

@@ -77,3 +77,27 @@ def test_default_cpu_load_is_silent(ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-W", "error", "-m", "blip2_fast", "caption", str(tmp_path / "x.png"), "--model",
                         str(tmp_path / "missing")], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "does not exist" in r.stderr and "Warning" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("0", False), ("off", False), ("false", False)])
+def test_autotuning_switch(monkeypatch, value, on):
+    from blip2_fast.kernels.interpret import autotuning
+
+    if value is None:
+        monkeypatch.delenv("BLIP2_FAST_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("BLIP2_FAST_AUTOTUNE", value)
+    assert autotuning() is on
+
+
+def test_untuned_launch_picks_a_pruned_candidate():
+    """Without autotuning the GPU path launches the first config the pruning keeps for the shape
+    class: one of the tuned candidates, never a tile mostly past the rows (32 Q-Former queries)."""
+    from blip2_fast.kernels import attention, linear_gelu
+
+    c = attention._prune_configs(attention._CONFIGS, {"q_bucket": 32, "BLOCK_D": 128})[0]
+    assert c in attention._CONFIGS and c.kwargs["BLOCK_M"] <= 32
+    c = attention._prune_configs(attention._CONFIGS, {"q_bucket": 512, "BLOCK_D": 128})[0]
+    assert c is attention._CONFIGS[0]
+    c = linear_gelu._prune_configs(linear_gelu._CONFIGS, {"m_bucket": 16, "N": 3072})[0]
+    assert c in linear_gelu._CONFIGS and c.kwargs["BLOCK_M"] <= 64
