@@ -1,4 +1,4 @@
-"""Q-Former cross-attention (csrc/, torch.ops.blip2_fast.cross_attention) vs eager and SDPA:
+"""Q-Former cross-attention (csrc/, torch.ops.blip2_fast.cross_attention_fwd) vs eager and SDPA:
 `python -m bench.bench_cross_attention [--device cpu]`.
 
 Cases: the Q-Former's shape (B = 64 on GPU, 8 on CPU; H = 12, Nq = 32 queries, Nk = 257 patches,

@@ -1,4 +1,4 @@
-// CUDA kernel of blip2_fast::cross_attention (spec: reference.cross_attention_ref): the Q-Former's 32
+// CUDA kernel of blip2_fast::cross_attention_fwd (spec: reference.cross_attention_ref): the Q-Former's 32
 // queries attend over 257 image patches, per (batch, head).
 //
 // One block of 128 threads per (batch, head, 32-query tile): at the Q-Former shape that is one block

@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import autotuning, bucket, check_device, check_float, dot_precision, interpreting
+from ._common import alignment, autotuning, bucket, check_device, check_float, dot_precision, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -169,17 +168,6 @@ def _attn_fwd_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
 
-def _align(t: torch.Tensor, dims, *more: torch.Tensor) -> int:
-    """Largest power of two (elements, at most 16 bytes) dividing t's strides over `dims` of size > 1."""
-    a = max(1, 16 // t.element_size())
-    for x in (t, *more):
-        for d in dims:
-            if x.shape[d] > 1:
-                while x.stride(d) % a:
-                    a //= 2
-    return a
-
-
 def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     q_bucket, block_d = args["q_bucket"], args["BLOCK_D"]
@@ -221,7 +209,7 @@ _INTERP_BLOCKS = (32, 32)
 def _attention_impl(q, k, v, key_padding_mask, bias, causal, scale, block_m=None, block_n=None):
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    o = _common.new_empty((B, H, Sq, D), q.dtype, q.device)
+    o = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
     if o.numel() == 0:
         return o
     if key_padding_mask is not None:
@@ -241,7 +229,7 @@ def _attention_impl(q, k, v, key_padding_mask, bias, causal, scale, block_m=None
     )
     meta = dict(HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
                 HAS_BIAS=bias is not None, DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d,
-                ALIGN=_align(q, (0, 1, 2), k, v, o), BIAS_ALIGN=_align(bias_e, (0, 1, 2)) if bias is not None else 1)
+                ALIGN=alignment(q, k, v, o), BIAS_ALIGN=alignment(bias_e) if bias is not None else 1)
     if block_m is not None or interpreting() or not autotuning():
         warps, stages = 4, 2
         if block_m is not None:

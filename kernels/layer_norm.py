@@ -1,5 +1,7 @@
 """LayerNorm over the last dim, optionally fused with the residual add before it (one pass over HBM).
 
+Rows up to 2048 wide go several to a program (`_common.norm_rows_per_program`), wider ones one each.
+
 Same semantics as `blip2_fast.reference.layernorm_ref`: float32 statistics, and with a residual
 the sum x + residual is rounded once to x's dtype, stored, and that rounded sum is normalised.
 """
@@ -9,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_norm_args, load_row_add_residual, norm_launch, norm_num_warps
+from ._common import check_norm_args, load_rows_add_residual, norm_launch, norm_num_warps
 
 
 @triton.jit
@@ -19,37 +21,39 @@ def _layer_norm_fwd_kernel(
     Y,  # output, (n_rows, n_cols), contiguous, X's dtype
     S,  # output sum X + R, (n_rows, n_cols), contiguous, X's dtype; unused unless HAS_RESIDUAL
     W, B,  # weight and bias, (n_cols,); unused unless HAS_WEIGHT / HAS_BIAS
-    stride_x, stride_r, n_cols, eps,
+    stride_x, stride_r, n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program (power of two): several for narrow rows
     BLOCK_N: tl.constexpr,  # next power of two >= n_cols; the tail is masked
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
-    x = load_row_add_residual(X, R, S, row, stride_x, stride_r, n_cols, cols, mask, HAS_RESIDUAL)
-    mean = tl.sum(x, axis=0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / n_cols
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    x = load_rows_add_residual(X, R, S, rows, stride_x, stride_r, n_cols, cols, mask, HAS_RESIDUAL)
+    mean = tl.sum(x, axis=1) / n_cols
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / n_cols
     rstd = tl.math.rsqrt(var + eps)
-    y = xc * rstd
+    y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _layer_norm_impl(x, weight, bias, residual, eps):
-    x2, r2, y, s, block_n = norm_launch(x, residual)
+    x2, r2, y, s, block_n, rows = norm_launch(x, residual)
     n, n_rows = x.shape[-1], x2.shape[0]
     if n_rows == 0:
         return y, s
-    _layer_norm_fwd_kernel[(n_rows,)](
+    _layer_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
         x2, r2, y, s if residual is not None else y,
         weight if weight is not None else x2, bias if bias is not None else x2,
-        x2.stride(0), r2.stride(0), n, eps,
+        x2.stride(0), r2.stride(0), n_rows, n, eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, num_warps=norm_num_warps(block_n),
+        ROWS=rows, BLOCK_N=block_n, num_warps=norm_num_warps(rows * block_n),
     )
     return y, s
 

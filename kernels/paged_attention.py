@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import FLOAT_DTYPES, check_device, interpreting, row_alignment, runnable
+from ._common import FLOAT_DTYPES, alignment, check_device, interpreting
 
 # The kernels reduce with tl.reduce and these combiners instead of tl.sum / tl.max, and build
 # constants with tl.full instead of tl.zeros: tl.sum, tl.max and tl.zeros are themselves @jit
@@ -200,7 +199,7 @@ def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          rel_bias: torch.Tensor | None, num_splits: int, max_seq_len: int) -> torch.Tensor:
     N, H, D = q.shape
     block_size = k_cache.shape[1]
-    out = _common.new_empty((N, H, D), q.dtype, q.device)
+    out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)
     if N == 0 or H == 0:
         return out
     if max_seq_len <= 0:
@@ -216,21 +215,21 @@ def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if single:
         part_o, part_m, part_l = out, out, out  # PART_M / PART_L are never touched
     else:
-        part_o = _common.new_empty((N, H, num_splits, D), torch.float32, q.device)
-        part_m = _common.new_empty((N, H, num_splits), torch.float32, q.device)
-        part_l = _common.new_empty((N, H, num_splits), torch.float32, q.device)
+        part_o = torch.empty((N, H, num_splits, D), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((N, H, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((N, H, num_splits), dtype=torch.float32, device=q.device)
     has_bias = rel_bias is not None
-    runnable(_paged_attention_split_kernel)[(N, H, num_splits)](
+    _paged_attention_split_kernel[(N, H, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, rel_bias if has_bias else q, part_o, part_m, part_l,
         scale * math.log2(math.e), num_splits, tokens_per_split,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         *(rel_bias.stride() if has_bias else (0, 0)),
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=BLOCK_D,
-        KV_ALIGN=min(row_alignment(k_cache), row_alignment(v_cache)), SINGLE_SPLIT=single, HAS_BIAS=has_bias,
+        KV_ALIGN=alignment(k_cache, v_cache), SINGLE_SPLIT=single, HAS_BIAS=has_bias,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
-        runnable(_paged_attention_merge_kernel)[(N, H)](
+        _paged_attention_merge_kernel[(N, H)](
             out, part_o, part_m, part_l, num_splits,
             HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
             num_warps=1 if interpreting() else 4,

@@ -1,4 +1,4 @@
-"""blip2_fast::cross_attention, the C++/CUDA extension (csrc/): CPU kernel, CUDA kernel, build, registry.
+"""blip2_fast::cross_attention_fwd, the C++/CUDA extension (csrc/): CPU kernel, CUDA kernel, build, registry.
 
 The CPU kernel is compared with a float64 run of `cross_attention_ref`; its error may be at most twice
 that of eager PyTorch in the same dtype, plus a small floor. Without a GPU the CUDA kernel is checked
@@ -93,7 +93,7 @@ def via_registry(q, k, v, mask=None, scale=None):
 
 
 def via_torch_ops(q, k, v, mask=None, scale=None):
-    return torch.ops.blip2_fast.cross_attention(q, k, v, mask, scale)
+    return torch.ops.blip2_fast.cross_attention_fwd(q, k, v, mask, scale)
 
 
 ENTRIES = {"registry": via_registry, "torch.ops": via_torch_ops}
@@ -171,8 +171,8 @@ def test_cpu_independent_of_thread_count(ext):
 def test_opcheck(ext, with_mask):
     q, k, v = make(2, 3, 5, 7, 32, torch.float32)
     mask = make_mask(2, 7) if with_mask else None
-    torch.library.opcheck(torch.ops.blip2_fast.cross_attention.default, (q, k, v, mask, None))
-    torch.library.opcheck(torch.ops.blip2_fast.cross_attention.default, (q, k, v, mask, 0.25))
+    torch.library.opcheck(torch.ops.blip2_fast.cross_attention_fwd.default, (q, k, v, mask, None))
+    torch.library.opcheck(torch.ops.blip2_fast.cross_attention_fwd.default, (q, k, v, mask, 0.25))
 
 
 def test_torch_compile_traces_the_op(ext):
@@ -198,7 +198,7 @@ def test_bad_arguments_name_the_argument(ext, match, bad):
     q, k, v = make(2, 3, 5, 7, 32, torch.float32)
     args = bad(q, k, v, make_mask(2, 7))
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.blip2_fast.cross_attention(*args, None)
+        torch.ops.blip2_fast.cross_attention_fwd(*args, None)
 
 
 def test_registry_binds_the_extension(ext):
@@ -229,7 +229,7 @@ def test_loads_next_to_python_custom_ops_in_the_same_namespace(ext):
         _ext.build()
         define("dummy_after")
         q = torch.randn(1, 2, 3, 8)
-        out = torch.ops.blip2_fast.cross_attention(q, q, q, None, None)
+        out = torch.ops.blip2_fast.cross_attention_fwd(q, q, q, None, None)
         assert out.shape == q.shape and torch.ops.blip2_fast.dummy_after(q).shape == q.shape
         print("ok")
     """
@@ -292,7 +292,7 @@ def test_openmp_build_failure_falls_back_to_a_serial_build(tmp_path):
         assert reason is None, reason
         assert os.path.exists(_ext._path) and _ext._path.endswith("_serial.so") and _ext._openmp is False, _ext._path
         q = torch.randn(1, 2, 3, 8)
-        assert torch.ops.blip2_fast.cross_attention(q, q, q, None, None).shape == q.shape
+        assert torch.ops.blip2_fast.cross_attention_fwd(q, q, q, None, None).shape == q.shape
         print("ok")
     """
     env = {"BLIP2_FAST_CACHE": str(tmp_path)}
@@ -572,7 +572,7 @@ def test_gpu_strided_bad_arguments_and_graphs():
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     mask = make_mask(B, Nk, device="cuda")
     check(via_torch_ops(q, k, v, mask), q, k, v, mask)
-    torch.library.opcheck(torch.ops.blip2_fast.cross_attention.default, (q, k, v, mask, None))
+    torch.library.opcheck(torch.ops.blip2_fast.cross_attention_fwd.default, (q, k, v, mask, None))
     big = torch.randn(1, 1, 2, 160, device="cuda")
     with pytest.raises(RuntimeError, match="D <= 128"):
         via_torch_ops(big, big, big)

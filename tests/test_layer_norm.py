@@ -89,6 +89,17 @@ def test_mixed_param_dtype_and_strided_input():
     check(x, w, b, eps=1e-2, residual=torch.randn(4, 9, n, device=DEVICE, dtype=torch.float16))
 
 
+def test_several_rows_per_program():
+    # rows up to 2048 wide go several to a program; the last program here has a spare row slot
+    from blip2_fast.kernels._common import norm_rows_per_program
+    assert norm_rows_per_program(2048, 16448) == 2 and norm_rows_per_program(1024, 7) == 4
+    assert norm_rows_per_program(4096, 99) == 1 and norm_rows_per_program(64, 3) == 4
+    torch.manual_seed(11)
+    for rows, n in ((7, 768), (3, 1408), (5, 40)):
+        big = torch.randn(rows, n + 24, device=DEVICE, dtype=torch.float16)
+        check(big[:, :n], *params(n, torch.float16), residual=torch.randn(rows, n, device=DEVICE, dtype=torch.float16))
+
+
 def test_large_mean_rows():
     # a large common offset: one-pass E[x²] - E[x]² would cancel catastrophically
     torch.manual_seed(7)
