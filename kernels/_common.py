@@ -53,6 +53,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def head_dim_split(D: int) -> tuple[int, int]:
+    """(BLOCK_D1, BLOCK_D2): a head dim as Triton's power-of-two blocks. One block (BLOCK_D2 = 0) for
+    a power of two (at least 16, tl.dot's minimum) or where two would cover no less; else the largest
+    power of two below D plus the next power of two (at least 16) covering the rest, which is
+    narrower than padding to the next power of two: 80 = 64 + 16 (not 128), 88 -> 64 + 32 = 96,
+    40 -> 32 + 16 = 48; 59 -> 64 (32 + 32 would be no narrower)."""
+    full = max(16, triton.next_power_of_2(D))
+    if D >= full:
+        return full, 0
+    d1 = full // 2
+    d2 = max(16, triton.next_power_of_2(D - d1))
+    return (d1, d2) if d1 + d2 < full else (full, 0)
+
+
 def bucket(n: int, lo: int = 16, hi: int = 1 << 16) -> int:
     """Autotune key for a length: its next power of two, so new lengths reuse a tuned config."""
     return min(max(triton.next_power_of_2(max(int(n), 1)), lo), hi)

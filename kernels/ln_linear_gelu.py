@@ -36,16 +36,24 @@ def _row_stats_kernel(
     tl.store(RSTD + rows, tl.math.rsqrt(var + eps), mask=row_ok)
 
 
+def row_stats_launch(x2, eps):
+    """(mean, rstd, grid, args, meta): the LayerNorm statistics pre-pass' launch; also what
+    bench/sm90_compile.py compiles."""
+    M, K = x2.shape
+    mean = torch.empty((M,), dtype=torch.float32, device=x2.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x2.device)
+    block_k = triton.next_power_of_2(K)
+    rows = norm_rows_per_program(block_k, M)
+    args = (x2, mean, rstd, x2.stride(0), x2.stride(1), M, K, eps)
+    return mean, rstd, (triton.cdiv(M, rows),), args, dict(ROWS=rows, BLOCK_K=block_k,
+                                                            num_warps=norm_num_warps(rows * block_k))
+
+
 def _ln_linear_gelu_impl(x, ln_weight, ln_bias, eps, weight, bias, approximate, config=None):
     x2 = as_rows(x)
-    M, K = x2.shape
-    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    if M > 0:
-        block_k = triton.next_power_of_2(K)
-        rows = norm_rows_per_program(block_k, M)
-        _row_stats_kernel[(triton.cdiv(M, rows),)](x2, mean, rstd, x2.stride(0), x2.stride(1), M, K, eps,
-                                                   ROWS=rows, BLOCK_K=block_k, num_warps=norm_num_warps(rows * block_k))
+    mean, rstd, grid, args, meta = row_stats_launch(x2, eps)
+    if grid[0] > 0:
+        _row_stats_kernel[grid](*args, **meta)
     y = launch_gemm_gelu(x2, weight, bias, approximate, mean=mean, rstd=rstd,
                          ln_weight=ln_weight, ln_bias=ln_bias, config=config)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -37,16 +37,20 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _rms_norm_impl(x, weight, residual, eps):
+def launch_args(x, weight, residual, eps):
+    """(y, s, grid, args, meta): outputs, and `_rms_norm_fwd_kernel`'s launch; also what
+    bench/sm90_compile.py compiles."""
     x2, r2, y, s, block_n, rows = norm_launch(x, residual)
     n, n_rows = x.shape[-1], x2.shape[0]
-    if n_rows == 0:
-        return y, s
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-        x2, r2, y, s if residual is not None else y, weight,
-        x2.stride(0), r2.stride(0), n_rows, n, eps,
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=norm_num_warps(rows * block_n),
-    )
+    args = (x2, r2, y, s if residual is not None else y, weight, x2.stride(0), r2.stride(0), n_rows, n, eps)
+    meta = dict(HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=norm_num_warps(rows * block_n))
+    return y, s, (triton.cdiv(n_rows, rows),), args, meta
+
+
+def _rms_norm_impl(x, weight, residual, eps):
+    y, s, grid, args, meta = launch_args(x, weight, residual, eps)
+    if grid[0] > 0:
+        _rms_norm_fwd_kernel[grid](*args, **meta)
     return y, s
 
 

@@ -85,7 +85,16 @@ SHAPES = [
     pytest.param(1, 2, 47, 65, 59, True, id="d59-causal"),
     pytest.param(1, 1, 40, 37, 256, False, id="d256"),
     pytest.param(3, 1, 19, 23, 8, False, id="d8"),
+    pytest.param(1, 2, 33, 65, 96, False, id="d96-split-exact"),
+    pytest.param(1, 1, 20, 40, 72, True, id="d72-split-masked"),
 ]
+
+
+def test_head_dims_run_as_power_of_two_blocks():
+    # 88 = 64 + 32 (96 wide, not 128), 80 = 64 + 16 (exact); powers of two and 59 stay one block
+    from blip2_fast.kernels._common import head_dim_split
+    assert [head_dim_split(d) for d in (88, 80, 40, 96, 72)] == [(64, 32), (64, 16), (32, 16), (64, 32), (64, 16)]
+    assert [head_dim_split(d) for d in (64, 128, 59, 8, 256, 111)] == [(64, 0), (128, 0), (64, 0), (16, 0), (256, 0), (128, 0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

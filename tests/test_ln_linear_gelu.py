@@ -102,6 +102,13 @@ def test_launch_order_groups(group_m):
           fast=lambda *a: LLG._ln_linear_gelu_impl(*a, config=cfg))
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_tma_and_persistent_configs(persistent):
+    torch.manual_seed(6)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "USE_TMA": True, "NUM_PROGS": 3 if persistent else 0}
+    check(*make(100, 80, 150, torch.float32), fast=lambda *a: LLG._ln_linear_gelu_impl(*a, config=cfg))
+
+
 def test_bad_arguments_raise():
     x, lnw, lnb, eps, w, b = make(4, 32, 16, torch.float16)
     cases = [

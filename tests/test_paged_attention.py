@@ -75,18 +75,6 @@ def test_rel_bias(num_splits, dtype):
     check(q, kc, vc, bt, lens, 1.0, rel_bias, num_splits=num_splits)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="swaps module globals under the interpreter; compiled kernels are cached")
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_fallback_combiners(num_splits, monkeypatch):
-    """The reductions use Triton's private combiners when they exist and our own otherwise: the
-    fallbacks must give the same results (split and unsplit, so both kernels use them)."""
-    from blip2_fast.kernels import paged_attention as P
-
-    monkeypatch.setattr(P, "_SUM", P._sum_fallback)
-    monkeypatch.setattr(P, "_MAX", P._max_fallback)
-    check(*make_case([70, 3, 33], 2, 80, 16, torch.float32, seed=12), 80 ** -0.5, num_splits=num_splits)
-
-
 def test_split_k_chosen_automatically():
     q, kc, vc, bt, lens = make_case([600], 2, 64, 16, torch.float32, seed=4)
     assert choose_num_splits(1, 2, bt.shape[1] * 16, 4) > 1  # the interpreter's notional 4 SMs
@@ -103,6 +91,11 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 32, 4096, 132) > 4  # one long sequence: split-K
     assert choose_num_splits(1, 32, 200, 132) == 1  # short contexts never split
     assert choose_num_splits(1, 1, 10 ** 6, 132) <= 64
+    # the wave model: as many splits as fill one wave of the SMs' program slots, not one more
+    slots = 132 * P._PROGRAMS_PER_SM
+    assert choose_num_splits(1, 32, 4096, 132) == slots // 32
+    assert choose_num_splits(2, 32, 4096, 132) == slots // 64
+    assert choose_num_splits(slots, 1, 4096, 132) == 1  # one full wave already
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
