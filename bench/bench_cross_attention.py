@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, row, time_ms
+from bench.common import cli, row, time_ms, with_tactic
 
 H, NQ, NK, D = 12, 32, 257, 64
 VISION, HIDDEN, LAYERS = 1408, 768, 6  # EVA ViT-g width, Q-Former width, cross-attention layers
@@ -79,6 +79,9 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
             r = row(f"cross_attention/{tag}", shape, dtype, ms, name, base, nbytes=nbytes, device=device)
             r["max_abs_diff"] = diff
             r["baseline_max_abs_diff"] = (fn(qq, kk, vv).float() - ref).abs().max().item()
+            if name.startswith("F.scaled"):
+                label = "cuda" if torch.device(device).type == "cuda" else "cpp"
+                with_tactic(r, "cross_attention", (label, _ext.cross_attention), (qq, kk, vv), device=device)
             yield r
 
 

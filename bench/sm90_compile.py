@@ -139,7 +139,10 @@ def attention_cases(defaults_only: bool):
                                                "dtype": q.dtype})
         for c in ([default] if defaults_only else pruned):
             m = {**meta, "EVEN_N": Sk % c.kwargs["BLOCK_N"] == 0, **c.kwargs}
-            yield name, A._attn_fwd_kernel, args, m, _cfg(c), c is default
+            # the dot width the head dim runs at, against the next power of two it was padded to before
+            cfg = {**_cfg(c), "head_dim": D, "dot_width": meta["BLOCK_D1"] + meta["BLOCK_D2"] * meta["SPLIT_D"],
+                   "padded_width": max(16, triton.next_power_of_2(D))}
+            yield name, A._attn_fwd_kernel, args, m, cfg, c is default
 
 
 def _launch_opts(meta: dict) -> tuple[dict, dict]:
@@ -215,12 +218,63 @@ def gemm_cases(defaults_only: bool):
         kw = dict(mean=stats, rstd=stats, ln_weight=w[0], ln_bias=w[0]) if norm else {}
         _, args, meta = LG.launch_args(x, w, b, approx, tma=True, **kw)
         default = LG._prune_configs(LG._CONFIGS, {"m_bucket": args[-2], "N": N, "tma_ok": 0})[0]  # the untuned launch
-        configs = [default] if defaults_only else LG._prune_configs(LG._CONFIGS, {"m_bucket": args[-2], "N": N, "tma_ok": 1})
+        configs = [default] if defaults_only else LG._prune_configs(LG._CONFIGS, {"m_bucket": args[-2], "N": N, "tma_ok": 1,
+                                                                                 "NORM_A": norm})
         for c in configs:
             m = {**meta, **c.kwargs}
             if c.kwargs["USE_TMA"]:
                 LG._set_tma_blocks({"X_DESC": args[8], "W_DESC": args[9], **m})
             yield name, LG._linear_gelu_kernel, args, m, _cfg(c), c is default
+
+
+def dropped_cases():
+    """Configs taken out of the candidate lists, compiled again so the report shows why: each yields
+    (kernel, case, fn, args, meta, config, reason)."""
+    import triton as _t
+
+    from blip2_fast.kernels import attention as A, linear_gelu as LG, paged_attention as P
+
+    bf = torch.bfloat16
+    qkv = torch.empty(2, 257, 3, 16, 88, dtype=bf)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    _, args, meta = A.launch_args(q, k, v, None, None, False, 0.1)
+    yield ("attention", "vitg 257x257 D88", A._attn_fwd_kernel, args, {**meta, "EVEN_N": False, "BLOCK_M": 128, "BLOCK_N": 64},
+           {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, "128x64 with 4 warps: spills (dropped before)")
+    qkv = torch.empty(2, 512, 3, 32, 80, dtype=bf)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    _, args, meta = A.launch_args(q, k, v, torch.ones(2, 512, dtype=torch.bool), None, True, 0.1)
+    yield ("attention", "opt prefill 512 D80 causal+kpm", A._attn_fwd_kernel, args,
+           {**meta, "EVEN_N": True, "BLOCK_M": 32, "BLOCK_N": 64}, {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+           "32x64 with 4 warps past 64-wide heads: at the register limit, spills at D=80 causal (32x32 is used there)")
+    qkv = torch.empty(1, 111, 3, 2, 256, dtype=bf)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    _, args, meta = A.launch_args(q, k, v, None, None, False, 0.1)
+    yield ("attention", "D256 111", A._attn_fwd_kernel, args, {**meta, "EVEN_N": False, "BLOCK_M": 64, "BLOCK_N": 64},
+           {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, "64x64 with 4 warps past 128-wide heads: spills")
+    x, w = torch.empty(16448, 1408, dtype=bf), torch.empty(6144, 1408, dtype=bf)
+    st = torch.empty(16448, dtype=torch.float32)
+    _, args, meta = LG.launch_args(x, w, w[0], "none", mean=st, rstd=st, ln_weight=x[0], ln_bias=x[0], tma=False)
+    for bm, bn, warps, stages in ((128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4)):
+        c = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": False, "NUM_PROGS": 0}
+        yield ("gemm_gelu", "vitg fc1 (ln_linear_gelu)", LG._linear_gelu_kernel, args, {**meta, **c},
+               {**c, "num_warps": warps, "num_stages": stages}, f"{bm}x{bn} with {warps} warps: spills in the GELU epilogue")
+    _, args, meta = LG.launch_args(x, w, w[0], "none", mean=st, rstd=st, ln_weight=x[0], ln_bias=x[0], tma=True)
+    for stages in (4, 3):
+        c = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True, "NUM_PROGS": 132}
+        LG._set_tma_blocks({"X_DESC": args[8], "W_DESC": args[9], **c})
+        yield ("gemm_gelu", "vitg fc1 (ln_linear_gelu)", LG._linear_gelu_kernel, args, {**meta, **c},
+               {**c, "num_warps": 8, "num_stages": stages},
+               "persistent TMA with the LayerNorm prologue: at the register limit (spills under Triton 3.9)")
+    kc = torch.empty(64, 16, 32, 80, dtype=bf)
+    qd = torch.empty(4, 3, 32, 80, dtype=bf)[:, 0]
+    _, _, args, meta, _ = P.launch_args(qd, kc, kc, torch.zeros(4, 64, dtype=torch.int32), torch.ones(4, dtype=torch.int32),
+                                        0.1, None, 1, 1024)
+    meta.pop("num_warps")
+    for bn, warps, why in ((64, 4, "double-buffered 64-token tiles with 4 warps: over 200 registers, a third of the occupancy"),
+                           (32, 4, "32-token tiles with 4 warps: spills at D=80")):
+        yield ("paged_attention", "decode H32 D80", P._paged_attention_split_kernel, args, {**meta, "BLOCK_N": bn},
+               {"BLOCK_N": bn, "num_warps": warps, "num_stages": 3}, why)
+    del _t
 
 
 KERNELS = {"attention": attention_cases, "paged_attention": paged_attention_cases, "write_kv": write_kv_cases,
@@ -267,7 +321,9 @@ def main(argv=None) -> int:
     ap.add_argument("--defaults-only", action="store_true", help="only the untuned default configs (what tests launch)")
     ap.add_argument("--no-cuda", action="store_true", help="skip csrc/*.cu")
     ap.add_argument("--out", default=None, help="JSON to write (merged); default bench/results/sm90-compile-<date>.json")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--no-write", action="store_true", help="do not write the results file")
+    ap.add_argument("--no-dropped", action="store_true", help="skip the configs taken out of the candidate lists")
+    ap.add_argument("--json", default=None, help="also write this run's rows here (tests read it)")
     a = ap.parse_args(argv)
     if not (TOOLS / "ptxas").exists():
         print(f"SKIP: Triton's bundled ptxas is not installed ({TOOLS})")
@@ -291,6 +347,18 @@ def main(argv=None) -> int:
             print(f"{flag:5s} {kname:16s} {case:36s} {_key(cfg):58s} regs={row.get('regs')} stack={row.get('stack_bytes')} "
                   f"smem={row.get('smem_bytes')} wgmma={row.get('wgmma')} cp.async={row.get('cp_async')} "
                   f"v4={row.get('ld_global_v4')} tma={row.get('tma')}{' DEFAULT' if default else ''}", flush=True)
+    if not a.defaults_only and not a.no_dropped:
+        for kname, case, fn, args, meta, cfg, reason in dropped_cases():
+            if kname not in wanted:
+                continue
+            row = {"kernel": kname, "case": case, "config": cfg, "default": False, "dropped": reason}
+            try:
+                row.update(compile_launch(fn, args, meta, cfg["num_warps"], cfg["num_stages"]))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            rows.append(row)
+            print(f"DROP  {kname:16s} {case:36s} {_key(cfg):58s} regs={row.get('regs')} stack={row.get('stack_bytes')} "
+                  f"smem={row.get('smem_bytes')}: {reason}", flush=True)
     cuda = [] if a.no_cuda or ("cuda" not in wanted and a.kernels != ",".join(KERNELS)) else cuda_cases()
     for r in cuda:
         print(f"{'ERROR' if 'error' in r else ('SPILL' if r.get('stack_bytes') else 'ok'):5s} cuda {r.get('function', r['kernel'])[:110]} "
@@ -309,6 +377,11 @@ def main(argv=None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n")
         print(f"wrote {path}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"triton": triton.__version__, "triton_kernels": rows, "cuda_kernels": cuda}))
+    kept_spills = [r for r in rows if not r["default"] and not r.get("dropped") and r.get("stack_bytes")]
+    print(f"{len(rows)} Triton configs compiled with Triton {triton.__version__}; defaults spilling or failing: {len(bad)}; "
+          f"kept autotune candidates spilling: {len(kept_spills)}; CUDA kernels: {len(cuda)}", flush=True)
     for r in bad:
         print(f"DEFAULT CONFIG {'FAILED' if 'error' in r else 'SPILLS'}: {r['kernel']} {r['case']} {_key(r['config'])} "
               f"{r.get('error', '')}", file=sys.stderr)

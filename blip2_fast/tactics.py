@@ -118,10 +118,17 @@ def _paged_probe(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Time paged decode at its class's full context (every sequence as long as its block table):
     the gather + SDPA path always costs that, ours costs less for shorter sequences, so ours wins
     only where it wins in the worst case. (A CUDA-graph warm-up runs with length-1 contexts.) Table
-    entries past a length must be valid block ids, as the spec's reference also reads them."""
-    q, k_cache, v_cache, block_tables, seq_lens, *rest = args
-    full = torch.full_like(seq_lens, block_tables.shape[1] * k_cache.shape[1])
-    return (q, k_cache, v_cache, block_tables, full, *rest), kwargs
+    entries past a length must be valid block ids, as the spec's reference also reads them; with a
+    bias table, the context stops at its length."""
+    names = ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "scale", "rel_bias")
+    a = dict(zip(names, args), **{n: kwargs[n] for n in names if n in kwargs})
+    ctx = a["block_tables"].shape[1] * a["k_cache"].shape[1]
+    if a.get("rel_bias") is not None:  # the bias table covers distances below its length only
+        ctx = min(ctx, a["rel_bias"].shape[1])
+    full = torch.full_like(a["seq_lens"], ctx)
+    if len(args) >= 5:
+        return (*args[:4], full, *args[5:]), kwargs
+    return args, {**kwargs, "seq_lens": full}
 
 
 PROBES: dict[str, Callable] = {"paged_attention": _paged_probe}

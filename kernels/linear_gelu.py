@@ -126,9 +126,13 @@ def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     m_bucket, n = args["m_bucket"], args["N"]
     tma_ok = bool(args.get("tma_ok", 0))
+    norm_a = bool(args.get("NORM_A", False))
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(m_bucket, 64) and c.kwargs["BLOCK_N"] <= max(triton.next_power_of_2(n), 64)
-            and (tma_ok or not c.kwargs["USE_TMA"])]
+            and (tma_ok or not c.kwargs["USE_TMA"])
+            # persistent with the LayerNorm prologue: 255 registers under Triton 3.6, 72-208 bytes of
+            # spills under 3.9 (the non-persistent TMA config stays)
+            and not (norm_a and c.kwargs["NUM_PROGS"])]
     return keep or [c for c in configs if not c.kwargs["USE_TMA"]][-1:]
 
 
@@ -146,7 +150,8 @@ def _configs(num_sms: int) -> list:
     3.6) and was dropped, as were 256×128 and 128×128 with 4 warps. 64×128 is the small-M fallback
     (Q-Former: B·32 rows). The TMA configs load tiles through the copy engine, the persistent ones
     with one program per SM (`num_sms`) walking the tiles; they run only where descriptors can be
-    made (16-byte aligned rows), and autotuning judges them against the pointer ones."""
+    made (16-byte aligned rows), and autotuning judges them against the pointer ones; the persistent
+    ones not with the LayerNorm prologue (NORM_A), where they reach the register limit."""
     def c(bm, bn, warps, stages, tma=False, persistent=False):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": tma,
                               "NUM_PROGS": num_sms if persistent else 0},

@@ -40,19 +40,3 @@ def poison_outputs():
 
 def as_double(t):
     return None if t is None else t.double()
-
-
-def run_sm90_check(script: str) -> None:
-    """Run `script` (it compiles kernels for sm_90 with Triton's bundled ptxas and asserts on the
-    result; no GPU needed) in a fresh process with TRITON_INTERPRET=0: kernels imported under the
-    interpreter cannot be compiled. Skips where Triton's ptxas is not installed."""
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("Triton's bundled ptxas is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
