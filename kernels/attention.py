@@ -267,12 +267,17 @@ _INTERP_BLOCKS = (32, 32)
 
 
 def untuned_config(q_dtype: torch.dtype, Sq: int, D: int, causal: bool, has_kpm: bool, has_bias: bool):
-    """The config launched without autotuning (BLIP2_FAST_AUTOTUNE=0, the tests): the first
-    candidate the pruning keeps for the shape class."""
+    """The config launched without autotuning (BLIP2_FAST_AUTOTUNE=0, the tests): of the candidates
+    the pruning keeps for the shape class, the first with the fewest padded query rows (ViT-g's 257
+    queries: five 64-row tiles, 320 rows, not three 128-row ones, 384), among tiles of at least 64
+    rows past 32 queries (a warpgroup's wgmma takes 64; 32-row tiles fall back to mma.sync)."""
     d1, d2 = head_dim_split(D)
-    return _prune_configs(_CONFIGS, {"q_bucket": bucket(Sq), "BLOCK_D": d1 + d2, "HEAD_DIM": D,
+    kept = _prune_configs(_CONFIGS, {"q_bucket": bucket(Sq), "BLOCK_D": d1 + d2, "HEAD_DIM": D,
                                      "IS_CAUSAL": causal, "HAS_KPM": has_kpm, "HAS_BIAS": has_bias,
-                                     "dtype": q_dtype})[0]
+                                     "dtype": q_dtype})
+    wide = [c for c in kept if c.kwargs["BLOCK_M"] >= 64]
+    kept = wide if Sq > 32 and wide else kept
+    return min(kept, key=lambda c: triton.cdiv(Sq, c.kwargs["BLOCK_M"]) * c.kwargs["BLOCK_M"])
 
 
 def launch_args(q, k, v, key_padding_mask, bias, causal, scale):
