@@ -270,8 +270,9 @@ def dropped_cases():
     _, _, args, meta, _ = P.launch_args(qd, kc, kc, torch.zeros(4, 64, dtype=torch.int32), torch.ones(4, dtype=torch.int32),
                                         0.1, None, 1, 1024)
     meta.pop("num_warps")
-    for bn, warps, why in ((64, 4, "double-buffered 64-token tiles with 4 warps: over 200 registers, a third of the occupancy"),
-                           (32, 4, "32-token tiles with 4 warps: spills at D=80")):
+    for bn, warps, why in ((64, 4, "double-buffered 64-token tiles with 4 warps: 170-215 registers a thread (8 warps: "
+                                   "about 128), so half the programs per SM"),
+                           (32, 4, "32-token tiles with 4 warps: spilled 16 bytes at D=80 under Triton 3.6")):
         yield ("paged_attention", "decode H32 D80", P._paged_attention_split_kernel, args, {**meta, "BLOCK_N": bn},
                {"BLOCK_N": bn, "num_warps": warps, "num_stages": 3}, why)
     del _t

@@ -235,9 +235,9 @@ def _config(head_dim: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for the split kernel."""
     if interpreting():
         return 32, 1  # one fixed small config: the interpreter is numpy-backed and its cost is per op
-    # Two tiles of K and V live in registers (double buffering). Compiled for sm_90 (Triton 3.6,
-    # bf16): 64 tokens with 8 warps take 128-146 registers at D = 64..128 (4 warps: 212-237, a third
-    # of the occupancy; 32 tokens with 4 warps spilled at D = 80 and 88); D = 256 halves the tokens.
+    # Two tiles of K and V live in registers (double buffering). Compiled for sm_90 (bf16): 64 tokens
+    # with 8 warps take 80-146 registers at D = 64..128 (4 warps: 170-237, half the programs per SM;
+    # 32 tokens with 4 warps spilled at D = 80 and 88 under Triton 3.6); D = 256 halves the tokens.
     return (64 if head_dim <= 128 else 32), 8
 
 
