@@ -155,16 +155,19 @@ def paged_attention_cases(defaults_only: bool):
     from blip2_fast.kernels import paged_attention as P
 
     bs = 16
-    for D, H, single, bias in ((80, 32, True, False), (80, 32, False, False), (88, 16, False, True),
-                               (64, 32, True, True), (128, 32, True, False), (256, 8, False, False)):
-        kc = torch.empty(64, bs, H, D, dtype=torch.bfloat16)
-        q = torch.empty(4, 3, H, D, dtype=torch.bfloat16)[:, 0]  # a view of a fused qkv projection
+    for D, H, single, bias, dt in ((80, 32, True, False, torch.bfloat16), (80, 32, False, False, torch.bfloat16),
+                                   (88, 16, False, True, torch.bfloat16), (64, 32, True, True, torch.bfloat16),
+                                   (128, 32, True, False, torch.bfloat16), (256, 8, False, False, torch.bfloat16),
+                                   (80, 32, True, False, torch.float32)):
+        kc = torch.empty(64, bs, H, D, dtype=dt)
+        q = torch.empty(4, 3, H, D, dtype=dt)[:, 0]  # a view of a fused qkv projection
         bt = torch.zeros(4, 64, dtype=torch.int32)
         lens = torch.ones(4, dtype=torch.int32)
-        rel = torch.empty(H, 2048, dtype=torch.bfloat16) if bias else None
+        rel = torch.empty(H, 2048, dtype=dt) if bias else None
         _, grid, args, meta, merge = P.launch_args(q, kc, kc, bt, lens, 0.1, rel, 1 if single else 4, 1024)
         meta, opts = _launch_opts(meta)
-        name = f"decode H{H} D{D}{' split' if not single else ''}{' rel_bias' if bias else ''}"
+        name = (f"decode H{H} D{D}{' split' if not single else ''}{' rel_bias' if bias else ''}"
+                f"{' fp32' if dt == torch.float32 else ''}")
         yield name, P._paged_attention_split_kernel, args, meta, {"BLOCK_N": meta["BLOCK_N"], **opts}, True
         if merge is not None and D == 80:
             mmeta, mopts = _launch_opts(merge[2])
@@ -208,18 +211,20 @@ def gemm_cases(defaults_only: bool):
     from blip2_fast.kernels import linear_gelu as LG
 
     bf = torch.bfloat16
-    for name, M, K, N, norm, approx in (("vitg fc1 (ln_linear_gelu)", 16448, 1408, 6144, True, "none"),
-                                         ("qformer fc1 (linear_gelu)", 2048, 768, 3072, False, "none"),
-                                         ("t5-xl wi_0 (linear_gelu tanh)", 4096, 2048, 5120, False, "tanh")):
-        x = torch.empty(M, K, dtype=bf)
-        w = torch.empty(N, K, dtype=bf)
-        b = torch.empty(N, dtype=bf) if name.startswith(("vitg", "qformer")) else None
+    for name, M, K, N, norm, approx, dt in (("vitg fc1 (ln_linear_gelu)", 16448, 1408, 6144, True, "none", bf),
+                                             ("qformer fc1 (linear_gelu)", 2048, 768, 3072, False, "none", bf),
+                                             ("t5-xl wi_0 (linear_gelu tanh)", 4096, 2048, 5120, False, "tanh", bf),
+                                             ("vitg fc1 (ln_linear_gelu) fp32", 4096, 1408, 6144, True, "none", torch.float32),
+                                             ("qformer fc1 (linear_gelu) fp32", 2048, 768, 3072, False, "none", torch.float32)):
+        x = torch.empty(M, K, dtype=dt)
+        w = torch.empty(N, K, dtype=dt)
+        b = torch.empty(N, dtype=dt) if name.startswith(("vitg", "qformer")) else None
         stats = torch.empty(M, dtype=torch.float32)
         kw = dict(mean=stats, rstd=stats, ln_weight=w[0], ln_bias=w[0]) if norm else {}
         _, args, meta = LG.launch_args(x, w, b, approx, tma=True, **kw)
-        default = LG._prune_configs(LG._CONFIGS, {"m_bucket": args[-2], "N": N, "tma_ok": 0})[0]  # the untuned launch
-        configs = [default] if defaults_only else LG._prune_configs(LG._CONFIGS, {"m_bucket": args[-2], "N": N, "tma_ok": 1,
-                                                                                 "NORM_A": norm})
+        default = LG._prune_configs(LG._CONFIGS, {"m_bucket": args[-2], "N": N, "tma_ok": 0, **meta})[0]  # untuned launch
+        configs = [default] if defaults_only else LG._prune_configs(LG._CONFIGS, {"m_bucket": args[-2], "N": N,
+                                                                                 **meta, "tma_ok": 1})
         for c in configs:
             m = {**meta, **c.kwargs}
             if c.kwargs["USE_TMA"]:

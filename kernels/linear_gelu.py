@@ -127,6 +127,8 @@ def _prune_configs(configs, named_args, **kwargs):
     m_bucket, n = args["m_bucket"], args["N"]
     tma_ok = bool(args.get("tma_ok", 0))
     norm_a = bool(args.get("NORM_A", False))
+    fp32 = args.get("DOT_PREC") == "ieee"
+    configs = [c for c in configs if getattr(c, "fp32_only", False) == fp32]
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(m_bucket, 64) and c.kwargs["BLOCK_N"] <= max(triton.next_power_of_2(n), 64)
             and (tma_ok or not c.kwargs["USE_TMA"])
@@ -152,14 +154,27 @@ def _configs(num_sms: int) -> list:
     with one program per SM (`num_sms`) walking the tiles; they run only where descriptors can be
     made (16-byte aligned rows), and autotuning judges them against the pointer ones; the persistent
     ones not with the LayerNorm prologue (NORM_A), where they reach the register limit."""
-    def c(bm, bn, warps, stages, tma=False, persistent=False):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": tma,
+    def c(bm, bn, warps, stages, tma=False, persistent=False, bk=64):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma,
                               "NUM_PROGS": num_sms if persistent else 0},
                              num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
 
     return [c(128, 128, 8, 4), c(128, 128, 8, 3), c(128, 64, 4, 4), c(64, 128, 4, 4),
             c(128, 128, 8, 4, tma=True, persistent=True), c(128, 128, 8, 3, tma=True, persistent=True),
-            c(128, 128, 8, 4, tma=True)]
+            c(128, 128, 8, 4, tma=True)] + _configs_32()
+
+
+def _configs_32() -> list:
+    """float32 inputs take full-precision FMA products (not tensor cores), whose operand layouts need
+    far more registers: 128×128 spilled 1352 bytes (Triton 3.6). These 64×64 tiles do not, with or
+    without the LayerNorm prologue (104-192 registers)."""
+    out = []
+    for bk, w in ((32, 4), (32, 8), (16, 4)):
+        c = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": False, "NUM_PROGS": 0},
+                          num_warps=w, num_stages=2, pre_hook=_set_tma_blocks)
+        c.fp32_only = True  # a tag, not a kernel argument: the pruning keeps these for float32 alone
+        out.append(c)
+    return out
 
 
 _CONFIGS = _configs(132)  # as an H100 / H200 gets them (tests, the compile report)
@@ -238,7 +253,7 @@ def launch_gemm_gelu(x2, weight, bias, approximate, *, mean=None, rstd=None, ln_
     if config is not None or interpreting() or not autotuning():
         c, warps, stages = {**_INTERP_CONFIG, **(config or {})}, 4, 2
         if config is None and not interpreting():  # no autotuning: the first candidate the pruning keeps
-            best = _prune_configs(_CONFIGS, {"m_bucket": args[-2], "N": N, "tma_ok": args[-1]})[0]
+            best = _prune_configs(_CONFIGS, {"m_bucket": args[-2], "N": N, "tma_ok": args[-1], **meta})[0]
             c, warps, stages = dict(best.kwargs), best.num_warps, best.num_stages
         if c["USE_TMA"]:
             if not args[-1]:
