@@ -12,7 +12,8 @@ bundled ptxas compiles for sm_90 and its cuobjdump reads the cubin: registers, t
 kernels (csrc/*.cu) are compiled with nvcc for sm_90a and read the same way.
 
 Writes bench/results/sm90-compile-<date>.json (or --out), merging with what is there: one section
-per Triton version, so the CI lane's Triton and the GPU machine's (3.6) sit side by side. Exit
+per Triton version, so the CI lane's Triton and the GPU machine's (3.6) sit side by side; a run of
+some --kernels replaces only their rows. Exit
 status 1 if a default config spills or fails to compile. Runs in its own process: the kernels must
 be imported with TRITON_INTERPRET off.
 """
@@ -373,6 +374,11 @@ def main(argv=None) -> int:
         path = Path(a.out) if a.out else RESULTS / f"sm90-compile-{datetime.date.today().isoformat()}.json"
         data = json.loads(path.read_text()) if path.exists() else {}
         section = f"triton {triton.__version__}"
+        old = data.get("runs", {}).get(section, {})
+        if old and old.get("defaults_only") == a.defaults_only:  # a partial rerun replaces its kernels' rows only
+            rows = [r for r in old.get("triton_kernels", []) if r["kernel"] not in wanted] + rows
+            if not cuda:
+                cuda = old.get("cuda_kernels", [])
         data.setdefault("runs", {})[section] = {
             "triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "target": "cuda sm_90 (Triton) / sm_90a (nvcc)", "defaults_only": a.defaults_only,

@@ -18,13 +18,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def _report(tmp_path) -> dict:
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("Triton's bundled ptxas is not installed")
-    out = tmp_path_factory.mktemp("sm90") / "report.json"
+    out = tmp_path / "report.json"
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     r = subprocess.run([sys.executable, "-m", "bench.sm90_compile", "--defaults-only", "--no-write", "--json", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
@@ -32,19 +31,28 @@ def report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_every_kernel_has_default_configs(report):
+def test_default_configs_compile_spill_free_on_the_fast_path(tmp_path):
+    """One test (one compile run, ~1-2 minutes): a report per xdist worker would double it."""
+    report = _report(tmp_path)
+    check_every_kernel_has_default_configs(report)
+    check_no_default_config_spills(report)
+    check_default_configs_are_on_the_fast_path(report)
+    check_cuda_kernels(report)
+
+
+def check_every_kernel_has_default_configs(report):
     kernels = {r["kernel"] for r in report["triton_kernels"]}
     assert kernels == {"attention", "paged_attention", "write_kv", "norms", "gemm_gelu"}
     assert all(r["default"] for r in report["triton_kernels"])
 
 
-def test_no_default_config_spills(report):
+def check_no_default_config_spills(report):
     for r in report["triton_kernels"]:
         assert "error" not in r, r
         assert r["stack_bytes"] == 0 and r["local_ld_st"] == 0, f"spills: {r}"
 
 
-def test_default_configs_are_on_the_fast_path(report):
+def check_default_configs_are_on_the_fast_path(report):
     for r in report["triton_kernels"]:
         what = f"{r['kernel']} {r['case']} {r['config']}"
         if r["kernel"] in ("attention", "gemm_gelu") and "fp32" not in r["case"]:
@@ -59,10 +67,10 @@ def test_default_configs_are_on_the_fast_path(report):
             assert r["ld_global_v4"] > 0, f"cache rows not loaded as 16-byte vectors: {what}"
 
 
-def test_cuda_kernels(report):
+def check_cuda_kernels(report):
     rows = report["cuda_kernels"]
     if rows and rows[0].get("error") == "nvcc not found":
-        pytest.skip("nvcc not found: csrc/*.cu were not compiled")
+        return  # no CUDA toolkit here: csrc/check_nvcc.sh says so too; the Triton checks above stand
     assert rows and not any("error" in r for r in rows), rows
     assert all(r["stack_bytes"] == 0 and r["local_ld_st"] == 0 for r in rows), rows
     mma = [r for r in rows if "cross_attention_mma_kernel" in r["function"]]
