@@ -1,10 +1,11 @@
 """This CPU's limits, and each decode-step linear against its floor: `python -m bench.cpu_limits`.
 
 Reports the CPU model and ISA (and the kernel `PackedLinear` picks), then measures
+at one thread and at torch's thread count (`--threads`), each with its own floors:
   - memory bandwidth: copy (dst.copy_(src) over 256 MB, counted as 2 x 256 MB per copy) and read (the
-    best of sum / amax over 256 MB), at one thread and at torch's thread count, before and after the
-    cases (the machine may be shared: the best of each is the floor's bandwidth, the rest is reported);
-  - GEMM peaks: torch.mm of 2048 x 2048 x 2048 in fp32 (MKL) and bf16 (oneDNN), best of 5;
+    best of sum / amax over 256 MB), before and after the cases (the machine may be shared: the best
+    read is the floor's bandwidth, the rest is reported);
+  - GEMM peaks: torch.mm of 2048 x 2048 x 2048 in fp32 (MKL) and bf16 (oneDNN), best of 8;
   - every linear of a decode step of blip2-cpu-mid and blip2-opt-2.7b (bench/bench_linear.py: weights
     cycled from DRAM, torch's path and ours interleaved call by call, medians) at 1, 8 and 32 rows,
     each against its floor max(weight bytes / read bandwidth, 2 M N K / GEMM peak);
@@ -61,14 +62,14 @@ def _best_ms(fn, n: int) -> list[float]:
     return ts
 
 
-def bandwidth(nbytes: int = 256 << 20, reps: int = 8) -> dict:
-    """GB/s of copy and read at one thread and at torch's default, best and median of `reps`."""
+def bandwidth(nbytes: int = 256 << 20, reps: int = 8, thread_counts=None) -> dict:
+    """GB/s of copy and read at each thread count (default: 1 and torch's), best and median of `reps`."""
     a = torch.empty(nbytes // 4)
     a.uniform_()
     b = torch.empty_like(a)
     out, threads = {}, torch.get_num_threads()
     try:
-        for t in sorted({1, threads}):
+        for t in thread_counts or sorted({1, threads}):
             torch.set_num_threads(t)
             for name, fn, factor in (("copy", lambda: b.copy_(a), 2), ("read_sum", lambda: a.sum(), 1),
                                      ("read_amax", lambda: a.amax(), 1)):
@@ -100,9 +101,53 @@ def _floor_ms(r: dict, read_gbs: float, peaks: dict) -> tuple[float, str]:
     return (mem, "bandwidth") if mem >= comp else (comp, "compute")
 
 
+def measure_at(threads: int, a, cold: float, bw_bytes: int, reps: int) -> dict:
+    """Bandwidth, GEMM peaks, every case and the step sums with torch.set_num_threads(threads)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bw_before = bandwidth(bw_bytes, reps, (threads,))
+        peaks = gemm_peaks(256 if a.quick else 2048, 2 if a.quick else 8)
+        print(f"[cpu_limits] {threads} threads: bandwidth {bw_before}; GEMM peaks {peaks}", file=sys.stderr)
+        cases = []
+        for preset in a.presets:
+            for case in decode_cases(preset):
+                if a.quick:  # toy widths, same code path
+                    case = type(case)(case.name, min(case.N, 130), min(case.K, 96), case.per_step, case.activation,
+                                      case.bf16)
+                for M in a.rows:
+                    r = measure_case(case, M, 2 if a.quick else a.rounds, cold)
+                    r.update(preset=preset, per_step=case.per_step)
+                    cases.append(r)
+                    print(f"[cpu_limits] t{threads} {preset:15s} {r['case']:13s} M={M:3d} torch {r['torch_ms']:8.3f} ms  "
+                          f"ours {r['ours_ms']:8.3f} ms  ({r['speedup']:.2f}x)", file=sys.stderr, flush=True)
+        bw_after = bandwidth(bw_bytes, reps, (threads,))
+    finally:
+        torch.set_num_threads(prev)
+    read_gbs = max(v["best_gbs"] for d in (bw_before, bw_after) for k, v in d.items() if k.startswith("read"))
+    for r in cases:
+        floor, bound = _floor_ms(r, read_gbs, peaks)
+        r.update(floor_ms=round(floor, 4), floor_bound=bound, torch_over_floor=round(r["torch_ms"] / floor, 2),
+                 ours_over_floor=round(r["ours_ms"] / floor, 2), ours_min_over_floor=round(r["ours_min_ms"] / floor, 2))
+    steps = []
+    for preset in a.presets:
+        for M in a.rows:
+            rs = [r for r in cases if r["preset"] == preset and r["M"] == M]
+            tot = {k: sum(r[k] * r["per_step"] for r in rs) for k in ("torch_ms", "ours_ms", "ours_min_ms", "floor_ms")}
+            steps.append({"preset": preset, "M": M, "weight_bytes": sum(r["weight_bytes"] * r["per_step"] for r in rs),
+                          **{k: round(v, 3) for k, v in tot.items()},
+                          "torch_over_floor": round(tot["torch_ms"] / tot["floor_ms"], 2),
+                          "ours_over_floor": round(tot["ours_ms"] / tot["floor_ms"], 2),
+                          "speedup": round(tot["torch_ms"] / tot["ours_ms"], 2)})
+    return {"threads": threads, "bandwidth_before": bw_before, "bandwidth_after": bw_after,
+            "read_gbs_for_floor": read_gbs, "gemm_peaks": peaks, "cases": cases, "decode_step_linears": steps}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved calls of each implementation per case")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved calls of each implementation per case")
+    ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, torch.get_num_threads()}),
+                    help="thread counts to measure at (default: 1 and torch's)")
     ap.add_argument("--presets", nargs="+", default=list(PRESETS))
     ap.add_argument("--rows", nargs="+", type=int, default=list(ROWS))
     ap.add_argument("--quick", action="store_true", help="small buffers and few rounds (a smoke test)")
@@ -113,40 +158,12 @@ def main(argv=None) -> dict:
 
     info = cpu_info()
     print(f"[cpu_limits] {info['model']}: {' '.join(info['isa_flags'])}; {info['cores']} cores, "
-          f"{info['torch_threads']} torch threads; linear kernel {info['linear_isa']['bf16']}", file=sys.stderr)
-    bw_before = bandwidth(bw_bytes, reps)
-    peaks = gemm_peaks(256 if a.quick else 2048, 2 if a.quick else 5)
-    print(f"[cpu_limits] bandwidth {bw_before}\n[cpu_limits] GEMM peaks {peaks}", file=sys.stderr)
-    cases = []
-    for preset in a.presets:
-        for case in decode_cases(preset):
-            if a.quick:  # toy widths, same code path
-                case = type(case)(case.name, min(case.N, 130), min(case.K, 96), case.per_step, case.activation, case.bf16)
-            for M in a.rows:
-                r = measure_case(case, M, 2 if a.quick else a.rounds, cold)
-                r.update(preset=preset, per_step=case.per_step)
-                cases.append(r)
-                print(f"[cpu_limits] {preset:15s} {r['case']:13s} M={M:3d} torch {r['torch_ms']:8.3f} ms  ours "
-                      f"{r['ours_ms']:8.3f} ms  ({r['speedup']:.2f}x)", file=sys.stderr, flush=True)
-    bw_after = bandwidth(bw_bytes, reps)
-    read_gbs = max(v["best_gbs"] for d in (bw_before, bw_after) for k, v in d.items() if k.startswith("read"))
-    for r in cases:
-        floor, bound = _floor_ms(r, read_gbs, peaks)
-        r.update(floor_ms=round(floor, 4), floor_bound=bound, torch_over_floor=round(r["torch_ms"] / floor, 2),
-                 ours_over_floor=round(r["ours_ms"] / floor, 2))
-    steps = []
-    for preset in a.presets:
-        for M in a.rows:
-            rs = [r for r in cases if r["preset"] == preset and r["M"] == M]
-            tot = {k: sum(r[k] * r["per_step"] for r in rs) for k in ("torch_ms", "ours_ms", "floor_ms")}
-            steps.append({"preset": preset, "M": M, "weight_bytes": sum(r["weight_bytes"] * r["per_step"] for r in rs),
-                          **{k: round(v, 3) for k, v in tot.items()},
-                          "torch_over_floor": round(tot["torch_ms"] / tot["floor_ms"], 2),
-                          "ours_over_floor": round(tot["ours_ms"] / tot["floor_ms"], 2)})
+          f"{info['torch_threads']} torch threads; linear kernel {info['linear_isa']}", file=sys.stderr)
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": info,
-           "note": "machine shared with other jobs: medians of interleaved calls; bandwidth best-of before and after",
-           "bandwidth_before": bw_before, "bandwidth_after": bw_after, "read_gbs_for_floor": read_gbs,
-           "gemm_peaks": peaks, "cases": cases, "decode_step_linears": steps, "quick": a.quick}
+           "note": ("the machine may be shared with other jobs: medians (and minima) of calls interleaved with "
+                    "torch's; bandwidth and peaks best-of; a parallel region waits for its slowest thread, so "
+                    "multi-threaded medians suffer most from other jobs"),
+           "quick": a.quick, "by_threads": [measure_at(t, a, cold, bw_bytes, reps) for t in a.threads]}
     _print(res)
     out = Path(a.json) if a.json else Path(__file__).parent / "results" / f"cpu-limits-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,17 +173,20 @@ def main(argv=None) -> dict:
 
 
 def _print(res: dict) -> None:
-    print(f"{res['cpu']['model']} ({' '.join(res['cpu']['isa_flags'])}), read {res['read_gbs_for_floor']} GB/s, "
-          f"peaks fp32 {res['gemm_peaks']['float32']['best_gflops']} / bf16 {res['gemm_peaks']['bfloat16']['best_gflops']} GFLOP/s")
-    print(f"{'preset':16s}{'linear':14s}{'M':>4s}{'torch ms':>10s}{'ours ms':>10s}{'floor ms':>10s}{'bound':>11s}"
-          f"{'torch/fl':>9s}{'ours/fl':>9s}")
-    for r in res["cases"]:
-        print(f"{r['preset']:16s}{r['case']:14s}{r['M']:4d}{r['torch_ms']:10.3f}{r['ours_ms']:10.3f}{r['floor_ms']:10.3f}"
-              f"{r['floor_bound']:>11s}{r['torch_over_floor']:9.2f}{r['ours_over_floor']:9.2f}")
-    print("decode step, all linears:")
-    for s in res["decode_step_linears"]:
-        print(f"{s['preset']:16s}{'':14s}{s['M']:4d}{s['torch_ms']:10.3f}{s['ours_ms']:10.3f}{s['floor_ms']:10.3f}"
-              f"{'':>11s}{s['torch_over_floor']:9.2f}{s['ours_over_floor']:9.2f}")
+    print(f"{res['cpu']['model']} ({' '.join(res['cpu']['isa_flags'])}); kernels {res['cpu']['linear_isa']}")
+    for m in res["by_threads"]:
+        print(f"\n{m['threads']} thread(s): read {m['read_gbs_for_floor']} GB/s, GEMM peaks fp32 "
+              f"{m['gemm_peaks']['float32']['best_gflops']} / bf16 {m['gemm_peaks']['bfloat16']['best_gflops']} GFLOP/s")
+        print(f"{'preset':16s}{'linear':14s}{'M':>4s}{'torch ms':>10s}{'ours ms':>10s}{'(min)':>9s}{'floor ms':>10s}"
+              f"{'bound':>11s}{'torch/fl':>9s}{'ours/fl':>9s}")
+        for r in m["cases"]:
+            print(f"{r['preset']:16s}{r['case']:14s}{r['M']:4d}{r['torch_ms']:10.3f}{r['ours_ms']:10.3f}"
+                  f"{r['ours_min_ms']:9.3f}{r['floor_ms']:10.3f}{r['floor_bound']:>11s}{r['torch_over_floor']:9.2f}"
+                  f"{r['ours_over_floor']:9.2f}")
+        print("decode step, all linears:")
+        for s in m["decode_step_linears"]:
+            print(f"{s['preset']:16s}{'':14s}{s['M']:4d}{s['torch_ms']:10.3f}{s['ours_ms']:10.3f}{s['ours_min_ms']:9.3f}"
+                  f"{s['floor_ms']:10.3f}{'':>11s}{s['torch_over_floor']:9.2f}{s['ours_over_floor']:9.2f}")
 
 
 if __name__ == "__main__":
