@@ -47,15 +47,17 @@ def decode_cases(preset: str) -> list[Case]:
             Case("lm_head_bf16", V, t.get("word_embed_proj_dim", E), 1, bf16=True)]
 
 
-def time_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """{name: [ms per call]}: each round calls every fn once, in an order that alternates per round."""
+def time_interleaved(fns: dict, rounds: int, warmup: int = 2, clock=time.perf_counter) -> dict[str, list[float]]:
+    """{name: [ms per call]}: each round calls every fn once, in an order that alternates per round.
+    clock: time.perf_counter (wall), or time.process_time, which at one thread counts only the call's
+    own work (stalls on memory included) and not the time other jobs hold the core."""
     names = list(fns)
     out = {n: [] for n in names}
     for r in range(warmup + rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[n]()
-            dt = (time.perf_counter() - t0) * 1e3
+            dt = (clock() - t0) * 1e3
             if r >= warmup:
                 out[n].append(dt)
     return out
@@ -71,7 +73,8 @@ def _cycle(calls: list):
     return fn
 
 
-def measure_case(case: Case, M: int, rounds: int, cold_bytes: float = _COLD_BYTES, seed: int = 0) -> dict:
+def measure_case(case: Case, M: int, rounds: int, cold_bytes: float = _COLD_BYTES, seed: int = 0,
+                 clock=time.perf_counter) -> dict:
     """Median (and min) ms of torch's path and ours for one case, weights cycled from DRAM."""
     from blip2_fast.linear_cpu import PackedLinear
 
@@ -92,7 +95,7 @@ def measure_case(case: Case, M: int, rounds: int, cold_bytes: float = _COLD_BYTE
     packed = [PackedLinear(w, b, dtype=torch.bfloat16 if case.bf16 else torch.float32) for w in ws]
     ours_calls = [lambda p=p: p(x, case.activation) for p in packed]
     del ws  # the packed copies (and wbs) are what the calls read
-    t = time_interleaved({"torch": _cycle(torch_calls), "ours": _cycle(ours_calls)}, rounds)
+    t = time_interleaved({"torch": _cycle(torch_calls), "ours": _cycle(ours_calls)}, rounds, clock=clock)
     med = {k: statistics.median(v) for k, v in t.items()}
     return {"case": case.name, "M": M, "N": case.N, "K": case.K, "weight_dtype": "bf16" if case.bf16 else "fp32",
             "activation": case.activation, "weight_bytes": case.weight_bytes(), "copies_cycled": copies,

@@ -3,14 +3,17 @@
 Reports the CPU model and ISA (and the kernel `PackedLinear` picks), then measures
 at one thread and at torch's thread count (`--threads`), each with its own floors:
   - memory bandwidth: copy (dst.copy_(src) over 256 MB, counted as 2 x 256 MB per copy) and read (the
-    best of sum / amax over 256 MB), before and after the cases (the machine may be shared: the best
-    read is the floor's bandwidth, the rest is reported);
-  - GEMM peaks: torch.mm of 2048 x 2048 x 2048 in fp32 (MKL) and bf16 (oneDNN), best of 8;
+    best of sum / amax over 256 MB);
+  - GEMM peaks: torch.mm of 2048 x 2048 x 2048 in fp32 (MKL) and bf16 (oneDNN), best of 4;
+    both sampled before each preset's cases and after the last (the machine may be shared: the best
+    sample sets the floors, every sample is reported);
   - every linear of a decode step of blip2-cpu-mid and blip2-opt-2.7b (bench/bench_linear.py: weights
     cycled from DRAM, torch's path and ours interleaved call by call, medians) at 1, 8 and 32 rows,
     each against its floor max(weight bytes / read bandwidth, 2 M N K / GEMM peak);
   - per preset and row count, the step's linears summed (each case x its count per step) against the
     floor of all their bytes: the part of the issue-16 decode target the linears decide.
+At one thread every time is process CPU time (a shared machine's other jobs then cost nothing but
+their share of the memory bus); with more threads, wall time.
 Writes bench/results/cpu-limits-<date>.json (`--json` to choose).
 """
 from __future__ import annotations
@@ -53,13 +56,19 @@ def cpu_info() -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def _best_ms(fn, n: int) -> list[float]:
+def _best_ms(fn, n: int, clock=time.perf_counter) -> list[float]:
     ts = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
+        ts.append((clock() - t0) * 1e3)
     return ts
+
+
+def clock_for(threads: int):
+    """Process CPU time at one thread (other jobs holding the core do not count; memory stalls do),
+    wall time with more (CPU time would count OpenMP workers spinning at barriers)."""
+    return time.process_time if threads == 1 else time.perf_counter
 
 
 def bandwidth(nbytes: int = 256 << 20, reps: int = 8, thread_counts=None) -> dict:
@@ -74,7 +83,7 @@ def bandwidth(nbytes: int = 256 << 20, reps: int = 8, thread_counts=None) -> dic
             for name, fn, factor in (("copy", lambda: b.copy_(a), 2), ("read_sum", lambda: a.sum(), 1),
                                      ("read_amax", lambda: a.amax(), 1)):
                 fn()
-                ts = _best_ms(fn, reps)
+                ts = _best_ms(fn, reps, clock_for(t))
                 out[f"{name}_t{t}"] = {"best_gbs": round(factor * nbytes / min(ts) / 1e6, 1),
                                        "median_gbs": round(factor * nbytes / statistics.median(ts) / 1e6, 1)}
     finally:
@@ -88,7 +97,7 @@ def gemm_peaks(n: int = 2048, reps: int = 5) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         torch.mm(a, b)
-        ts = _best_ms(lambda: torch.mm(a, b), reps)
+        ts = _best_ms(lambda: torch.mm(a, b), reps, clock_for(torch.get_num_threads()))
         out[str(dtype).replace("torch.", "")] = {"best_gflops": round(2 * n ** 3 / min(ts) / 1e6, 1),
                                                  "median_gflops": round(2 * n ** 3 / statistics.median(ts) / 1e6, 1)}
     return out
@@ -105,26 +114,33 @@ def measure_at(threads: int, a, cold: float, bw_bytes: int, reps: int) -> dict:
     """Bandwidth, GEMM peaks, every case and the step sums with torch.set_num_threads(threads)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
+    clock = clock_for(threads)
+    samples = []  # the limits, sampled before, between and after the presets' cases
+
+    def sample():
+        samples.append({"bandwidth": bandwidth(bw_bytes, reps, (threads,)),
+                        "gemm_peaks": gemm_peaks(256 if a.quick else 2048, 2 if a.quick else 4)})
+        print(f"[cpu_limits] {threads} threads: limits {samples[-1]}", file=sys.stderr)
+
     try:
-        bw_before = bandwidth(bw_bytes, reps, (threads,))
-        peaks = gemm_peaks(256 if a.quick else 2048, 2 if a.quick else 8)
-        print(f"[cpu_limits] {threads} threads: bandwidth {bw_before}; GEMM peaks {peaks}", file=sys.stderr)
         cases = []
         for preset in a.presets:
+            sample()
             for case in decode_cases(preset):
                 if a.quick:  # toy widths, same code path
                     case = type(case)(case.name, min(case.N, 130), min(case.K, 96), case.per_step, case.activation,
                                       case.bf16)
                 for M in a.rows:
-                    r = measure_case(case, M, 2 if a.quick else a.rounds, cold)
+                    r = measure_case(case, M, 2 if a.quick else a.rounds, cold, clock=clock)
                     r.update(preset=preset, per_step=case.per_step)
                     cases.append(r)
                     print(f"[cpu_limits] t{threads} {preset:15s} {r['case']:13s} M={M:3d} torch {r['torch_ms']:8.3f} ms  "
                           f"ours {r['ours_ms']:8.3f} ms  ({r['speedup']:.2f}x)", file=sys.stderr, flush=True)
-        bw_after = bandwidth(bw_bytes, reps, (threads,))
+        sample()
     finally:
         torch.set_num_threads(prev)
-    read_gbs = max(v["best_gbs"] for d in (bw_before, bw_after) for k, v in d.items() if k.startswith("read"))
+    read_gbs = max(v["best_gbs"] for s in samples for k, v in s["bandwidth"].items() if k.startswith("read"))
+    peaks = {d: {"best_gflops": max(s["gemm_peaks"][d]["best_gflops"] for s in samples)} for d in ("float32", "bfloat16")}
     for r in cases:
         floor, bound = _floor_ms(r, read_gbs, peaks)
         r.update(floor_ms=round(floor, 4), floor_bound=bound, torch_over_floor=round(r["torch_ms"] / floor, 2),
@@ -139,8 +155,9 @@ def measure_at(threads: int, a, cold: float, bw_bytes: int, reps: int) -> dict:
                           "torch_over_floor": round(tot["torch_ms"] / tot["floor_ms"], 2),
                           "ours_over_floor": round(tot["ours_ms"] / tot["floor_ms"], 2),
                           "speedup": round(tot["torch_ms"] / tot["ours_ms"], 2)})
-    return {"threads": threads, "bandwidth_before": bw_before, "bandwidth_after": bw_after,
-            "read_gbs_for_floor": read_gbs, "gemm_peaks": peaks, "cases": cases, "decode_step_linears": steps}
+    return {"threads": threads, "clock": "process CPU time" if clock is time.process_time else "wall",
+            "limit_samples": samples, "read_gbs_for_floor": read_gbs, "gemm_peaks": peaks, "cases": cases,
+            "decode_step_linears": steps}
 
 
 def main(argv=None) -> dict:
@@ -161,8 +178,8 @@ def main(argv=None) -> dict:
           f"{info['torch_threads']} torch threads; linear kernel {info['linear_isa']}", file=sys.stderr)
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": info,
            "note": ("the machine may be shared with other jobs: medians (and minima) of calls interleaved with "
-                    "torch's; bandwidth and peaks best-of; a parallel region waits for its slowest thread, so "
-                    "multi-threaded medians suffer most from other jobs"),
+                    "torch's; bandwidth and peaks best-of; one thread timed in process CPU time; with more, wall "
+                    "time, where a parallel region waits for its slowest thread, so other jobs hit it hardest"),
            "quick": a.quick, "by_threads": [measure_at(t, a, cold, bw_bytes, reps) for t in a.threads]}
     _print(res)
     out = Path(a.json) if a.json else Path(__file__).parent / "results" / f"cpu-limits-{datetime.date.today()}.json"
