@@ -103,9 +103,12 @@ class PackedLinear:
         if self.packed is None:
             y = self._torch(x, activation)
             return y if out is None else out.copy_(y)
-        from . import _ext
-
-        return _ext.linear(x, self.packed, self.bias, self.out_features, activation, self.isa, out)
+        # the ops directly (the extension loaded when the weight was packed): a decode step makes
+        # dozens of these calls, each a few microseconds of fixed cost
+        if out is None:
+            return torch.ops.blip2_fast.linear_cpu(x, self.packed, self.bias, self.out_features, activation, self.isa)
+        torch.ops.blip2_fast.linear_cpu_out(x, self.packed, self.bias, self.out_features, activation, self.isa, out)
+        return out
 
     def _torch(self, x, activation):
         w = self.weight

@@ -259,15 +259,15 @@ Kernel pick_kernel(int isa, bool bf16) {
 template <typename T>
 at::Tensor bf16_rows(const T* x, int64_t M, int64_t K, int64_t ldx, int64_t K2, bool pairs) {
   at::Tensor t = at::empty({M, 2 * K2}, at::TensorOptions().dtype(pairs ? at::kBFloat16 : at::kFloat));
+  uint16_t* bits = pairs ? reinterpret_cast<uint16_t*>(t.mutable_data_ptr()) : nullptr;
+  uint32_t* wide = pairs ? nullptr : reinterpret_cast<uint32_t*>(t.mutable_data_ptr());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < 2 * K2; ++k) {
       const uint16_t b = k < K ? bf16_bits(static_cast<float>(x[m * ldx + k])) : 0;
-      if (pairs) {
-        reinterpret_cast<uint16_t*>(t.mutable_data_ptr())[m * 2 * K2 + k] = b;
-      } else {
-        const uint32_t f = static_cast<uint32_t>(b) << 16;
-        std::memcpy(t.mutable_data_ptr<float>() + m * 2 * K2 + k, &f, 4);
-      }
+      if (pairs)
+        bits[m * 2 * K2 + k] = b;
+      else
+        wide[m * 2 * K2 + k] = static_cast<uint32_t>(b) << 16;  // the bf16 value as an fp32 bit pattern
     }
   return t;
 }
