@@ -16,6 +16,7 @@ import collections
 import datetime
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -36,12 +37,20 @@ def _clock() -> float:
 _CLOCK = "cpu"
 
 
+def _faults() -> int:
+    """Minor page faults so far: each first touch of a freshly mapped 4 KB page (a large tensor's
+    allocation is a fresh mmap, so its pages fault again on every forward)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class _Stages:
-    """Time per named stage of one forward, from pre/post forward hooks (or wrapped callables)."""
+    """Time and minor page faults per named stage of one forward, from pre/post forward hooks (or
+    wrapped callables)."""
 
     def __init__(self):
         self.t: dict[str, float] = collections.defaultdict(float)
-        self._t0: dict[str, float] = {}
+        self.faults: dict[str, int] = collections.defaultdict(int)
+        self._t0: dict[str, tuple[float, int]] = {}
 
     def hook(self, module: torch.nn.Module, name: str) -> None:
         module.register_forward_pre_hook(lambda m, a: self._start(name))
@@ -59,13 +68,16 @@ class _Stages:
         setattr(obj, attr, timed)
 
     def _start(self, name):
-        self._t0[name] = _clock()
+        self._t0[name] = (_clock(), _faults())
 
     def _stop(self, name):
-        self.t[name] += (_clock() - self._t0.pop(name)) * 1e3
+        t0, f0 = self._t0.pop(name)
+        self.t[name] += (_clock() - t0) * 1e3
+        self.faults[name] += _faults() - f0
 
-    def take(self) -> dict[str, float]:
-        out, self.t = dict(self.t), collections.defaultdict(float)
+    def take(self) -> tuple[dict[str, float], dict[str, int]]:
+        out = dict(self.t), dict(self.faults)
+        self.t, self.faults = collections.defaultdict(float), collections.defaultdict(int)
         return out
 
 
@@ -152,28 +164,32 @@ def main(argv=None) -> dict:
             return hf.language_projection(hf.qformer(query_embeds=qt, encoder_hidden_states=img).last_hidden_state)
 
     stages = {"blip2_fast": [], "transformers": []}
+    faults = {"blip2_fast": [], "transformers": []}
     totals = {"blip2_fast": [], "transformers": []}
     for i in range(a.runs + 1):
         for name, fn, st in (("blip2_fast", run_ours, s_ours), ("transformers", run_hf, s_hf)):
             t0 = _clock()
             fn(pxs[i])
             dt = (_clock() - t0) * 1e3
-            per = st.take()
+            per, flt = st.take()
             if i > 0:
                 totals[name].append(dt)
                 stages[name].append(per)
+                faults[name].append(flt)
             print(f"[cpu_image_profile] {'warm-up' if i == 0 else f'run {i}'} {name:12s} {dt:8.1f} ms",
                   file=sys.stderr)
     with torch.inference_mode():
         diff = (run_ours(pxs[0]) - run_hf(pxs[0])).abs().max().item()
     med = {n: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]} for n, rs in stages.items()}
-    peak = gemm_peaks()["float32"]["best_gflops"]
+    fmed = {n: {k: int(statistics.median(r[k] for r in rs)) for k in rs[0]} for n, rs in faults.items()}
+    peak = gemm_peaks()["float32"]["best_gflops"]  # at these threads, on cpu_limits.clock_for(threads)
     flops = stage_flops(ours.cfg, a.batch)
     table = []
     for k in sorted(set(med["blip2_fast"]) | set(med["transformers"]) | set(flops)):
         o, h = med["blip2_fast"].get(k), med["transformers"].get(k)
         f = flops.get(k)
         table.append({"stage": k, "blip2_fast_ms": o, "transformers_ms": h,
+                      "blip2_fast_faults": fmed["blip2_fast"].get(k), "transformers_faults": fmed["transformers"].get(k),
                       "gflop": round(f / 1e9, 3) if f else None,
                       "compute_floor_ms": round(f / peak / 1e6, 3) if f else None})
     ops_ours, ops_hf = profile_ops(lambda: run_ours(pxs[1])), profile_ops(lambda: run_hf(pxs[1]))
@@ -189,11 +205,12 @@ def main(argv=None) -> dict:
            "max_abs_diff": diff, "fp32_gemm_peak_gflops": peak, "stages": table, "aten_self_ms": ops}
     print(f"total: blip2_fast {res['total_ms']['blip2_fast']} ms, transformers {res['total_ms']['transformers']} ms "
           f"(ratio {res['ratio']}); max |diff| {diff:.2e}")
-    print(f"{'stage':20s}{'ours ms':>10s}{'hf ms':>10s}{'GFLOP':>8s}{'floor ms':>10s}")
+    print(f"{'stage':20s}{'ours ms':>10s}{'hf ms':>10s}{'GFLOP':>8s}{'floor ms':>10s}{'ours flt':>10s}{'hf flt':>10s}")
     for r in table:
         fmt = lambda v: f"{v:10.2f}" if v is not None else f"{'-':>10s}"
         print(f"{r['stage']:20s}{fmt(r['blip2_fast_ms'])}{fmt(r['transformers_ms'])}"
-              f"{r['gflop'] if r['gflop'] is not None else '-':>8}{fmt(r['compute_floor_ms'])}")
+              f"{r['gflop'] if r['gflop'] is not None else '-':>8}{fmt(r['compute_floor_ms'])}"
+              f"{str(r['blip2_fast_faults']):>10s}{str(r['transformers_faults']):>10s}")
     print(f"{'aten op (self CPU)':48s}{'ours ms':>10s}{'hf ms':>10s}")
     for r in ops[:25]:
         print(f"{r['op'][:48]:48s}{r['blip2_fast_ms']:10.2f}{r['transformers_ms']:10.2f}")
