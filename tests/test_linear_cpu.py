@@ -318,3 +318,29 @@ def test_packed_linear_door(ext):
     with pytest.raises(ValueError, match="activation must be"):
         lin(torch.ones(2, 3), "silu")
     assert "in_features=3" in repr(lin) and lin.out_features == 4
+
+
+def test_benchmarks_run_quick(ext, tmp_path):
+    """bench.bench_linear and bench.cpu_limits at toy sizes: every row and field there (no timings checked)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "limits.json"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    stdout = []
+    for args in (["bench.bench_linear", "--quick", "--device", "cpu"],
+                 ["bench.cpu_limits", "--quick", "--threads", "1", "--presets", "blip2-cpu-mid", "--rows", "1", "8",
+                  "--json", str(out)]):
+        p = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        stdout.append(p.stdout)
+    assert "linear/toy " in stdout[0] and "linear/toy_bf16" in stdout[0], stdout[0]
+    res = json.loads(out.read_text())
+    (m,) = res["by_threads"]
+    assert m["threads"] == 1 and len(m["cases"]) == 5 * 2 and len(m["decode_step_linears"]) == 2
+    assert all(r["floor_bound"] in ("bandwidth", "compute") and r["floor_ms"] > 0 for r in m["cases"])
+    assert res["cpu"]["linear_isa"]["fp32"] == PackedLinear(torch.ones(1, 1)).isa
