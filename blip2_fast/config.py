@@ -149,7 +149,9 @@ def _parse(raw: dict) -> Blip2Config:
             f"language model {lm_type!r} is not supported by blip2_fast (supported: {', '.join(SUPPORTED_LMS)}); "
             f"the checkpoint's text_config.model_type is {lm_type!r}")
     try:
-        hf = HFBlip2Config(**{k: v for k, v in raw.items() if k not in ("transformers_version",)})
+        # the normalised list: transformers 5.17's strict config dataclass refuses a bare string
+        hf = HFBlip2Config(**{k: v for k, v in raw.items() if k not in ("transformers_version", "architectures")},
+                           architectures=archs)
     except Exception as e:
         raise CheckpointError(f"config.json could not be parsed as a BLIP-2 config ({type(e).__name__}: {e})") from None
     v, q, t = hf.vision_config, hf.qformer_config, hf.text_config
