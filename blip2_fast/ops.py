@@ -40,6 +40,7 @@ OP_NAMES = (
     "rmsnorm",
     "ln_linear_gelu",
     "linear_gelu",
+    "linear",
 )
 IMPLS = ("reference", "fast")
 
@@ -52,6 +53,8 @@ _REFERENCE: dict[str, Callable] = {
     "rmsnorm": reference.rmsnorm_ref,
     "ln_linear_gelu": reference.ln_linear_gelu_ref,
     "linear_gelu": reference.linear_gelu_ref,
+    # prepared once per weight at load: ops.linear(weight, bias) -> lin, then lin(x, activation)
+    "linear": reference.LinearRef,
 }
 
 
@@ -186,6 +189,7 @@ class BoundOps:
     rmsnorm: Callable
     ln_linear_gelu: Callable
     linear_gelu: Callable
+    linear: Callable
     impls: dict = dataclasses.field(default_factory=dict)
 
 
@@ -239,6 +243,8 @@ register_fast("ln_linear_gelu", "blip2_fast.kernels.ln_linear_gelu", "ln_linear_
 register_fast("linear_gelu", "blip2_fast.kernels.linear_gelu", "linear_gelu", "triton")
 register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
+register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "ext", devices=("cpu",))
+register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "torch", devices=("cuda",))  # F.linear there
 for _name in ("attention", "layernorm", "linear_gelu", "ln_linear_gelu"):
     register_fast(_name, "blip2_fast.ops_cpu", _name, "torch", devices=("cpu",))
 # On the CPU these two run as plain PyTorch (a decode step's K/V scatter is one index_copy_, wrapped
