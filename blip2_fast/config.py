@@ -210,7 +210,7 @@ def _parse(raw: dict, where: str) -> Blip2Config:
     try:
         hf = HFBlip2Config(**{k: v for k, v in raw.items() if k not in ("transformers_version",)})
     except Exception as e:  # transformers raises many kinds for values it cannot take
-        raise CheckpointError(f"{where} could not be parsed as a BLIP-2 config ({type(e).__name__}: {e})") from None
+        raise _hf_error(where, raw, e) from None
     vision = _vision(_section(where, "vision_config", hf.vision_config))
     qformer = _qformer(_section(where, "qformer_config", hf.qformer_config))
     if archs[0] in _HAS_VISION and qformer.encoder_hidden != vision.hidden:
@@ -233,6 +233,32 @@ def _parse(raw: dict, where: str) -> Blip2Config:
     return Blip2Config(vision=vision, qformer=qformer, lm=lm, num_query_tokens=num_query,
                        image_token_id=image_token_id, image_text_hidden=image_text_hidden,
                        architecture=archs[0], raw=raw)
+
+
+def _hf_error(where: str, raw: dict, e: Exception) -> CheckpointError:
+    """transformers' own refusal of a config, as one line naming the section and field at fault."""
+    import re
+
+    from transformers import CONFIG_MAPPING, Blip2QFormerConfig, Blip2VisionConfig
+
+    section, err = "", e
+    try:
+        text_cls = CONFIG_MAPPING[(raw.get("text_config") or {}).get("model_type", "opt")]
+    except (KeyError, TypeError):
+        text_cls = None
+    for name, cls in (("vision_config", Blip2VisionConfig), ("qformer_config", Blip2QFormerConfig),
+                      ("text_config", text_cls)):
+        if cls is None or not isinstance(raw.get(name), dict):
+            continue
+        try:
+            cls(**raw[name])
+        except Exception as sub:  # this section alone fails: name it
+            section, err = name + ".", sub
+            break
+    m = re.search(r"field '([^']+)'", str(err))
+    field = m.group(1) if m else ""
+    text = " ".join(str(err).split())
+    return CheckpointError(f"{where}: {section}{field or '(a field)'} is not valid: {text}")
 
 
 _HAS_VISION = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval",

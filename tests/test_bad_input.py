@@ -181,7 +181,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(CheckpointError) as e:
         blip2_fast.load("Salesforce/blip2-opt-2.7b-does-not-exist-here")
     msg = str(e.value)
-    assert "HF_HUB_OFFLINE" in msg and str(tmp_path / "hub-cache") in msg and "local cache" in msg, msg
+    assert "HF_HUB_OFFLINE" in msg and str(tmp_path / "hub-cache") in msg and "local Hugging Face cache" in msg, msg
     assert msg.endswith("checkpoint directory.") and msg.count("(") == msg.count(")"), msg  # whole sentences
 
 
