@@ -128,6 +128,7 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
         source_dir = path
         cfg = _config.read(path)
         src = weights.from_directory(path, device=device, dtype=dtype, progress=progress)
+    _check_flags_against_weights(cfg, src, "config.json" if source_dir is None else str(source_dir / "config.json"))
     with torch.inference_mode():
         model = Blip2(cfg, bound, src, source_dir=source_dir)
     _warn_unused(src, cfg)
@@ -199,6 +200,23 @@ def _check_gen_field(where, k, v, vocab):
     if not ok:
         raise CheckpointError(f"{where}: {k} must be {want}, got {v!r}")
     return v
+
+
+def _check_flags_against_weights(cfg, src, where: str) -> None:
+    """Config switches that no tensor shape pins down, against the tensors that are there: a config
+    that says a weight is absent while the checkpoint has it (or the reverse) is a mismatched file,
+    and following either one silently would compute something neither author meant."""
+    if cfg.vision is not None and cfg.architecture != "Blip2TextModelWithProjection" and not cfg.vision.qkv_bias:
+        biased = [k for k in src.keys if k.startswith("vision_model.encoder.layers.")
+                  and k.endswith(("self_attn.qkv.bias", "self_attn.q_bias", "self_attn.v_bias"))]
+        if biased:
+            raise CheckpointError(f"{where}: vision_config.qkv_bias is false, but the checkpoint has attention "
+                                  f"biases ({biased[0]!r}); the config does not match the weights")
+    lm = cfg.lm
+    if lm is not None and cfg.architecture in ("Blip2ForConditionalGeneration", "Blip2Model") and not lm.tie_embeddings:
+        if src.keys and "language_model.lm_head.weight" not in src.keys:
+            raise CheckpointError(f"{where}: text_config.tie_word_embeddings is false, but the checkpoint has no "
+                                  "language_model.lm_head.weight; the config does not match the weights")
 
 
 # Tensors a checkpoint may carry that the model legitimately does not read: T5 stores tied copies of

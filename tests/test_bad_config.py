@@ -154,3 +154,16 @@ def test_invalid_device_strings_are_value_errors(ckpt):
         blip2_fast.load(ckpt("opt")[0], device=1.5)
     with pytest.raises(TypeError, match="source"):
         blip2_fast.load(42)
+
+
+def test_config_switches_must_match_the_weights(ckpt, tmp_path):
+    """Switches no shape pins down: qkv_bias=false over a checkpoint with attention biases, and untied
+    embeddings with no LM head, are mismatched files (transformers would drop the biases, or draw a
+    random head)."""
+    d = _with_config(ckpt("opt")[0], tmp_path, _set(V, "qkv_bias", False))
+    with pytest.raises(CheckpointError, match="vision_config.qkv_bias is false, but the checkpoint has attention biases"):
+        blip2_fast.load(d)
+    shutil.rmtree(d)
+    d = _with_config(ckpt("opt")[0], tmp_path, _set(T, "tie_word_embeddings", False))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings is false, but the checkpoint has no language_model.lm_head.weight"):
+        blip2_fast.load(d)
