@@ -298,6 +298,12 @@ def _torch_bin_source(path: Path, bins, *, device, dtype) -> WeightSource:
         with open_regular(b, "PyTorch checkpoint") as f:
             legacy = not zipfile.is_zipfile(f)
             f.seek(0)
+            if legacy:
+                declared, size = _legacy_declared_bytes(f), os.fstat(f.fileno()).st_size
+                if declared is not None and declared > size:
+                    raise CheckpointError(f"{b}: declares {declared} bytes of tensor storage but the file has {size}; "
+                                          "truncated or corrupt (refused before allocating it)")
+                f.seek(0)
             try:
                 if legacy:
                     part = torch.load(f, map_location="cpu", weights_only=True)
@@ -311,6 +317,63 @@ def _torch_bin_source(path: Path, bins, *, device, dtype) -> WeightSource:
             raise CheckpointError(f"{b}: expected a dict of tensors by name, got {type(part).__name__}")
         state.update(part)
     return from_state_dict(state, device=device, dtype=dtype, describe=str(path))
+
+
+_STORAGE_ITEMSIZE = {"DoubleStorage": 8, "LongStorage": 8, "ComplexFloatStorage": 8, "FloatStorage": 4,
+                     "IntStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "ShortStorage": 2}
+
+
+def _legacy_declared_bytes(f) -> int | None:
+    """Bytes of storage a legacy (pre-zip) torch.save file declares, read without unpickling.
+
+    torch allocates each storage at the size its persistent id declares, ('storage', <type>, key,
+    location, numel, ...), before reading the data that follows the pickle, so a lying numel would
+    allocate first and fail later. The object pickle is run through an abstract stack machine that
+    knows only each opcode's stack effect (pickletools' tables) and tracks the plain values that
+    persistent ids are built from. None if the file does not have the expected shape."""
+    import pickletools
+
+    mark, unknown = object(), object()
+    try:
+        for _ in range(3):  # magic number, protocol version, system info
+            for _op in pickletools.genops(f):
+                pass
+        stack, memo, sizes = [], {}, {}
+        for op, arg, _pos in pickletools.genops(f):
+            name = op.name
+            if name == "MARK":
+                stack.append(mark)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else unknown
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, unknown))
+            elif name in ("GLOBAL",):
+                stack.append(("global", arg))
+            elif name == "TUPLE":
+                i = len(stack) - 1 - stack[::-1].index(mark)
+                stack[i:] = [tuple(stack[i + 1:])]
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                n = int(name[-1])
+                stack[-n:] = [tuple(stack[-n:])]
+            elif name == "BINPERSID":
+                pid = stack.pop()
+                if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and type(pid[4]) is int:
+                    kind = pid[1][1].split()[-1] if isinstance(pid[1], tuple) else ""
+                    sizes[pid[2]] = pid[4] * _STORAGE_ITEMSIZE.get(kind, 1)
+                stack.append(unknown)
+            elif op.arg is not None and not op.stack_before and len(op.stack_after) == 1 and name != "STOP":
+                stack.append(arg)  # a constant: ints, strings, None-free literals
+            elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+                stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
+            else:  # any other opcode: its stack effect only
+                if pickletools.markobject in op.stack_before:
+                    del stack[len(stack) - 1 - stack[::-1].index(mark):]
+                else:
+                    del stack[len(stack) - len(op.stack_before):]
+                stack += [unknown] * len(op.stack_after)
+        return sum(sizes.values())
+    except Exception:  # not the shape torch writes: torch.load gets to say what is wrong
+        return None
 
 
 def _first_line(e: BaseException, limit: int = 400) -> str:

@@ -296,6 +296,7 @@ def test_legacy_bin_claiming_a_huge_storage_is_a_checkpoint_error(tmp_path):
     """
     kind, msg = _run_script(code, timeout=180, limit_as=_CAP)
     assert kind == "CheckpointError" and "pytorch_model.bin" in msg, (kind, msg)
+    assert f"declares {4 * 2**40} bytes" in msg and "before allocating" in msg, msg  # from the scan, not the allocator
 
 
 # ---- PyTorch .bin files -------------------------------------------------------------------------------
