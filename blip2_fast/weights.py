@@ -56,7 +56,8 @@ def _parse_header(path: Path, size: int, head: bytes, f) -> tuple[int, dict]:
         if key == "__metadata__":
             continue
         bad = f"{path}: malformed safetensors entry for {key!r}"
-        if not _utf8(key) or not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
+        if not _utf8(key) or not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+                or info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"{bad}: dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
         offs, shape = info.get("data_offsets"), info.get("shape")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
