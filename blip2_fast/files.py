@@ -20,8 +20,9 @@ class CheckpointError(ValueError):
 
 
 # Larger than any real config.json, shard index or generation_config.json (a 100B-parameter index
-# is ~2 MB); a bigger file is refused before it is read into memory.
-MAX_JSON_BYTES = 64 * 2**20
+# is ~2 MB); a bigger file is refused before it is read, and before its parse could build gigabytes
+# of Python objects.
+MAX_JSON_BYTES = 16 * 2**20
 
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
                | getattr(os, "O_BINARY", 0))

@@ -6,7 +6,6 @@ with both shapes named, and every tensor is cast to the target dtype and moved t
 """
 from __future__ import annotations
 
-import math
 import os
 import struct
 import sys
@@ -28,7 +27,19 @@ _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
                  "BOOL": torch.bool}
 _ST_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+# The safetensors library allows 100 MB; parsed into Python objects that could cost gigabytes. A
+# BLIP-2 header is ~200 KB and the largest single-file checkpoints' a few MB: 16 MiB refuses no real one.
+_MAX_HEADER = 16 * 2**20
+_MAX_NUMEL = 2**64  # safetensors multiplies shapes in u64 and refuses an overflow
+
+
+def _numel(shape) -> int | None:
+    n = 1
+    for d in shape:  # stop early: a product of millions of huge dims would take forever to compute
+        n *= d
+        if n >= _MAX_NUMEL:
+            return None
+    return n
 
 
 def _parse_header(path: Path, size: int, head: bytes, f) -> tuple[int, dict]:
@@ -40,8 +51,11 @@ def _parse_header(path: Path, size: int, head: bytes, f) -> tuple[int, dict]:
     if size < 8 or len(head) < 8:
         raise CheckpointError(f"{path}: not a safetensors file ({size} bytes; truncated?)")
     (n,) = struct.unpack("<Q", head)
-    if n > size - 8 or n > _MAX_HEADER:
+    if n > size - 8:
         raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size}; truncated or corrupt")
+    if n > _MAX_HEADER:
+        raise CheckpointError(f"{path}: safetensors header of {n} bytes is larger than the {_MAX_HEADER} this loader "
+                              "reads (a real header is well under 1 MB); corrupt or hostile")
     raw = f.read(n)
     if len(raw) != n:
         raise CheckpointError(f"{path}: truncated while reading its safetensors header")
@@ -65,7 +79,10 @@ def _parse_header(path: Path, size: int, head: bytes, f) -> tuple[int, dict]:
             raise CheckpointError(f"{bad}: data_offsets {offs!r}")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
             raise CheckpointError(f"{bad}: shape {shape!r}")
-        nbytes = math.prod(shape) * _ST_ITEMSIZE[info["dtype"]]
+        numel = _numel(shape)
+        if numel is None:
+            raise CheckpointError(f"{bad}: shape {shape[:8]}{'...' if len(shape) > 8 else ''} has more than 2**64 elements")
+        nbytes = numel * _ST_ITEMSIZE[info["dtype"]]
         if offs[1] - offs[0] != nbytes:
             raise CheckpointError(f"{bad}: {offs[1] - offs[0]} bytes for shape {shape} of {info['dtype']} (needs {nbytes})")
         spans.append((offs[0], offs[1], key))

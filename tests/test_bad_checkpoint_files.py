@@ -259,6 +259,28 @@ def test_header_claiming_huge_tensors_is_refused_before_allocation(ckpt, tmp_pat
     assert kind == "CheckpointError" and "truncated" in msg, (kind, msg)
 
 
+def test_oversized_header_and_json_are_refused_before_parsing(ckpt, tmp_path):
+    d = _copy(ckpt("opt")[0], tmp_path)
+    header, body = _split(d / "model.safetensors")
+    _write(d / "model.safetensors", header[:-1] + b" " * (17 * 2**20) + b"}", body)  # valid JSON, 17 MiB
+    with pytest.raises(CheckpointError, match="larger than the 16777216 this loader reads"):
+        blip2_fast.load(d)
+    cfg = (d / "config.json").read_text()
+    (d / "config.json").write_text(cfg[:-1] + " " * (17 * 2**20) + "}")
+    with pytest.raises(CheckpointError, match=r"config\.json.*larger than"):
+        blip2_fast.load(d)
+
+
+def test_shape_of_half_a_million_huge_dims_is_refused_quickly(ckpt, tmp_path):
+    """The element count stops at 2**64 (as the safetensors library's u64 arithmetic does) instead
+    of multiplying out a number of millions of digits."""
+    d = _copy(ckpt("opt")[0], tmp_path)
+    _edit(d, lambda h: h["query_tokens"].__setitem__("shape", [2**62] * 500_000))
+    out = _run_script(f"DIRS = [{str(d)!r}]\n" + _LOAD_AND_REPORT, timeout=120)
+    kind, msg = out[str(d)]
+    assert kind == "CheckpointError" and "more than 2**64 elements" in msg, (kind, msg[:300])
+
+
 def _legacy_bin(path, state, numel_override=None):
     """torch.save in the pre-zip format; numel_override rewrites the first storage's declared size."""
     import io
