@@ -89,6 +89,7 @@ def _caption(args) -> int:
     from PIL import Image
 
     from . import images as _images
+    from .files import check_directory_files
     from .generation import load_processor
     from .loader import load
 
@@ -108,6 +109,7 @@ def _caption(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         if Path(args.model).is_dir():
+            check_directory_files(args.model)  # transformers' processor loading would block on a FIFO
             load_processor(args.model)  # fail before reading gigabytes of weights if there is no processor
         model = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     for w in caught:

@@ -104,3 +104,16 @@ def read_json(path, what: str, *, max_bytes: int = MAX_JSON_BYTES, error: type[E
     if len(data) > max_bytes:
         raise error(f"{path}: {what} is larger than {max_bytes} bytes, far beyond any real one; refused")
     return parse_json(data, str(path), error=error)
+
+
+def check_directory_files(path, error: type[Exception] = CheckpointError) -> None:
+    """Refuse a checkpoint directory holding a FIFO, device or socket where a file belongs, before
+    code that does not check (transformers' tokenizer and processor loading) could block on it.
+    Directories inside are left alone; symlinks are judged by what they point to."""
+    for entry in os.scandir(path):
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError:  # dangling link: whoever needs the file reports it missing
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise error(f"{entry.path}: {_kind(mode)}, not a regular file, in checkpoint directory {path}")

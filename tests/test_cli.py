@@ -125,6 +125,23 @@ def test_cli_user_errors_are_one_line(demo_dir, tmp_path):
     assert "layer_norm_eps" in line and "config.json" in line
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_cli_fifo_in_the_checkpoint_is_one_line_not_a_hang(demo_dir, tmp_path):
+    import os
+
+    good = tmp_path / "x.png"
+    sample_image().save(good)
+    d = tmp_path / "fifo-ckpt"
+    d.mkdir()
+    for f in demo_dir.iterdir():
+        (d / f.name).symlink_to(f)
+    tok = next(f.name for f in demo_dir.iterdir() if f.name.startswith("tokenizer"))
+    (d / tok).unlink()
+    os.mkfifo(d / tok)  # the processor's files are read by transformers, which would block on it
+    line = _one_line_error(_cli("caption", good, "--model", d, timeout=120), 1)
+    assert tok in line and "FIFO" in line
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--max-new-tokens", "2.5"], "--max-new-tokens"), (["--num-beams", "0"], "--num-beams"),
     (["--max-image-pixels", "-3"], "--max-image-pixels"), (["--frobnicate"], "unrecognized"),
