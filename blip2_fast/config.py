@@ -205,8 +205,8 @@ def _parse(raw: dict, where: str) -> Blip2Config:
     needs_lm = archs[0] in ("Blip2ForConditionalGeneration", "Blip2Model")
     if needs_lm and lm_type not in SUPPORTED_LMS:
         raise UnsupportedModelError(
-            f"language model {lm_type!r} is not supported by blip2_fast (supported: {', '.join(SUPPORTED_LMS)}); "
-            f"the checkpoint's text_config.model_type is {lm_type!r}")
+            f"{where}: language model {lm_type!r} is not supported by blip2_fast (supported: "
+            f"{', '.join(SUPPORTED_LMS)}); the checkpoint's text_config.model_type is {lm_type!r}")
     try:
         hf = HFBlip2Config(**{k: v for k, v in raw.items() if k not in ("transformers_version",)})
     except Exception as e:  # transformers raises many kinds for values it cannot take

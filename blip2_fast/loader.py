@@ -97,6 +97,11 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
     ops: per-op overrides, e.g. {"attention": "reference"}. An op asked for as "fast" here that
         cannot run on the device raises; one that falls back under `backend="fast"` warns once.
     progress: show shard/byte progress on stderr when loading takes more than ~2 s.
+
+    Raises CheckpointError naming the file (and the field or tensor) for anything wrong with the
+    checkpoint: missing, not a regular file, malformed, a config value out of range, weights that do
+    not match the config; UnsupportedModelError for a model blip2_fast does not run; ValueError /
+    TypeError for bad arguments. Nothing is unpickled (see the README's "Untrusted checkpoints").
     """
     device, dtype = _resolve_device_dtype(device, dtype)
     bound = _ops.bind(backend, ops, device)
