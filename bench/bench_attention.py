@@ -8,6 +8,7 @@ without the causal half (4·B·H·Sq·Sk·D, halved for causal).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ def _fused_qkv(B, H, S, D, device, dtype):
     return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))  # each (B, H, S, D), strided
 
 
-def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
+def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
     from blip2_fast.kernels.attention import attention
 
     torch.manual_seed(0)
@@ -30,7 +31,6 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
     else:
         cases = [("vitg", 64, 16, 257, 257, 88, False), ("opt-prefill", 16, 32, 512, 512, 80, True),
                  ("qformer-cross", 64, 12, 32, 257, 64, False), ("t5-bias", 16, 32, 512, 512, 64, False)]
-    rows = []
     for name, B, H, Sq, Sk, D, causal in cases:
         kw, sdpa_kw = {}, {}
         if name == "qformer-cross":
@@ -54,8 +54,7 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
         r["causal"] = causal
         r["max_abs_diff"] = (attention(q, k, v, causal=causal, **kw).float()
                              - F.scaled_dot_product_attention(q, k, v, is_causal=causal, **sdpa_kw).float()).abs().max().item()
-        rows.append(r)
-    return rows
+        yield r
 
 
 def main(argv=None) -> list[dict]:

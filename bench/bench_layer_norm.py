@@ -7,6 +7,7 @@ written once (x, r read; y, x + r written).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +15,13 @@ import torch.nn.functional as F
 from bench.common import cli, row, time_ms
 
 
-def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
+def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
     from blip2_fast.kernels.layer_norm import layer_norm
 
     torch.manual_seed(0)
     cases = [("vitg", 64 * 257, 1408), ("opt-2.7b", 16 * 512, 2560)]
     if quick:
         cases = [("vitg", 33, 1408), ("opt-2.7b", 17, 2560)]
-    rows = []
     for name, M, N in cases:
         x = torch.randn(M, N, device=device, dtype=dtype)
         r = torch.randn(M, N, device=device, dtype=dtype)
@@ -36,14 +36,14 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
 
         ms = time_ms(lambda: layer_norm(x, w, b, eps, residual=r), device=device)
         base = time_ms(eager_res, device=device)
-        rows.append(row(f"add_layer_norm/{name}", (M, N), dtype, ms, "x + r; F.layer_norm", base,
-                        nbytes=4 * M * N * el + 2 * N * el, device=device))
-        rows[-1]["max_abs_diff"] = (layer_norm(x, w, b, eps, residual=r)[0].float() - eager_res()[0].float()).abs().max().item()
+        out = row(f"add_layer_norm/{name}", (M, N), dtype, ms, "x + r; F.layer_norm", base,
+                  nbytes=4 * M * N * el + 2 * N * el, device=device)
+        out["max_abs_diff"] = (layer_norm(x, w, b, eps, residual=r)[0].float() - eager_res()[0].float()).abs().max().item()
+        yield out
         ms = time_ms(lambda: layer_norm(x, w, b, eps), device=device)
         base = time_ms(lambda: F.layer_norm(x, (N,), w, b, eps), device=device)
-        rows.append(row(f"layer_norm/{name}", (M, N), dtype, ms, "F.layer_norm", base,
-                        nbytes=2 * M * N * el + 2 * N * el, device=device))
-    return rows
+        yield row(f"layer_norm/{name}", (M, N), dtype, ms, "F.layer_norm", base,
+                  nbytes=2 * M * N * el + 2 * N * el, device=device)
 
 
 def main(argv=None) -> list[dict]:

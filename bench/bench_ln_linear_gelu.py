@@ -7,6 +7,7 @@ and the pre-activation round-tripping through memory). Compute ceiling: measured
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +15,13 @@ import torch.nn.functional as F
 from bench.common import cli, row, time_ms
 
 
-def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
+def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
     from blip2_fast.kernels.ln_linear_gelu import ln_linear_gelu
 
     torch.manual_seed(0)
     cases = [("vitg-mlp", 64 * 257, 1408, 6144), ("vitg-mlp-bs8", 8 * 257, 1408, 6144)]
     if quick:
         cases = [("vitg-mlp", 33, 96, 192)]
-    rows = []
     eps = 1e-6
     for name, M, K, N in cases:
         x = torch.randn(M, K, device=device, dtype=dtype)
@@ -31,11 +31,11 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
         b = torch.randn(N, device=device, dtype=dtype)
         ms = time_ms(lambda: ln_linear_gelu(x, lnw, lnb, eps, w, b), device=device)
         base = time_ms(lambda: F.gelu(F.linear(F.layer_norm(x, (K,), lnw, lnb, eps), w, b)), device=device)
-        rows.append(row(f"ln_linear_gelu/{name}", (M, K, N), dtype, ms, "F.layer_norm; F.linear; F.gelu", base,
-                        flops=2 * M * N * K, device=device))
-        rows[-1]["max_abs_diff"] = (ln_linear_gelu(x, lnw, lnb, eps, w, b).float()
-                                    - F.gelu(F.linear(F.layer_norm(x, (K,), lnw, lnb, eps), w, b)).float()).abs().max().item()
-    return rows
+        out = row(f"ln_linear_gelu/{name}", (M, K, N), dtype, ms, "F.layer_norm; F.linear; F.gelu", base,
+                  flops=2 * M * N * K, device=device)
+        out["max_abs_diff"] = (ln_linear_gelu(x, lnw, lnb, eps, w, b).float()
+                               - F.gelu(F.linear(F.layer_norm(x, (K,), lnw, lnb, eps), w, b)).float()).abs().max().item()
+        yield out
 
 
 def main(argv=None) -> list[dict]:

@@ -11,6 +11,7 @@ the timing is of HBM, not of the cache.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ def _paged_case(N, L, H, D, block_size, device, dtype, g):
     return kc, vc, bt
 
 
-def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
+def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
     from blip2_fast.kernels.paged_attention import paged_attention
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -45,7 +46,6 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
         cases = [("opt2.7b-decode", 64, 1024, 32, 80, None), ("opt6.7b-decode", 64, 1024, 32, 128, None),
                  ("long-split-k", 1, 4096, 32, 80, None), ("long-split-k", 1, 4096, 32, 128, None),
                  ("long-no-split", 1, 4096, 32, 80, 1)]
-    rows = []
     for name, N, L, H, D, splits in cases:
         nbytes = 2 * N * L * H * D * torch.tensor([], dtype=dtype).element_size()
         copies = 1 if device == "cpu" else min(8, max(1, -(-4 * _L2_BYTES // nbytes)))
@@ -67,9 +67,8 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
                 base_ms, nbytes=nbytes, device=device)
         r["num_splits"] = "auto" if splits is None else splits
         r["block_size"] = bs
-        rows.append(r)
         del paged, dense
-    return rows
+        yield r
 
 
 def main(argv=None) -> list[dict]:

@@ -7,6 +7,7 @@ once + outputs written once.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 
 import torch
 
@@ -18,14 +19,13 @@ def _t5_layer_norm(x, w, eps):
     return w * (x.float() * torch.rsqrt(var + eps)).to(w.dtype)
 
 
-def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
+def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
     from blip2_fast.kernels.rms_norm import rms_norm
 
     torch.manual_seed(0)
     cases = [("flan-t5-xl", 16 * 512, 2048), ("flan-t5-xxl", 16 * 512, 4096)]
     if quick:
         cases = [("flan-t5-xl", 33, 2048), ("flan-t5-xxl", 17, 4096)]
-    rows = []
     eps = 1e-6
     for name, M, N in cases:
         x = torch.randn(M, N, device=device, dtype=dtype)
@@ -39,14 +39,14 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]:
 
         ms = time_ms(lambda: rms_norm(x, w, eps), device=device)
         base = time_ms(lambda: _t5_layer_norm(x, w, eps), device=device)
-        rows.append(row(f"rms_norm/{name}", (M, N), dtype, ms, "T5LayerNorm eager", base,
-                        nbytes=2 * M * N * el + N * el, device=device))
+        yield row(f"rms_norm/{name}", (M, N), dtype, ms, "T5LayerNorm eager", base,
+                  nbytes=2 * M * N * el + N * el, device=device)
         ms = time_ms(lambda: rms_norm(x, w, eps, residual=r), device=device)
         base = time_ms(eager_res, device=device)
-        rows.append(row(f"add_rms_norm/{name}", (M, N), dtype, ms, "x + r; T5LayerNorm eager", base,
-                        nbytes=4 * M * N * el + N * el, device=device))
-        rows[-1]["max_abs_diff"] = (rms_norm(x, w, eps, residual=r)[0].float() - eager_res()[0].float()).abs().max().item()
-    return rows
+        out = row(f"add_rms_norm/{name}", (M, N), dtype, ms, "x + r; T5LayerNorm eager", base,
+                  nbytes=4 * M * N * el + N * el, device=device)
+        out["max_abs_diff"] = (rms_norm(x, w, eps, residual=r)[0].float() - eager_res()[0].float()).abs().max().item()
+        yield out
 
 
 def main(argv=None) -> list[dict]:

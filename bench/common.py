@@ -2,9 +2,10 @@
 
 Every kernel micro-benchmark (`bench/bench_<op>.py`) exposes
 
-    def run(device="cuda", dtype=torch.bfloat16, quick=False) -> list[dict]
+    def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]
 
-returning one row per case with at least the keys
+yielding one row per case as soon as it is measured (so a run cut short keeps what it finished) with
+at least the keys
     op, shape (str), dtype (str), ms, baseline (name of the PyTorch path), baseline_ms, ratio
     (= baseline_ms / ms, > 1 means we are faster), fraction_of_ceiling (achieved / ceiling, 0..1),
     achieved (e.g. "812 GB/s" or "301 TFLOP/s").
@@ -120,6 +121,6 @@ def cli(run: Callable, doc: str, argv=None) -> list[dict]:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--quick", action="store_true", help="toy sizes (smoke test)")
     a = ap.parse_args(argv)
-    rows = run(a.device, getattr(torch, a.dtype), a.quick)
+    rows = list(run(a.device, getattr(torch, a.dtype), a.quick))
     print_table(rows)
     return rows

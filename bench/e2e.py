@@ -30,6 +30,7 @@ import warnings
 
 import torch
 
+from bench import results_file
 from bench.common import copy_bandwidth_gbs, matmul_tflops, sync
 
 _DT = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -169,8 +170,9 @@ def bench_engine(model, pxs, N, device, repeats):
     decode = [d for r in runs for d in r[2]]
     row = _summary("blip2_fast.engine", B, N, total, ttft, decode, peak)
     # whether the decode steps replayed CUDA graphs (a failed capture falls back to eager with a warning)
-    row["cuda_graphs"] = bool(eng.runner.use_graphs)
-    row["graph_buckets"] = sorted(eng.runner._graphs)
+    runner = getattr(eng, "runner", None)
+    row["cuda_graphs"] = bool(getattr(runner, "use_graphs", False))
+    row["graph_buckets"] = sorted(getattr(runner, "_graphs", {}) or {})
     return row
 
 
@@ -302,7 +304,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-engine", action="store_true", help="skip the hand-stepped Engine measurement")
     ap.add_argument("--quick", action="store_true", help="toy sizes: tiny preset, batch <= 2, 4 new tokens")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--no-floors", action="store_true", help="skip the vision and decode floor measurements")
+    ap.add_argument("--json", default=None, help="write this run's results here at the end")
+    ap.add_argument("--results", default=None, help="a shared results JSON to update after every row (bench/results_file.py)")
+    ap.add_argument("--section", default=None, help="this run's key under the results JSON's 'e2e' (default: the preset)")
     ap.add_argument("--plot", default=None)
     a = ap.parse_args(argv)
 
@@ -323,17 +328,34 @@ def main(argv=None) -> dict:
         ours, hf = build_models(a.preset, a.checkpoint, device, dtype, not a.no_hf, a.backend)
     log(f"built in {time.perf_counter() - t0:.1f} s; blip2_fast ops: "
         + ", ".join(f"{k}={v}" for k, v in sorted(ours.impls.items())))
+    import transformers
+
+    import blip2_fast
+
+    res = {"preset": a.checkpoint or a.preset, "dtype": str(dtype).replace("torch.", ""), "device": _device_name(device),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "new_tokens": N, "repeats": repeats,
+           "batches": list(a.batch),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "blip2_fast": blip2_fast.__version__},
+           "impls": ours.impls, "rows": [], "floors": None, "status": "running"}
+    rows = res["rows"]
+
+    def save():  # after every row: a run cut short keeps what it measured
+        if a.results:
+            snap = json.loads(json.dumps(res, default=str))
+            results_file.update(a.results, lambda d: d.setdefault("e2e", {}).__setitem__(a.section or res["preset"], snap))
+
+    save()
     S = ours.cfg.vision.image_size
     g = torch.Generator().manual_seed(0)
-    rows = []
     for B in a.batch:
         # distinct images for every run (blip2_fast caches image features by content)
         pxs = [torch.randn(B, 3, S, S, generator=g).to(device=device, dtype=dtype) for _ in range(2 * repeats + 1)]
-        cases = [("generate", lambda: bench_generate(ours, pxs, N, device, repeats))]
-        if not a.no_engine:
-            cases.append(("engine", lambda: bench_engine(ours, pxs, N, device, repeats)))
+        # in order of value: ours against transformers first, the hand-stepped engine after
+        cases = [("blip2_fast.generate", lambda: bench_generate(ours, pxs, N, device, repeats))]
         if hf is not None:
             cases.append(("transformers", lambda: bench_hf(hf, pxs, N, device, repeats, start_ids(ours, B))))
+        if not a.no_engine:
+            cases.append(("blip2_fast.engine", lambda: bench_engine(ours, pxs, N, device, repeats)))
         for name, fn in cases:
             log(f"batch {B}: {name} ...")
             try:
@@ -343,30 +365,28 @@ def main(argv=None) -> dict:
                 r = {"impl": name, "batch": B, "new_tokens": N, "error": f"{type(e).__name__}: {str(e)[:300]}",
                      "images_per_s": None}
             rows.append(r)
+            hf_row = next((r for r in rows if r["impl"] == "transformers" and r["batch"] == B and r.get("images_per_s")), None)
+            for r in rows:
+                if r["batch"] == B and hf_row and r.get("images_per_s"):
+                    r["ratio"] = round(r["images_per_s"] / hf_row["images_per_s"], 3)
+            save()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        hf_row = next((r for r in rows if r["impl"] == "transformers" and r["batch"] == B and r.get("images_per_s")), None)
-        for r in rows:
-            if r["batch"] == B and hf_row and r.get("images_per_s"):
-                r["ratio"] = round(r["images_per_s"] / hf_row["images_per_s"], 3)
     b1 = next((r for r in rows if r["impl"] == "blip2_fast.engine" and r["batch"] == min(a.batch) and r.get("token_ms_p50")),
               next((r for r in rows if r["impl"] == "blip2_fast.generate" and r["batch"] == min(a.batch) and r.get("token_ms_p50")), None))
-    log("floors ...")
     fl = None
-    try:
-        fl = floors(ours, hf, device, dtype, 2 if a.quick else 64, repeats, b1 and b1["token_ms_p50"])
-        fl["decode_batch"] = min(a.batch)
-    except Exception as e:
-        log(f"floors failed: {type(e).__name__}: {str(e)[:300]}")
-    import transformers
-
-    import blip2_fast
-
-    res = {"preset": a.checkpoint or a.preset, "dtype": str(dtype).replace("torch.", ""), "device": _device_name(device),
-           "date": datetime.datetime.now().isoformat(timespec="seconds"), "new_tokens": N, "repeats": repeats,
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "blip2_fast": blip2_fast.__version__},
-           "impls": ours.impls, "rows": rows, "floors": fl}
-    print_table(rows, fl)
+    if not a.no_floors:
+        log("floors ...")
+        try:
+            fl = floors(ours, hf, device, dtype, 2 if a.quick else 64, repeats, b1 and b1["token_ms_p50"])
+            fl["decode_batch"] = min(a.batch)
+        except Exception as e:
+            log(f"floors failed: {type(e).__name__}: {str(e)[:300]}")
+            fl = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    res["floors"] = fl
+    res["status"] = "done"
+    save()
+    print_table(rows, fl if fl and "error" not in fl else None)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

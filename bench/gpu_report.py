@@ -1,149 +1,137 @@
-"""Assemble bench/gpu_check.sh's pieces into one results JSON and print a short table.
+"""The figures a gpu_check run was meant to produce, from its results JSON, and the final table.
 
-    python -m bench.gpu_report --work DIR [--out-dir DIR]
+    python -m bench.gpu_report FILE      # print the table of any results JSON, finished or not
 
-Reads from DIR: kernels.json (bench.kernels), e2e-*.json (bench.e2e), steps.tsv (name, status, seconds
-per line, written by gpu_check.sh), pytest.txt (its summary line). Writes <out-dir>/<date>-<gpu>.json
-with keys device, date, versions, steps, tests, e2e, decode_ms_per_token_b1, hbm_floor_ms,
-vision_ms_per_image, vision_floor_ms, kernels.
+`figures(results)` lists every planned figure as {"figure", "status": "ok" | "failed", "value",
+"reason"}: a figure is "ok" only when its numbers are in the file; everything else (its step failed,
+timed out, was skipped for time, is still running or was killed, a row raised, a benchmark produced
+nothing) is "failed" with the reason. Never a quiet "ok".
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import re
+import statistics
 import sys
 from pathlib import Path
 
 
-def _load(p: Path):
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"[gpu_report] cannot read {p}: {e}", file=sys.stderr)
-        return None
+def _step_reason(d: dict, step: str) -> str:
+    st = (d.get("steps") or {}).get(step)
+    if not st:
+        return f"step {step} was not run"
+    if st.get("status") == "ok":
+        return f"step {step} finished without producing it"
+    return f"step {step} {st.get('status')}: {st.get('reason')}"
 
 
-def _device() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except Exception:
-        pass
-    return f"cpu-{platform.machine()}"
+def _fig(name, ok, value=None, reason=None) -> dict:
+    return {"figure": name, "status": "ok" if ok else "failed", "value": value, "reason": None if ok else reason}
 
 
-def _versions() -> dict:
-    v = {"python": platform.python_version()}
-    for mod in ("torch", "triton", "transformers", "blip2_fast"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception as e:
-            v[mod] = f"unavailable ({type(e).__name__})"
-    try:
-        import torch
-
-        v["cuda"] = torch.version.cuda
-    except Exception:
-        pass
-    return v
-
-
-def assemble(work: Path) -> dict:
-    now = datetime.datetime.now()
-    res = {"device": _device(), "date": now.date().isoformat(), "time": now.isoformat(timespec="seconds"),
-           "versions": _versions(), "steps": [], "tests": None, "e2e": [], "decode_ms_per_token_b1": None,
-           "hbm_floor_ms": None, "vision_ms_per_image": None, "vision_floor_ms": None, "kernels": []}
-    steps = work / "steps.tsv"
-    if steps.exists():
-        for line in steps.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3:
-                res["steps"].append({"step": parts[0], "status": parts[1], "seconds": float(parts[2])})
-    pt = work / "pytest.txt"
-    if pt.exists():
-        lines = [l for l in pt.read_text().splitlines() if re.search(r"\d+ (passed|failed|skipped|deselected|error)", l)]
-        res["tests"] = lines[-1].strip("= ") if lines else None
-    for f in sorted(work.glob("e2e-*.json")):
-        d = _load(f)
-        if not d:
-            continue
-        rows = d.get("rows", [])
-        for B in sorted({r["batch"] for r in rows}):
-            get = lambda impl: next((r for r in rows if r["impl"] == impl and r["batch"] == B and r.get("images_per_s")), None)
-            ours, eng, hf = get("blip2_fast.generate"), get("blip2_fast.engine"), get("transformers")
-            ips = ours and ours["images_per_s"]
-            hips = hf and hf["images_per_s"]
-            res["e2e"].append({
-                "preset": d.get("preset"), "dtype": d.get("dtype"), "batch": B, "new_tokens": d.get("new_tokens"),
-                "images_per_s": ips, "engine_images_per_s": eng and eng["images_per_s"], "hf_images_per_s": hips,
-                "ratio": round(ips / hips, 3) if ips and hips else None,
-                "ttft_ms": eng and eng.get("ttft_ms"), "hf_ttft_ms": hf and hf.get("ttft_ms"),
-                "token_ms_p50": eng and eng.get("token_ms_p50"), "hf_token_ms_p50": hf and hf.get("token_ms_p50"),
-                "peak_gib": ours and ours.get("peak_gib"), "hf_peak_gib": hf and hf.get("peak_gib"),
-                "errors": [r["error"] for r in rows if r["batch"] == B and r.get("error")] or None,
-            })
-        fl = d.get("floors") or {}
-        if fl and res["decode_ms_per_token_b1"] is None:  # the first e2e run (OPT-2.7B) sets the floors
-            res["e2e_floors_preset"] = d.get("preset")
-            res["decode_ms_per_token_b1"] = fl.get("decode_ms_per_token_b1")
-            res["hbm_floor_ms"] = fl.get("hbm_floor_ms")
-            res["vision_ms_per_image"] = fl.get("vision_ms_per_image")
-            res["hf_vision_ms_per_image"] = fl.get("hf_vision_ms_per_image")
-            res["vision_floor_ms"] = fl.get("vision_floor_ms")
-    k = work / "kernels.json"
-    if k.exists() and (d := _load(k)):
-        keep = ("op", "shape", "dtype", "ms", "baseline_ms", "ratio", "fraction_of_ceiling")
-        res["kernels"] = [{key: r.get(key) for key in keep} for r in d.get("kernels", [])]
-        res["kernels_skipped"] = d.get("skipped", [])
-    return res
-
-
-def print_summary(res: dict, file=sys.stdout) -> None:
-    print(f"== blip2_fast gpu_check: {res['device']}  {res['date']}  torch {res['versions'].get('torch')} "
-          f"triton {res['versions'].get('triton')} transformers {res['versions'].get('transformers')}", file=file)
-    for s in res["steps"]:
-        print(f"  step {s['step']:14s} {s['status']:8s} {s['seconds']:6.0f} s", file=file)
-    if res["tests"]:
-        print(f"  tests: {res['tests']}", file=file)
-    if res["e2e"]:
-        print(f"  {'preset':18s}{'batch':>6s}{'img/s':>10s}{'hf img/s':>10s}{'ratio':>8s}{'engine':>10s}", file=file)
-        for e in res["e2e"]:
-            f = lambda v: "-" if v is None else f"{v:.3g}"
-            print(f"  {str(e['preset'])[:18]:18s}{e['batch']:6d}{f(e['images_per_s']):>10s}{f(e['hf_images_per_s']):>10s}"
-                  f"{f(e['ratio']):>8s}{f(e['engine_images_per_s']):>10s}", file=file)
-    if res["decode_ms_per_token_b1"] is not None:
-        print(f"  decode b1 {res['decode_ms_per_token_b1']} ms/token (floor {res['hbm_floor_ms']} ms); "
-              f"vision {res['vision_ms_per_image']} ms/image (floor {res['vision_floor_ms']} ms)", file=file)
-    if res["kernels"]:
-        ratios = [k["ratio"] for k in res["kernels"] if k.get("ratio")]
-        worst = min(res["kernels"], key=lambda k: k.get("ratio") or 1e9)
-        print(f"  kernels: {len(res['kernels'])} cases, ratio vs PyTorch median "
-              f"{sorted(ratios)[len(ratios) // 2] if ratios else '-'}, worst {worst['op']} {worst['shape']} {worst.get('ratio')}",
-              file=file)
-
-
-def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", required=True, help="folder holding the step outputs")
-    ap.add_argument("--out-dir", default=None, help="default: $OUT if set, else bench/results")
-    a = ap.parse_args(argv)
-    import os
-
-    res = assemble(Path(a.work))
-    out_dir = Path(a.out_dir or os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = re.sub(r"[^a-z0-9]+", "-", res["device"].lower()).strip("-")
-    out = out_dir / f"{res['date']}-{gpu}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print_summary(res)
-    print(f"  wrote {out}")
+def _kernel_figures(d: dict) -> list[dict]:
+    k = d.get("kernels") or {}
+    ops, rows = k.get("ops") or {}, k.get("rows") or []
+    out = []
+    for op in (d.get("plan") or {}).get("kernel_ops", []):
+        st = ops.get(op)
+        mine = [r for r in rows if r.get("bench") == op]
+        ratios = [r["ratio"] for r in mine if isinstance(r.get("ratio"), (int, float))]
+        value = {"rows": len(mine), "median_ratio_vs_pytorch": round(statistics.median(ratios), 3) if ratios else None}
+        if st and st.get("status") == "ok" and mine:
+            out.append(_fig(f"kernels/{op}", True, value))
+        elif st and st.get("status") == "failed":
+            out.append(_fig(f"kernels/{op}", False, value, f"benchmark raised after {len(mine)} rows: {st.get('reason')}"))
+        elif st and st.get("status") == "running":
+            out.append(_fig(f"kernels/{op}", False, value, f"running when the file was last written ({len(mine)} rows); "
+                            + _step_reason(d, "kernels")))
+        else:
+            out.append(_fig(f"kernels/{op}", False, None, _step_reason(d, "kernels")))
     return out
 
 
+def _e2e_figures(d: dict, section: str, batches) -> list[dict]:
+    sec = (d.get("e2e") or {}).get(section) or {}
+    rows = sec.get("rows") or []
+    out = []
+    for B in batches:
+        ours = next((r for r in rows if r.get("impl") == "blip2_fast.generate" and r.get("batch") == B), None)
+        hf = next((r for r in rows if r.get("impl") == "transformers" and r.get("batch") == B), None)
+        name = f"{section}/batch{B}"
+        if ours and hf and ours.get("images_per_s") and hf.get("images_per_s"):
+            out.append(_fig(name, True, {"images_per_s": ours["images_per_s"], "hf_images_per_s": hf["images_per_s"],
+                                         "ratio": ours.get("ratio"), "ttft_ms": ours.get("ttft_ms"),
+                                         "peak_gib": ours.get("peak_gib")}))
+        else:
+            errs = [f"{r.get('impl')}: {r['error']}" for r in (ours, hf) if r and r.get("error")]
+            missing = [n for n, r in (("blip2_fast.generate", ours), ("transformers", hf)) if r is None]
+            reason = "; ".join(errs) or (f"no {' / '.join(missing)} row; " + _step_reason(d, section))
+            out.append(_fig(name, False, None, reason))
+    if section == "e2e-opt":
+        fl = sec.get("floors")
+        if fl and "error" not in fl:
+            out.append(_fig(f"{section}/floors", True, {k: fl.get(k) for k in (
+                "decode_ms_per_token_b1", "hbm_floor_ms", "vision_ms_per_image", "hf_vision_ms_per_image", "vision_floor_ms")}))
+        else:
+            out.append(_fig(f"{section}/floors", False, None, (fl or {}).get("error") or _step_reason(d, section)))
+    return out
+
+
+def _test_figure(d: dict) -> dict:
+    t = d.get("tests")
+    st = (d.get("steps") or {}).get("tests") or {}
+    if not t:
+        return _fig("tests", False, None, _step_reason(d, "tests"))
+    value = {k: t.get(k) for k in ("collected", "passed", "skipped", "errors", "seconds")}
+    value["failed"] = len(t.get("failed") or [])
+    if t.get("failed"):
+        return _fig("tests", False, value, "failed: " + "; ".join(f"{f['test']}: {f['reason']}" for f in t["failed"][:5]))
+    if t.get("status") != "done" or st.get("status") != "ok":
+        done = (t.get("passed") or 0) + (t.get("skipped") or 0)
+        return _fig("tests", False, value, f"{done} of {t.get('collected')} finished; " + _step_reason(d, "tests"))
+    return _fig("tests", True, value)
+
+
+def figures(d: dict) -> list[dict]:
+    plan = d.get("plan") or {}
+    steps = plan.get("steps", [])
+    out = []
+    if "build" in steps:
+        st = (d.get("steps") or {}).get("build") or {}
+        out.append(_fig("build", st.get("status") == "ok", None, _step_reason(d, "build")))
+    if "kernels" in steps:
+        out += _kernel_figures(d)
+    batches = plan.get("e2e_batches", [1, 64])
+    if "e2e-opt" in steps:
+        out += _e2e_figures(d, "e2e-opt", batches)
+    if "tests" in steps:
+        out.append(_test_figure(d))
+    if "e2e-t5" in steps:
+        out += _e2e_figures(d, "e2e-t5", batches)
+    return out
+
+
+def print_table(d: dict, file=sys.stdout) -> None:
+    v = d.get("versions") or {}
+    print(f"== blip2_fast gpu_check: {d.get('device')}  {d.get('date')}  torch {v.get('torch')} triton {v.get('triton')} "
+          f"transformers {v.get('transformers')}  commit {d.get('commit')}", file=file)
+    for s in (d.get("steps") or {}).values():
+        secs = s.get("seconds")
+        print(f"  step {s['step']:9s} {s['status']:8s} {'' if secs is None else f'{secs:6.0f} s'}"
+              f"{'' if s['status'] == 'ok' else '  ' + str(s.get('reason'))[:160]}", file=file)
+    for f in figures(d):
+        val = "" if f["value"] is None else json.dumps(f["value"])[:150]
+        print(f"  {f['status']:6s} {f['figure']:22s} {val if f['status'] == 'ok' else f['reason'][:200]}", file=file)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file", help="a results JSON written by bench/gpu_check.py")
+    a = ap.parse_args(argv)
+    d = json.loads(Path(a.file).read_text())
+    print_table(d)
+    return 0 if all(f["status"] == "ok" for f in figures(d)) else 1
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -208,7 +208,9 @@ def _parse(raw: dict, where: str) -> Blip2Config:
             f"{where}: language model {lm_type!r} is not supported by blip2_fast (supported: "
             f"{', '.join(SUPPORTED_LMS)}); the checkpoint's text_config.model_type is {lm_type!r}")
     try:
-        hf = HFBlip2Config(**{k: v for k, v in raw.items() if k not in ("transformers_version",)})
+        # the normalised list: transformers 5.17's strict config dataclass refuses a bare string
+        hf = HFBlip2Config(**{k: v for k, v in raw.items() if k not in ("transformers_version", "architectures")},
+                           architectures=archs)
     except Exception as e:  # transformers raises many kinds for values it cannot take
         raise _hf_error(where, raw, e) from None
     vision = _vision(_section(where, "vision_config", hf.vision_config))

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .kernels.interpret import interpreting
 
 OP_NAMES = (
     "attention",
@@ -125,10 +126,6 @@ def get(name: str, impl: str = "reference", device: torch.device | str | None = 
     return getattr(importlib.import_module(f.module), f.attr)
 
 
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _reason(f: _Fast, device: torch.device) -> str | None:
     if f.kind == "triton":
         try:
@@ -137,7 +134,7 @@ def _reason(f: _Fast, device: torch.device) -> str | None:
             return f"triton is not importable ({type(e).__name__}: {e})"
         if device.type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is visible (torch.cuda.is_available() is False)"
-        if device.type != "cuda" and not triton_interpret():
+        if device.type != "cuda" and not interpreting():
             return f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to interpret them on the CPU"
     elif device.type not in f.devices:
         return f"{f.module}.{f.attr} has no kernel for device type {device.type!r}"
@@ -244,3 +241,8 @@ register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
 for _name in ("attention", "layernorm", "linear_gelu", "ln_linear_gelu"):
     register_fast(_name, "blip2_fast.ops_cpu", _name, "torch", devices=("cpu",))
+# On the CPU these two run as plain PyTorch (a decode step's K/V scatter is one index_copy_, wrapped
+# as a custom op so it traces; RMSNorm is a few vector passes: the reference itself), so a default
+# CPU load binds them without a fallback warning, and never through the Triton interpreter.
+register_fast("write_kv", "blip2_fast.ops_cpu", "write_kv", "torch", devices=("cpu",))
+register_fast("rmsnorm", "blip2_fast.reference", "rmsnorm_ref", "torch", devices=("cpu",))

@@ -11,12 +11,18 @@
         accumulates in fp32 and rounds once, then GELU rounds again, as eager bf16 does. In
         float32 they run the same ops as the references.
 
+    write_kv: the reference's scatter (index_copy_) as one custom op, so a decode step still traces
+        with torch.compile(fullgraph=True): the reference's "any padding slots?" check is
+        data-dependent. (rmsnorm binds `reference.rmsnorm_ref` itself: plain vector passes.)
+
 The GPU runs the Triton kernels (kernels/); the specs are in `blip2_fast.reference`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import reference
 
 
 def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=None):
@@ -77,3 +83,20 @@ def linear_gelu(x, weight, bias, approximate="none"):
 def ln_linear_gelu(x, ln_weight, ln_bias, eps, weight, bias, approximate="none"):
     """GELU(LayerNorm(x) @ weightᵀ + bias), `reference.ln_linear_gelu_ref`'s semantics."""
     return linear_gelu(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), weight, bias, approximate)
+
+
+@torch.library.custom_op("blip2_fast::write_kv_cpu", mutates_args=("k_cache", "v_cache"), device_types="cpu")
+def _write_kv_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    reference.write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_write_kv_cpu.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """`reference.write_kv_ref`'s semantics, in place: k/v [T, H, D] into the paged caches
+    [num_blocks, block_size, H, D] at slot_mapping [T] (negative = skip)."""
+    _write_kv_cpu(k, v, k_cache, v_cache, slot_mapping)

@@ -1,8 +1,6 @@
 """Helpers shared by the Triton kernels: interpreter detection, GELU epilogues, small launch pickers."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -12,16 +10,34 @@ try:
 except ImportError:  # pragma: no cover - a Triton without the interpreter never interprets
     InterpretedFunction = type(None)
 
+from .interpret import autotuning, interpreting  # noqa: F401  (re-exported: the kernels ask _common)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET set truthy).
+def _interpreter_index_fix() -> None:
+    """Triton's interpreter (3.6 and earlier) converts a scalar to a Python int with
+    `int(handle.data)`, and its scalars are 1-element 1-D arrays, which numpy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted"): every `range()` with a runtime bound then fails.
+    Wrap the function that patches `tl.tensor` for interpretation so `__index__` reads the element
+    with `.item()`, which every numpy accepts. Compiled kernels never see this."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - a Triton without the interpreter
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_blip2_fast_index_fix", False):
+        return
 
-    Triton reads the variable when a function is decorated with @triton.jit, i.e. when a kernel
-    module is imported, so it must be set before `blip2_fast.kernels.<op>` is imported.
-    """
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._blip2_fast_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_index_fix()
 
 
 # Tests set this (monkeypatch) so every output is NaN-filled before a kernel writes it: an element a

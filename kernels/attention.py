@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import bucket, check_device, check_float, dot_precision, interpreting
+from ._common import autotuning, bucket, check_device, check_float, dot_precision, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -242,10 +242,17 @@ def _attention_impl(q, k, v, key_padding_mask, bias, causal, scale, block_m=None
     meta = dict(HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
                 HAS_BIAS=bias is not None, DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d,
                 ALIGN=_align(q, (0, 1, 2), k, v, o), BIAS_ALIGN=_align(bias_e, (0, 1, 2)) if bias is not None else 1)
-    if block_m is not None or interpreting():
-        bm, bn = (block_m, block_n) if block_m is not None else _INTERP_BLOCKS
+    if block_m is not None or interpreting() or not autotuning():
+        warps, stages = 4, 2
+        if block_m is not None:
+            bm, bn = block_m, block_n
+        elif interpreting():
+            bm, bn = _INTERP_BLOCKS
+        else:  # no autotuning: the first candidate the pruning keeps for this shape class
+            c = _prune_configs(_CONFIGS, {"q_bucket": bucket(Sq), "BLOCK_D": block_d})[0]
+            bm, bn, warps, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
         grid = (triton.cdiv(Sq, bm) * B * H,)
-        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     else:
         grid = lambda META: (triton.cdiv(Sq, META["BLOCK_M"]) * B * H,)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **meta)

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import bucket, check_float, check_rows_input, dot_precision, gelu_erf, gelu_tanh, interpreting
+from ._common import (autotuning, bucket, check_float, check_rows_input, dot_precision, gelu_erf, gelu_tanh,
+                      interpreting)
 
 
 @triton.jit
@@ -132,10 +133,13 @@ def launch_gemm_gelu(x2, weight, bias, approximate, *, mean=None, rstd=None, ln_
     )
     meta = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", NORM_A=norm_a,
                 HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, DOT_PREC=dot_precision(x2.dtype))
-    if config is not None or interpreting():
-        c = config or _INTERP_CONFIG
+    if config is not None or interpreting() or not autotuning():
+        c, warps, stages = config or _INTERP_CONFIG, 4, 2
+        if config is None and not interpreting():  # no autotuning: the first candidate the pruning keeps
+            best = _prune_configs(_CONFIGS, {"m_bucket": bucket(M, 16, 1 << 14), "N": N})[0]
+            c, warps, stages = best.kwargs, best.num_warps, best.num_stages
         grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-        _linear_gelu_kernel[grid](*args, **meta, **c, num_warps=4, num_stages=2)
+        _linear_gelu_kernel[grid](*args, **meta, **c, num_warps=warps, num_stages=stages)
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         _linear_gelu_tuned[grid](*args, **meta)

@@ -8,6 +8,9 @@ import torch
 # triton.language is first imported, so it is set here, before any test module imports triton.
 # With a GPU they compile for it: "0" is set first so the kernel test modules' setdefault("1") keeps it.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# On a GPU, tests launch one fixed config per shape class instead of autotuning (dozens of compiles
+# per case): tests check correctness; bench/ measures speed.
+os.environ.setdefault("BLIP2_FAST_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

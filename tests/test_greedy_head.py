@@ -75,6 +75,42 @@ def test_screen_supported_reasons():
             assert "disabled" in screen_supported(torch.zeros(8192, 8))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_screen_follows_native_bf16_whatever_the_host(monkeypatch, native):
+    """The screen is on only where the CPU multiplies bf16 natively: both answers are tested on every
+    host (this one may have avx512_bf16, AMX, or neither)."""
+    from blip2_fast.models import greedy_head
+
+    monkeypatch.setattr(greedy_head, "_native_bf16", lambda: native)
+    w = torch.zeros(8192, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.backends.mkldnn.flags(enabled=True):
+            reason = screen_supported(w)
+    if not torch.backends.mkldnn.is_available():
+        assert "oneDNN" in reason
+    elif native:
+        assert reason is None
+    else:
+        assert "no bf16 matrix instructions" in reason
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    from blip2_fast.models import greedy_head
+
+    real_open = open
+    for flags, want in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+        greedy_head._native_bf16.cache_clear()
+        try:
+            assert greedy_head._native_bf16() is want, flags
+        finally:
+            monkeypatch.setattr("builtins.open", real_open)
+            greedy_head._native_bf16.cache_clear()
+
+
 @pytest.mark.parametrize("lm", ["opt", "t5"])
 def test_engine_with_the_screen_matches_transformers(ckpt, lm):
     """Greedy (with min_new_tokens banning eos) through the screened head, forced on for a tiny vocab."""

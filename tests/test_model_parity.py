@@ -12,6 +12,33 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def model_tensors(m) -> dict:
+    """Every tensor a loaded model holds, by module path and attribute: parameters, buffers and plain
+    tensor attributes alike."""
+    out = {}
+    for name, mod in m.named_modules():
+        items = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+        items += [(k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]
+        out.update({f"{name}.{k}": v for k, v in items})
+    return out
+
+
+def assert_same_weights(a, b):
+    """Two loads of the same weights hold bit-identical tensors (the same names, shapes, dtypes, bits)."""
+    ta, tb = model_tensors(a), model_tensors(b)
+    assert ta.keys() == tb.keys() and ta, sorted(ta.keys() ^ tb.keys())[:5]
+    differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not differ, differ[:5]
+
+
+def assert_close_logits(a, b, tol=1e-5):
+    """Same weights, same inputs: BLAS may still take another path for differently aligned memory
+    (safetensors maps tensors at offsets that .bin files do not), so compare within fp32 rounding."""
+    assert a.shape == b.shape
+    err = rel_err(a, b)
+    assert err <= tol, f"relative logits error {err:.2e}"
+
+
 @pytest.mark.parametrize("lm", LMS)
 @pytest.mark.parametrize("B", [1, 3])
 def test_forward_logits(ckpt, lm, B):
@@ -206,9 +233,9 @@ def test_pytorch_bin_checkpoint_loads_with_weights_only(ckpt, tmp_path):
     shutil.copy(d / "config.json", tmp_path / "config.json")
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # transformers 5 no longer writes .bin
     pv, ids, _ = image_prompt(hf, 1)
-    a = blip2_fast.load(tmp_path, backend="reference")(pixel_values=pv, input_ids=ids).logits
-    b = blip2_fast.load(d, backend="reference")(pixel_values=pv, input_ids=ids).logits
-    assert torch.equal(a, b)
+    ma, mb = blip2_fast.load(tmp_path, backend="reference"), blip2_fast.load(d, backend="reference")
+    assert_same_weights(ma, mb)
+    assert_close_logits(ma(pixel_values=pv, input_ids=ids).logits, mb(pixel_values=pv, input_ids=ids).logits)
 
 
 def test_defaults_and_backend_env(ckpt, monkeypatch):
@@ -279,9 +306,9 @@ def test_legacy_checkpoint_with_separate_q_v_bias(ckpt, tmp_path):
         save_file(state, str(path / "model.safetensors"))
         shutil.copy(d / "config.json", path / "config.json")
     pv, ids, _ = image_prompt(hf, 1)
-    a = blip2_fast.load(old, backend="reference")(pixel_values=pv, input_ids=ids).logits
-    b = blip2_fast.load(new, backend="reference")(pixel_values=pv, input_ids=ids).logits
-    assert torch.equal(a, b)
+    ma, mb = blip2_fast.load(old, backend="reference"), blip2_fast.load(new, backend="reference")
+    assert_same_weights(ma, mb)
+    assert_close_logits(ma(pixel_values=pv, input_ids=ids).logits, mb(pixel_values=pv, input_ids=ids).logits)
 
 
 def test_fp16_keeps_the_qformer_in_fp32_like_transformers(ckpt):
@@ -349,7 +376,30 @@ def test_fp16_t5_keeps_wo_in_fp32_like_transformers(tmp_path):
     out = m(pixel_values=pv.half(), **kw).logits
     assert torch.isfinite(out).all()
     assert rel_err(out.float(), ref32) <= max(rel_err(ref16.float(), ref32), 1e-3)
-    with torch.no_grad():
-        want = hf16.generate(pixel_values=pv.half(), input_ids=ids, attention_mask=mask, max_new_tokens=8)
-    got = m.generate(pv.half(), input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    # Token identity between two float16 implementations holds only where transformers' top token leads
+    # by more than twice the two implementations' logit discrepancy: pick an input where it leads by 4x
+    # at every step (seed 1 has a near-tie at its first token: 148 vs 54, 0.002 apart).
+    pv, ids, mask, want = _clear_fp16_input(hf16, m, n_new=6)
+    got = m.generate(pv.half(), input_ids=ids, attention_mask=mask, max_new_tokens=6)
     assert torch.equal(got, want), f"\n{got}\n{want}"
+
+
+def _clear_fp16_input(hf16, m, n_new, ratio=4.0, seeds=range(2, 40)):
+    """The first image/prompt whose float16 greedy path, as transformers takes it, has at every step a
+    top-1 lead of at least `ratio` times the largest |our logit - transformers' logit| of that step
+    (ours teacher-forced on transformers' tokens). By induction our greedy path is then the same."""
+    worst = []
+    for seed in seeds:
+        pv, ids, mask = image_prompt(hf16, 2, pads=((1, 2),), seed=seed)
+        with torch.no_grad():
+            o = hf16.generate(pixel_values=pv.half(), input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
+                              output_logits=True, return_dict_in_generate=True)
+        theirs = torch.stack([lg.float() for lg in o.logits], 1)  # (B, T, V)
+        ours = m(pixel_values=pv.half(), input_ids=ids, attention_mask=mask,
+                 decoder_input_ids=o.sequences[:, :-1]).logits.float()[:, : theirs.shape[1]]
+        top2 = theirs.topk(2, -1).values
+        lead = (top2[..., 0] - top2[..., 1]) / (ours - theirs).abs().amax(-1).clamp_min(1e-6)
+        if lead.min() >= ratio:
+            return pv, ids, mask, o.sequences
+        worst.append(round(lead.min().item(), 2))
+    raise AssertionError(f"no input with a clear float16 margin (lead / discrepancy per seed: {worst})")

@@ -145,3 +145,23 @@ def test_layernorm_with_and_without_residual(N, dtype):
     assert ops_cpu.layernorm(x, None, None, 1e-5).shape == x.shape  # non-affine (OPT's option)
     if dtype == torch.float32:  # the same ops as the reference: identical in fp32
         assert torch.equal(ops_cpu.layernorm(x, lw, lb, 1e-5), layernorm_ref(x, lw, lb, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cpu_matches_the_reference(dtype):
+    """The CPU write_kv (a custom op around the reference's scatter): the same cache contents,
+    padding slots (negative) skipped, strided k/v views of a fused qkv, values cast to the cache's dtype."""
+    from blip2_fast.reference import write_kv_ref
+
+    g = torch.Generator().manual_seed(0)
+    T, H, D, nb, bs = 7, 3, 88, 5, 4
+    qkv = torch.randn(T, 3, H, D, generator=g)
+    k, v = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    slots[2] = slots[5] = -1
+    caches = [torch.randn(nb, bs, H, D, generator=g).to(dtype) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    write_kv_ref(k, v, *want, slots)
+    ops_cpu.write_kv(k, v, *caches, slots)
+    assert all(torch.equal(a, b) for a, b in zip(caches, want))
+    assert ops.get("write_kv", "fast", "cpu") is ops_cpu.write_kv
