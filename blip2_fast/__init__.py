@@ -5,6 +5,7 @@
     ids = model.generate(pixel_values, input_ids=..., max_new_tokens=30)
     engine = blip2_fast.Engine(model)                            # continuous batching for serving
 """
+from . import images  # blip2_fast.images.MAX_IMAGE_PIXELS: the pixel limit, settable before any call
 from .engine.engine import Engine, RequestOutput
 from .engine.sampling import SamplingParams
 from .loader import load

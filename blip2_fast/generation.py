@@ -180,20 +180,9 @@ def load_processor(path):
 
 
 def _images(images):
-    from PIL import Image
+    from .images import to_rgb_images  # PIL images, paths, arrays, tensors; pixel-limited (images.py)
 
-    if isinstance(images, Image.Image):
-        images = [images]
-    images = list(images)
-    if not images:
-        raise ValueError("no images given")
-    for i, im in enumerate(images):
-        if not isinstance(im, Image.Image):
-            raise TypeError(f"image {i} is a {type(im).__name__}, expected a PIL image")
-        if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
-            raise ValueError(f"image {i} has mode {im.mode!r}; expected an 8-bit image (RGB, RGBA, L, P, CMYK, ...): "
-                             "convert high-bit-depth or float images to 8-bit RGB first")
-    return [im.convert("RGB") for im in images]
+    return to_rgb_images(images)
 
 
 def _decode(model, ids: torch.Tensor, n_prompt: int) -> list[str]:
