@@ -32,7 +32,7 @@ API (seq_id: any hashable; keys: a sequence of hashables):
     slot_mapping(seq_id, start, end) -> list[int]  flat slots of tokens [start, end)
     fork(parent_seq_id, child_seq_id) -> table     child shares all of parent's blocks
     free(seq_id)                                   release; unknown or already-freed id raises
-    block_table(seq_id), num_tokens(seq_id), num_free_blocks, num_used_blocks, seq_ids
+    block_table(seq_id), table_view(seq_id), num_tokens(seq_id), num_free_blocks, num_used_blocks, seq_ids
     check_invariants()                            asserts the accounting (tests, debug runs)
 Failures raise `NoFreeBlocksError`, `UnknownSequenceError` or `SequenceExistsError` (all
 `BlockManagerError`) before any state changes.
@@ -118,6 +118,11 @@ class BlockManager:
 
     def block_table(self, seq_id) -> list[int]:
         return list(self._seq(seq_id).table)
+
+    def table_view(self, seq_id) -> list[int]:
+        """The sequence's block table itself, not a copy: it follows appends and copy-on-write (the
+        runner reads it every step). Read only."""
+        return self._seq(seq_id).table
 
     def num_tokens(self, seq_id) -> int:
         return self._seq(seq_id).num_tokens
