@@ -257,8 +257,9 @@ class Engine:
             if p.seed is None:  # drawn from the global RNG: torch.manual_seed reproduces the request
                 p.seed = int(torch.randint(0, 2**63 - 1, (1,)))
             generator = torch.Generator(device=model.device).manual_seed(p.seed)
-        r = Request(request_id, next(self._order), p, prompt_ids, lm_tokens, keys, digest, px, interp, eos,
-                    defaults.get("pad_token_id"), generator, time.monotonic())
+        ban = tuple(t for t in eos if 0 <= t < self._vocab)
+        r = Request(request_id, next(self._order), p, prompt_ids, lm_tokens, keys, digest, px, interp, eos, ban,
+                    defaults.get("pad_token_id"), room, generator, time.monotonic())
         self._live[request_id] = r
         self.scheduler.add(r)
         return r
@@ -319,13 +320,7 @@ class Engine:
                     r.first_scheduled_time = now
                     self._prompt_tokens += r.n_prompt
             if plan.decode:
-                try:
-                    self.runner.copy_blocks(plan.copies)
-                except Exception as e:  # nothing decodes without its copied blocks
-                    for r in plan.decode:
-                        self._fail(r, e)
-                else:
-                    self._isolated(self._decode, [r for r in plan.decode if r.status is Status.RUNNING])
+                self._isolated(lambda reqs: self._decode(reqs, plan.copies), plan.decode)
                 touched += plan.decode
             if plan.prefill:
                 self._isolated(self._prefill, plan.prefill)
@@ -383,19 +378,23 @@ class Engine:
         out = self.sampler(self.model.lm.logits(runner.prefill(inp)).float(), plan)
         self._apply(reqs, out.tokens, out.beams)
 
-    def _decode(self, reqs: list[Request]) -> None:
+    def _decode(self, reqs: list[Request], copies: list[tuple[int, int]]) -> None:
+        """One decode step for `reqs` (copy-on-write `copies` first: copying twice is harmless)."""
         runner = self.runner
         runner.staging.reset()
-        inp = runner.prepare_decode([s for r in reqs for s in r.seqs])
+        inp = runner.prepare_decode([s for r in reqs for s in r.seqs])  # first: graphs read these offsets
+        cp = runner.prepare_copies(copies)
         if self._screened(reqs):
             runner.staging.send()
+            runner.copy_blocks(cp)
             h = runner.decode(inp, hidden=True)
             toks = runner.greedy_head(self.model.lm.head_input(h), [self._banned(r) for r in reqs])
             self._apply(reqs, toks, [])
             return
         rows, beams = self._rows(reqs, prefill=False)
         plan = self.sampler.prepare(rows, beams, self._vocab, runner.staging)
-        runner.staging.send()
+        runner.staging.send()  # the step's one host-to-device copy
+        runner.copy_blocks(cp)
         out = self.sampler(runner.decode(inp), plan)
         self._apply(reqs, out.tokens, out.beams)
 
@@ -406,7 +405,7 @@ class Engine:
     def _banned(r: Request) -> tuple[int, ...]:
         """The ids a request may not take now: eos while short of min_new_tokens."""
         n = (r.beam.cur_len - r.beam.prompt_len) if r.beam is not None else len(r.generated)
-        return r.eos if n < r.params.min_new_tokens else ()
+        return r.ban_ids if n < r.params.min_new_tokens else ()
 
     def _rows(self, reqs: list[Request], prefill: bool) -> tuple[list[Row], list[BeamGroup]]:
         """What the sampler does for each request: one Row, or a BeamGroup of its k beams."""
@@ -456,7 +455,7 @@ class Engine:
         r.last_token_time = now
         if tok in r.eos:
             self._finish(r, "stop")
-        elif len(r.generated) >= r.params.max_new_tokens or self.layout.lm_len(r) >= self.max_model_len:
+        elif len(r.generated) >= r.max_tokens:  # max_new_tokens, or max_model_len
             self._finish(r, "length")
         else:
             r.seqs[0].next_token = tok
@@ -492,9 +491,10 @@ class Engine:
             toks = list(r.generated)
             new = toks[r.emitted:]
             r.emitted = len(toks)
-        tok = self.tokenizer if (done or r.params.num_beams == 1) else None
-        out = RequestOutput._decoded_later(tok, r.request_id, toks, new, done, r.finish_reason, None,
-                                           r.candidates if done else None, r.metrics(), r.n_prompt, r.error)
+        out = RequestOutput(r.request_id, toks, new, done, r.finish_reason, None, r.candidates if done else None,
+                            r.metrics(), len(r.lm_tokens), r.error)
+        if self.tokenizer is not None and (done or r.params.num_beams == 1):  # running beams have no text yet
+            out.__dict__["_tokenizer"] = self.tokenizer  # decoded when `text` is first read
         if r.sink is not None:
             r.sink.append(out)
         return out

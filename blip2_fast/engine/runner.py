@@ -193,13 +193,20 @@ class ModelRunner:
         return tuple(done)
 
     # ---- cache ----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate block src into dst in every layer's K and V pool."""
+    def prepare_copies(self, pairs: list[tuple[int, int]]):
+        """Copy-on-write pairs (src, dst) into the step's staging: (src, dst) device index views."""
         if not pairs:
+            return None
+        a = np.asarray(pairs, dtype=np.int32)
+        return self.staging.add(a[:, 0]), self.staging.add(a[:, 1])
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies) -> None:
+        """Copy-on-write (after the staging was sent): duplicate block src into dst in every layer's K
+        and V pool; `copies` from `prepare_copies`."""
+        if copies is None:
             return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        src, dst = copies[0].long(), copies[1].long()
         for k, v in self.caches:
             k[dst] = k[src]
             v[dst] = v[src]

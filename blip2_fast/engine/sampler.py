@@ -31,7 +31,7 @@ class Row:
     params: SamplingParams
     generator: torch.Generator | None  # sampling: the request's own
     history: list[int] | None  # token ids the repetition penalty looks at (only with a penalty)
-    banned: tuple[int, ...]  # ids it may not take now (eos before min_new_tokens)
+    banned: tuple[int, ...]  # ids (in the vocabulary) it may not take now: eos before min_new_tokens
 
 
 @dataclasses.dataclass
@@ -92,10 +92,16 @@ class Sampler:
         plan = _Plan(rows, beams, V, None if order == list(range(len(order))) else add(i32(order)), greedy, sampled,
                      None if len(greedy) in (0, n) else add(i32(greedy)), add(i32(sampled)) if sampled else None,
                      None, None, None, [], None, None, [add(f32(b.running_scores)) for b in beams])
-        banned = [r.banned for r in rows] + [b.banned for b in beams for _ in b.logits_rows]
-        pairs = [(i, t) for i, ids in enumerate(banned) for t in ids if 0 <= t < V]
-        if pairs:
-            plan.ban = (add(i32([i for i, _ in pairs])), add(i32([t for _, t in pairs])))
+        ban_rows = [i for i, r in enumerate(rows) for _ in r.banned]
+        ban_cols = [t for r in rows for t in r.banned]
+        at = n
+        for b in beams:
+            k = len(b.logits_rows)
+            ban_rows += [at + j for j in range(k) for _ in b.banned]
+            ban_cols += [t for _ in range(k) for t in b.banned]
+            at += k
+        if ban_rows:
+            plan.ban = (add(i32(ban_rows)), add(i32(ban_cols)))
         pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if pen:
             hists = [r.history for r in rows] + [h for b in beams for h in (b.histories or [None] * len(b.logits_rows))]

@@ -54,7 +54,7 @@ class Scheduler:
 
     def _admit(self) -> list[Request]:
         admitted, widest = [], 0
-        n_seqs = sum(r.num_seqs for r in self.running)
+        n_seqs = sum(r.num_seqs for r in self.running) if self.waiting else 0
         while self.waiting:
             r = self.waiting[0]
             if n_seqs + r.num_seqs > self.max_num_seqs:
@@ -87,28 +87,28 @@ class Scheduler:
     def _reserve(self, reqs: list[Request]) -> tuple[list[Request], list[tuple[int, int]]]:
         """Give every running sequence a slot for its next token, preempting the newest requests when
         blocks run out. Returns the requests that keep running and the copy-on-write copies."""
-        reqs = sorted(reqs, key=lambda r: r.order)
-        done: set[int] = set()  # ids of sequences with a slot (a preemption restarts the loop)
+        reqs = sorted(reqs, key=lambda r: r.order)  # the newest last: preemption pops from the end
         copies: list[tuple[int, int]] = []
-        blocks = self.blocks
-        while True:
-            try:
-                for r in reqs:
-                    for s in r.seqs:
-                        if id(s) in done:
-                            continue
-                        s.position = blocks.num_tokens(s)
-                        s.slot, copy = blocks.append_slot(s, (s.next_token, s.position))
-                        done.add(id(s))
-                        if copy is not None:
-                            copies.append(copy)
-                return reqs, copies
-            except NoFreeBlocksError:
-                victim = max(self.running, key=lambda r: r.order)
-                self.preempt(victim)
-                reqs = [r for r in reqs if r is not victim]
-                if not reqs:
-                    return [], copies
+        append = self.blocks.append_token
+        i = 0
+        while i < len(reqs):
+            r = reqs[i]
+            seqs, j = r.seqs, 0
+            while j < len(seqs):
+                s = seqs[j]
+                try:
+                    s.slot, s.position, copy = append(s, s.next_token)
+                except NoFreeBlocksError:
+                    victim = reqs.pop()  # every running request is in reqs: the newest is the last
+                    self.preempt(victim)
+                    if victim is r:
+                        break
+                    continue
+                if copy is not None:
+                    copies.append(copy)
+                j += 1
+            i += 1
+        return reqs, copies
 
     # ---- leaving --------------------------------------------------------------------------------
     def preempt(self, r: Request) -> None:

@@ -53,7 +53,9 @@ class Request:
     pixels: torch.Tensor  # the engine's own copy of the image [3, H, W]
     interpolate: bool
     eos: tuple[int, ...]
+    ban_ids: tuple[int, ...]  # the eos ids inside the vocabulary: what min_new_tokens bans
     pad: int | None
+    max_tokens: int  # tokens it may generate: max_new_tokens, or fewer where max_model_len stops it
     generator: torch.Generator | None
     arrival_time: float
     status: Status = Status.WAITING
@@ -101,7 +103,8 @@ class DecoderOnly:
     cross = False
 
     def seq_keys(self, r: Request) -> list:
-        return list(r.keys) + [(t, i) for i, t in enumerate(r.generated)]
+        n = r.n_prompt  # generated tokens are keyed (token, position), as the scheduler appends them
+        return list(r.keys) + [(t, n + i) for i, t in enumerate(r.generated)]
 
     def cross_keys(self, r: Request) -> list:
         return []
@@ -126,7 +129,7 @@ class EncoderDecoder:
 
     def seq_keys(self, r: Request) -> list:
         # the decoder's K/V depend on the whole encoder input, so only identical prompts share them
-        return [("dec", r.digest, r.prompt_ids)] + [(t, i) for i, t in enumerate(r.generated)]
+        return [("dec", r.digest, r.prompt_ids)] + [(t, 1 + i) for i, t in enumerate(r.generated)]
 
     def cross_keys(self, r: Request) -> list:
         # the encoder is bidirectional: every position's K/V depend on the whole prompt

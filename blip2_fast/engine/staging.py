@@ -69,5 +69,6 @@ class Staging:
         """The host-to-device copy of everything added since the last send (one per step)."""
         for seg in self.segments:
             if self.cuda and seg.used > seg.sent:
-                seg.dev[seg.sent: seg.used].copy_(seg.host[seg.sent: seg.used], non_blocking=True)
+                with torch.inference_mode():  # the buffers may be inference tensors (an engine built under it)
+                    seg.dev[seg.sent: seg.used].copy_(seg.host[seg.sent: seg.used], non_blocking=True)
             seg.sent = seg.used
