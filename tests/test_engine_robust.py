@@ -151,14 +151,19 @@ def test_a_sampler_failure_fails_only_its_batch_members_that_fail_alone(opt, mon
     eng = Engine(m, max_num_seqs=8, block_size=4, num_blocks=200)
     for i in range(3):
         eng.add_request(i, pixel_values=reqs[i][0], prompt=reqs[i][1], sampling=params[i])
-    real = eng.sampler.__class__.__call__
-    target = []
+    real, real_choose = eng.sampler.__class__.__call__, eng._choose
+    target, current = [], []
+
+    def choose(reqs, *a, **k):  # which requests the sampler is choosing for
+        current[:] = reqs
+        return real_choose(reqs, *a, **k)
 
     def flaky(self, logits, plan):
-        if target and any(r.params is target[0] for r in plan.rows):
+        if target and any(r.params is target[0] for r in current):
             raise FloatingPointError("sampler blew up")
         return real(self, logits, plan)
 
+    monkeypatch.setattr(eng, "_choose", choose)
     monkeypatch.setattr(eng.sampler.__class__, "__call__", flaky)
     eng.step()
     target.append(eng._live[1].params)

@@ -79,7 +79,7 @@ def test_model_traces_with_torch_compile_fullgraph(ckpt):
     eng.step()  # prefill
     plan = eng.scheduler.schedule()  # the next decode step's sequences, with their slots reserved
     eng.runner.staging.reset()
-    ins = eng.runner.prepare_decode([s for r in plan.decode for s in r.seqs])
+    ins = eng.runner.prepare_decode(plan.batch)
     eng.runner.staging.send()
     eager = eng.runner.forward_decode(ins)
     step = torch.compile(eng.runner.forward_decode, fullgraph=True, backend="aot_eager")

@@ -30,6 +30,7 @@ API (seq_id: any hashable; keys: a sequence of hashables):
     can_append(seq_id) -> bool                    a free block exists if the next append needs one
     append_slot(seq_id, key) -> (slot, copy)       slot for the new token; copy is (src, dst) or None
     append_token(seq_id, token) -> (slot, pos, copy)  append_slot keyed (token, position)
+    append_tokens(seq_ids, tokens, slots, positions, copies)  the same for many (the decode step)
     slot_mapping(seq_id, start, end) -> list[int]  flat slots of tokens [start, end)
     fork(parent_seq_id, child_seq_id) -> table     child shares all of parent's blocks
     free(seq_id)                                   release; unknown or already-freed id raises
@@ -220,6 +221,31 @@ class BlockManager:
         pos = s.num_tokens
         slot, copy = self._append(s, seq_id, (token, pos))
         return slot, pos, copy
+
+    def append_tokens(self, seq_ids: list, tokens: list[int], slots: list[int], positions: list[int],
+                      copies: list[tuple[int, int]]) -> None:
+        """`append_token` for many sequences, the common case inline (the decode step's hot loop):
+        appends each one's slot and position to `slots` / `positions`, and copy-on-write pairs to
+        `copies`. On NoFreeBlocksError the sequences before the failing one have their slots (as
+        many as `slots` holds); the failing one and those after are unchanged."""
+        bs, blocks, seqs = self.block_size, self._blocks, self._seqs
+        for sid, tok in zip(seq_ids[len(slots):], tokens[len(slots):]):
+            s = seqs.get(sid)
+            if s is None:
+                raise UnknownSequenceError(f"unknown sequence {sid!r}")
+            pos = s.num_tokens
+            off = pos % bs
+            b = blocks[s.table[-1]] if off else None
+            if b is not None and b.ref == 1 and off < bs - 1:  # room in an own block, and it stays partial
+                b.keys.append((tok, pos))
+                s.num_tokens = pos + 1
+                slots.append(b.id * bs + off)
+            else:
+                slot, copy = self._append(s, sid, (tok, pos))
+                slots.append(slot)
+                if copy is not None:
+                    copies.append(copy)
+            positions.append(pos)
 
     def _append(self, s: _Seq, seq_id, key) -> tuple[int, tuple[int, int] | None]:
         bs = self.block_size

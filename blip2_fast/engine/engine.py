@@ -27,7 +27,7 @@ from .outputs import EngineStats, RequestOutput
 from .params import SamplingParams, check_bool, check_ids, check_int, check_real
 from .runner import ModelRunner, PrefillItem, image_digest
 from .sampler import BeamGroup, Row, Sampler
-from .scheduler import Scheduler
+from .scheduler import DecodeBatch, Scheduler
 from .sequence import DecoderOnly, EncoderDecoder, Request, Status
 
 MAX_BLOCK_SIZE = 1024
@@ -139,7 +139,7 @@ class Engine:
             m.language_model_inputs(torch.zeros(32, 3, S, S, device=dev, dtype=m.dtype))
             L = self.max_model_len
             n = max(1, self.max_num_batched_tokens // L)
-            E = m.lm.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=dev)).shape[-1]
+            E = m.lm.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=dev)).shape[-1]  # embedding width
             x = torch.zeros(n, L, E, device=dev, dtype=m.dtype)
             mask = torch.ones(n, L, dtype=torch.bool, device=dev)
             from ..layers import AttnMeta
@@ -151,9 +151,11 @@ class Engine:
                 pos = torch.arange(L, device=dev).expand(n, L)
                 m.lm(x, pos, AttnMeta(prefill=True, key_padding_mask=mask))
             del x, mask
-            m.lm.logits(torch.zeros(self.max_num_seqs, E, device=dev, dtype=m.dtype)).float()
+            hidden = m.cfg.lm.d_model if m.is_encoder_decoder else m.cfg.lm.hidden
+            m.lm.logits(torch.zeros(self.max_num_seqs, hidden, device=dev, dtype=m.dtype)).float()
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base
+        torch.cuda.empty_cache()  # what the profile run cached is free again: count it once, as `peak`
         free, total = torch.cuda.mem_get_info(dev)
         budget = int(total * util) - (total - free) - peak
         if budget < 2 * per_block:
@@ -311,7 +313,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Decode running requests, admit and prefill waiting ones; return the outputs of the
         requests that progressed, finished or failed in this step (and of aborts since the last)."""
-        with self._lock:
+        with self._lock, torch.inference_mode():
             touched, self._pending = self._pending, []
             plan = self.scheduler.schedule()
             now = time.monotonic()
@@ -320,17 +322,15 @@ class Engine:
                     r.first_scheduled_time = now
                     self._prompt_tokens += r.n_prompt
             if plan.decode:
-                self._isolated(lambda reqs: self._decode(reqs, plan.copies), plan.decode)
+                full = plan.batch
+                self._isolated(lambda reqs: self._decode(reqs, plan.copies, full if reqs is plan.decode else None),
+                               plan.decode)
                 touched += plan.decode
             if plan.prefill:
                 self._isolated(self._prefill, plan.prefill)
                 touched += plan.prefill
-            outs, seen = [], set()
-            for r in touched:
-                if id(r) not in seen:
-                    seen.add(id(r))
-                    outs.append(self._output(r))
-            return outs
+            # pending (finished), decoding and admitted requests are three disjoint sets: one output each
+            return [self._output(r) for r in touched]
 
     def _isolated(self, fn, reqs: list[Request]) -> None:
         """Run `fn(reqs)`; if it fails, rerun it one request at a time, and fail only those that fail alone."""
@@ -366,36 +366,38 @@ class Engine:
                 items.append(PrefillItem(list(r.lm_tokens) + r.generated, feats[r.digest], seq.block_table, r.num_cached))
         runner.staging.reset()
         inp = runner.prepare_prefill(items)
-        if self._screened(reqs):  # every request only takes its argmax: the screened head skips the fp32 logits
-            runner.staging.send()
-            h = runner.prefill(inp)
-            toks = runner.greedy_head(self.model.lm.head_input(h), [self._banned(r) for r in reqs])
-            self._apply(reqs, toks, [])
-            return
-        rows, beams = self._rows(reqs, prefill=True)
-        plan = self.sampler.prepare(rows, beams, self._vocab, runner.staging)
-        runner.staging.send()
-        out = self.sampler(self.model.lm.logits(runner.prefill(inp)).float(), plan)
-        self._apply(reqs, out.tokens, out.beams)
+        self._choose(reqs, inp, runner.prefill, None, prefill=True)
 
-    def _decode(self, reqs: list[Request], copies: list[tuple[int, int]]) -> None:
-        """One decode step for `reqs` (copy-on-write `copies` first: copying twice is harmless)."""
+    def _decode(self, reqs: list[Request], copies: list[tuple[int, int]], batch: DecodeBatch | None = None) -> None:
+        """One decode step for `reqs` (copy-on-write `copies` first: copying twice is harmless);
+        `batch`: their sequences (the scheduler's, or rebuilt for a retry)."""
         runner = self.runner
         runner.staging.reset()
-        inp = runner.prepare_decode([s for r in reqs for s in r.seqs])  # first: graphs read these offsets
-        cp = runner.prepare_copies(copies)
-        if self._screened(reqs):
-            runner.staging.send()
-            runner.copy_blocks(cp)
-            h = runner.decode(inp, hidden=True)
-            toks = runner.greedy_head(self.model.lm.head_input(h), [self._banned(r) for r in reqs])
-            self._apply(reqs, toks, [])
+        batch = batch or DecodeBatch.of([s for r in reqs for s in r.seqs])
+        inp = runner.prepare_decode(batch)  # first: graphs read these offsets
+        self._choose(reqs, inp, runner.decode, runner.prepare_copies(copies), prefill=False)
+
+    def _choose(self, reqs: list[Request], inp, run, copies, prefill: bool) -> None:
+        """Finish the step's inputs with the sampler's, send them (the one host-to-device copy), run
+        the model and hand each request its token."""
+        runner, lm = self.runner, self.model.lm
+        st = runner.staging
+        greedy = all(r.params.plain_greedy for r in reqs)
+        if greedy and runner.greedy_head is not None:  # the screened head skips the full fp32 logits
+            st.send()
+            runner.copy_blocks(copies)
+            h = run(inp) if prefill else run(inp, hidden=True)
+            self._apply(reqs, runner.greedy_head(lm.head_input(h), [self._banned(r) for r in reqs]), [])
             return
-        rows, beams = self._rows(reqs, prefill=False)
-        plan = self.sampler.prepare(rows, beams, self._vocab, runner.staging)
-        runner.staging.send()  # the step's one host-to-device copy
-        runner.copy_blocks(cp)
-        out = self.sampler(runner.decode(inp), plan)
+        if greedy:
+            plan = self.sampler.prepare_greedy([self._banned(r) for r in reqs], st)
+        else:
+            rows, beams = self._rows(reqs, prefill)
+            plan = self.sampler.prepare(rows, beams, self._vocab, st)
+        st.send()
+        runner.copy_blocks(copies)
+        logits = lm.logits(run(inp)).float() if prefill else run(inp)
+        out = self.sampler(logits, plan)
         self._apply(reqs, out.tokens, out.beams)
 
     def _screened(self, reqs) -> bool:
@@ -412,7 +414,10 @@ class Engine:
         rows, beams, i = [], [], 0
         for r in reqs:
             p = r.params
-            if p.num_beams > 1:
+            if p.plain_greedy:  # the common case, first
+                rows.append(Row(i, p, None, None, r.ban_ids if len(r.generated) < p.min_new_tokens else ()))
+                i += 1
+            elif p.num_beams > 1:
                 k = p.num_beams
                 if r.beam is None:  # its first step: k beams over the prompt's one row of logits
                     prefix = self.layout.prefix(r)
@@ -431,15 +436,22 @@ class Engine:
 
     def _apply(self, reqs: list[Request], tokens: list[int], cands: list) -> None:
         """Hand every request its token (or its beams' candidates); one request's failure here fails it alone."""
-        it_tok, it_beam = iter(tokens), iter(cands)
         now = time.monotonic()
-        V = self._vocab
+        if not cands:  # no beam search in the batch: the decode step's hot loop
+            for r, tok in zip(reqs, tokens):
+                try:
+                    self._take(r, tok, now)
+                except Exception as e:
+                    self._fail(r, e)
+            return
+        it_tok, it_beam = iter(tokens), iter(cands)
         for r in reqs:
-            c = next(it_beam) if r.params.num_beams > 1 else None
-            t = next(it_tok) if c is None else None
+            beam = r.params.num_beams > 1
+            c = next(it_beam) if beam else None
+            t = None if beam else next(it_tok)
             try:
-                if c is not None:
-                    self._beam_step(r, c, V)
+                if beam:
+                    self._beam_step(r, c, self._vocab)
                 else:
                     self._take(r, t, now)
             except Exception as e:
@@ -448,14 +460,15 @@ class Engine:
     def _take(self, r: Request, tok: int, now: float) -> None:
         if tok < 0:
             raise ValueError("the sampler found no finite score (the model's logits are NaN or -inf)")
-        r.generated.append(tok)
+        gen = r.generated
+        gen.append(tok)
         self._generation_tokens += 1
         if r.first_token_time is None:
             r.first_token_time = now
         r.last_token_time = now
         if tok in r.eos:
             self._finish(r, "stop")
-        elif len(r.generated) >= r.max_tokens:  # max_new_tokens, or max_model_len
+        elif len(gen) >= r.max_tokens:  # max_new_tokens, or max_model_len
             self._finish(r, "length")
         else:
             r.seqs[0].next_token = tok
@@ -484,17 +497,17 @@ class Engine:
             del self._live[r.request_id]
 
     def _output(self, r: Request) -> RequestOutput:
-        done = r.finished
-        if r.params.num_beams > 1 and not done:
+        done = r.status is Status.FINISHED
+        beams = r.params.num_beams > 1
+        if beams and not done:
             toks, new = [], []  # running beams have no best sequence yet
         else:
-            toks = list(r.generated)
+            toks = r.generated[:]
             new = toks[r.emitted:]
             r.emitted = len(toks)
-        out = RequestOutput(r.request_id, toks, new, done, r.finish_reason, None, r.candidates if done else None,
-                            r.metrics(), len(r.lm_tokens), r.error)
-        if self.tokenizer is not None and (done or r.params.num_beams == 1):  # running beams have no text yet
-            out.__dict__["_tokenizer"] = self.tokenizer  # decoded when `text` is first read
+        tok = self.tokenizer if (done or not beams) else None  # running beams have no text yet
+        out = RequestOutput._of(r.request_id, toks, new, done, r.finish_reason, r.candidates if done else None,
+                                r.timeline(), len(r.lm_tokens), r.error, tok)
         if r.sink is not None:
             r.sink.append(out)
         return out

@@ -15,6 +15,7 @@ class RequestMetrics:
     finished_time: float | None
 
 
+
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
     """`Engine.stats()`: a snapshot, taken without any device sync."""
@@ -29,6 +30,22 @@ class EngineStats:
     image_cache_hits: int  # cumulative
     image_cache_misses: int  # cumulative (images that had to be encoded)
     image_encode_seconds: tuple[float, ...]  # wall time of each image-encode batch since the previous stats() call
+
+
+class _LazyMetrics:
+    """`RequestOutput.metrics`: the engine stores a snapshot tuple of the request's timeline; the
+    RequestMetrics is made from it when first read (a step makes an output per request)."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None
+        m = obj.__dict__.get("_metrics")
+        if isinstance(m, tuple):
+            m = obj.__dict__["_metrics"] = RequestMetrics(*m)
+        return m
+
+    def __set__(self, obj, value):
+        obj.__dict__["_metrics"] = value
 
 
 class _LazyText:
@@ -69,14 +86,29 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (eos/stop token), "length", "abort", "error"
     text: str | None = _LazyText()
     candidates: list[list[int]] | None = None  # beam search: the best num_return_sequences beams, best first
-    metrics: RequestMetrics | None = None
+    metrics: RequestMetrics | None = _LazyMetrics()
     num_prompt_tokens: int | None = None  # prompt positions including the image query tokens
     error: str | None = None  # with finish_reason "error": what went wrong
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items() if k != "_tokenizer"}
         state["_text"] = self.text
+        state["_metrics"] = self.metrics
         return state
+
+    @classmethod
+    def _of(cls, request_id, token_ids, new_token_ids, finished, finish_reason, candidates, metrics,
+            num_prompt_tokens, error, tokenizer) -> RequestOutput:
+        """The engine's constructor (one output per request per step): fields set directly, `text`
+        left to decode from token_ids with `tokenizer` when first read (None: text stays None),
+        `metrics` given as RequestMetrics' fields in a tuple (the object is made when read)."""
+        out = object.__new__(cls)
+        out.__dict__ = {"request_id": request_id, "token_ids": token_ids, "new_token_ids": new_token_ids,
+                        "finished": finished, "finish_reason": finish_reason, "_text": None, "candidates": candidates,
+                        "_metrics": metrics, "num_prompt_tokens": num_prompt_tokens, "error": error}
+        if tokenizer is not None:
+            out.__dict__["_tokenizer"] = tokenizer
+        return out
 
     @classmethod
     def _decoded_later(cls, tokenizer, *args, **kwargs) -> RequestOutput:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import time
 import weakref
@@ -25,7 +26,8 @@ import torch
 
 from ..layers import AttnMeta
 from ..models.greedy_head import ScreenedArgmax, screen_supported
-from .staging import Staging
+from .scheduler import DecodeBatch
+from .staging import Staging, inference
 
 MAX_GRAPH_BATCH = 512  # decode batches above this run eagerly (capture time and graph memory grow with it)
 
@@ -123,13 +125,14 @@ class ModelRunner:
         self.image_batch = image_batch
         self.images_encoded = 0  # how many images went through ViT + Q-Former (the rest were cache hits)
         self._encode_times: list = []  # (start, end) CUDA events or wall seconds, drained by `encode_seconds`
-        self.staging = Staging(self.device, 1 << 16)
+        self.buckets = sorted({1, 2, 4} | set(range(8, MAX_GRAPH_BATCH + 1, 8)))
+        self.buckets = sorted({b for b in self.buckets if b < max_num_seqs} | {min(max_num_seqs, MAX_GRAPH_BATCH)})
+        # the largest graph bucket's decode inputs must sit in the staging's first buffer (graphs read it)
+        graph_words = self.buckets[-1] * (4 + self.table_width * (2 if self.t5 else 1) + (1 if self.t5 else 0))
+        self.staging = Staging(self.device, max(1 << 16, 2 * graph_words))
         # exact greedy ids without the full fp32 head GEMM (CPU, fp32 heads, bf16-capable cores)
         self.greedy_head = _greedy_head(model)
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
-        self.buckets = sorted({1, 2, 4} | set(range(8, MAX_GRAPH_BATCH + 1, 8)))
-        self.buckets = [b for b in self.buckets if b < max_num_seqs] + [min(max_num_seqs, MAX_GRAPH_BATCH)]
-        self.buckets = sorted(set(self.buckets))
         self._graphs: dict[int, tuple] = {}
         self.graph_captures = 0  # CUDA graphs captured: all of them while the runner is built
         self.graph_replays = 0
@@ -142,7 +145,7 @@ class ModelRunner:
         return 2 * model.lm.num_layers * block_size * H * D * torch.tensor([], dtype=model.dtype).element_size()
 
     # ---- images -------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @inference
     def image_features(self, items: list[tuple[str, torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
         """(digest, pixel_values [3, H, W], interpolate) -> projected queries [Q, E]; new images run
         through the vision encoder and Q-Former in batches of at most `image_batch` per (size, interpolate)."""
@@ -200,7 +203,7 @@ class ModelRunner:
         a = np.asarray(pairs, dtype=np.int32)
         return self.staging.add(a[:, 0]), self.staging.add(a[:, 1])
 
-    @torch.inference_mode()
+    @inference
     def copy_blocks(self, copies) -> None:
         """Copy-on-write (after the staging was sent): duplicate block src into dst in every layer's K
         and V pool; `copies` from `prepare_copies`."""
@@ -285,7 +288,7 @@ class ModelRunner:
                              torch.cat([f for f in feats if f.shape[0]]) if img.size else None, meta,
                              st.add(dec), st.add(dmask.sum(1) - 1))
 
-    @torch.inference_mode()
+    @inference
     def prefill(self, inp: PrefillInputs) -> torch.Tensor:
         """Run a prefill (after the staging was sent): each sequence's last hidden state [n, E]."""
         meta = dataclasses.replace(inp.meta)  # the masks travelled as int32
@@ -303,47 +306,67 @@ class ModelRunner:
         return self.lm(emb, inp.positions, meta, self.caches)[:, -1]
 
     # ---- decode -------------------------------------------------------------------------------
-    def prepare_decode(self, seqs: list) -> DecodeInputs:
-        """Lay a decode batch out (one row per Sequence: next_token at position, written to slot)
-        and add it to the step's staging, first (a CUDA graph reads these offsets)."""
+    def prepare_decode(self, batch) -> DecodeInputs:
+        """Lay a decode batch out (a `DecodeBatch`: one row per sequence, its token at its position,
+        written to its slot) and add it to the step's staging, first (a CUDA graph reads these offsets)."""
+        seqs = batch.seqs
         n = len(seqs)
-        W = max(len(s.block_table) for s in seqs)
+        rows, W = self._table_rows(seqs)
         if self.t5:
             W = max(W, max(len(s.request.cross.block_table) for s in seqs))
         b = n
         if self.use_graphs and n <= self.buckets[-1] and W <= self.table_width:
             b, W = next(x for x in self.buckets if x >= n), self.table_width
-        return self._decode_layout(seqs, b, W)
+        return self._decode_layout(batch, b, W, rows)
 
-    def _decode_layout(self, seqs: list, b: int, W: int) -> DecodeInputs:
+    def _decode_layout(self, batch, b: int, W: int, rows=None) -> DecodeInputs:
+        seqs = batch.seqs
         st = self.staging
         n = len(seqs)
-        ids = np.zeros(b, np.int32)
-        pos = np.zeros(b, np.int32)
-        slots = np.full(b, -1, np.int32)
-        lens = np.ones(b, np.int32)
+        cols = np.zeros((4, b), np.int32)  # ids, positions, slots, lengths: one staging entry
+        cols[2], cols[3] = -1, 1  # padding rows (a graph bucket's) write nothing and attend to one key
         tables = np.zeros((b, W), np.int32)
-        ids[:n] = [s.next_token for s in seqs]
-        pos[:n] = [s.position for s in seqs]
-        slots[:n] = [s.slot for s in seqs]
-        lens[:n] = pos[:n] + 1
-        for i, s in enumerate(seqs):
-            t = s.block_table
-            tables[i, : len(t)] = t
-        meta = AttnMeta(prefill=False, slot_mapping=st.add(slots), seq_lens=st.add(lens), block_tables=st.add(tables),
+        if n:
+            cols[0, :n] = batch.tokens
+            cols[1, :n] = batch.positions
+            cols[2, :n] = batch.slots
+            cols[3, :n] = cols[1, :n] + 1
+            if W <= self.table_width:
+                tables[:n] = np.concatenate(rows).reshape(n, -1)[:, :W]
+            else:  # wider than any self-attention table: T5's cross tables of a long prompt
+                _fill_rows(tables, [s.block_table for s in seqs])
+        c = st.add(cols)
+        meta = AttnMeta(prefill=False, slot_mapping=c[2], seq_lens=c[3], block_tables=st.add(tables),
                         rel_bias=self.rel_table)
-        inp = DecodeInputs(n, st.add(ids).view(b, 1), st.add(pos).view(b, 1), meta)
+        inp = DecodeInputs(n, c[0].view(b, 1), c[1].view(b, 1), meta)
         if self.t5:
             xt = np.zeros((b, W), np.int32)
             xl = np.ones(b, np.int32)
-            for i, s in enumerate(seqs):
-                t = s.request.cross.block_table
-                xt[i, : len(t)] = t
-                xl[i] = s.request.n_prompt
+            if n:
+                _fill_rows(xt, [s.request.cross.block_table for s in seqs])
+                xl[:n] = [s.request.n_prompt for s in seqs]
             meta.cross_block_tables, meta.cross_seq_lens = st.add(xt), st.add(xl)
         return inp
 
-    @torch.inference_mode()
+    def _table_rows(self, seqs: list) -> tuple[list[np.ndarray], int]:
+        """Every sequence's block table as an int32 row of table_width, and the longest table. Each
+        sequence keeps its row (`Sequence.table_row`), rebuilt only when the table changed (a new
+        block, or a copy-on-write of the last one), so a decode step copies rows in C instead of
+        every block id in Python."""
+        rows, W, tw = [], 1, self.table_width
+        for s in seqs:
+            t, c = s.block_table, s.table_row
+            m = len(t)
+            if c is None or s.table_row_len != m or c[m - 1] != t[-1]:
+                c = np.zeros(max(tw, m), np.int32)
+                c[:m] = t
+                s.table_row, s.table_row_len = c, m
+            rows.append(c)
+            if m > W:
+                W = m
+        return rows, W
+
+    @inference
     def decode(self, inp: DecodeInputs, hidden: bool = False) -> torch.Tensor:
         """One new token per sequence (after the staging was sent): float32 logits [n, V], or with
         `hidden` the final hidden states [n, E] (for the greedy screen; never on graphs)."""
@@ -378,7 +401,7 @@ class ModelRunner:
                 try:
                     st = self.staging
                     st.reset()
-                    inp = self._decode_layout([], b, self.table_width)
+                    inp = self._decode_layout(DecodeBatch([], [], [], []), b, self.table_width)
                     st.send()
                     torch.cuda.synchronize()
                     s = torch.cuda.Stream()
@@ -398,6 +421,13 @@ class ModelRunner:
                 self._graphs[b] = (g, inp, out)
                 self.graph_captures += 1
         self.staging.reset()
+
+
+def _fill_rows(out: np.ndarray, rows: list[list[int]]) -> None:
+    """Ragged int rows into the leading rows of the zeroed 2-D `out`, in a few numpy calls (not one per row)."""
+    lens = np.fromiter(map(len, rows), np.int64, len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lens.sum()))
+    out[: len(rows)][np.arange(out.shape[1])[None, :] < lens[:, None]] = flat  # row-major: rows in order
 
 
 def _rows(f: torch.Tensor, q: np.ndarray) -> torch.Tensor:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .params import SamplingParams
+from .staging import inference
 
 
 @dataclasses.dataclass
@@ -77,6 +78,7 @@ class _Plan:
 class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
+        self._neg_inf = torch.tensor(-math.inf, device=device)
 
     def prepare(self, rows: list[Row], beams: list[BeamGroup], V: int, staging) -> _Plan:
         """Put everything the sampler needs on the device into `staging` (sent with the model's
@@ -85,23 +87,30 @@ class Sampler:
         i32 = lambda v: np.asarray(v, dtype=np.int32)  # noqa: E731
         f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
         n = len(rows)
-        order = [r.logits_row for r in rows] + [j for b in beams for j in b.logits_rows]
-        params = [r.params for r in rows] + [b.params for b in beams for _ in b.logits_rows]
-        greedy = [i for i, r in enumerate(rows) if not r.params.do_sample]
-        sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
-        plan = _Plan(rows, beams, V, None if order == list(range(len(order))) else add(i32(order)), greedy, sampled,
-                     None if len(greedy) in (0, n) else add(i32(greedy)), add(i32(sampled)) if sampled else None,
-                     None, None, None, [], None, None, [add(f32(b.running_scores)) for b in beams])
-        ban_rows = [i for i, r in enumerate(rows) for _ in r.banned]
-        ban_cols = [t for r in rows for t in r.banned]
+        greedy, sampled, order = [], [], []
+        ban_rows, ban_cols = [], []
+        for i, r in enumerate(rows):
+            (sampled if r.params.do_sample else greedy).append(i)
+            order.append(r.logits_row)
+            if r.banned:
+                for t in r.banned:
+                    ban_rows.append(i)
+                    ban_cols.append(t)
         at = n
         for b in beams:
-            k = len(b.logits_rows)
-            ban_rows += [at + j for j in range(k) for _ in b.banned]
-            ban_cols += [t for _ in range(k) for t in b.banned]
-            at += k
+            order += b.logits_rows
+            for j in range(len(b.logits_rows)):
+                for t in b.banned:
+                    ban_rows.append(at + j)
+                    ban_cols.append(t)
+            at += len(b.logits_rows)
+        identity = order == list(range(len(order)))
+        plan = _Plan(rows, beams, V, None if identity else add(i32(order)), greedy, sampled,
+                     None if len(greedy) in (0, n) else add(i32(greedy)), add(i32(sampled)) if sampled else None,
+                     None, None, None, [], None, None, [add(f32(b.running_scores)) for b in beams])
         if ban_rows:
             plan.ban = (add(i32(ban_rows)), add(i32(ban_cols)))
+        params = [r.params for r in rows] + [b.params for b in beams for _ in b.logits_rows]
         pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if pen:
             hists = [r.history for r in rows] + [h for b in beams for h in (b.histories or [None] * len(b.logits_rows))]
@@ -118,7 +127,17 @@ class Sampler:
             plan.tops = add(f32([r.params.top_p if r.params.top_p is not None else 1.0 for r in srows]))
         return plan
 
-    @torch.inference_mode()
+    def prepare_greedy(self, banned: list[tuple[int, ...]], staging) -> _Plan:
+        """`prepare` for a batch of plain greedy rows (row i: logits row i, no penalty), the common case."""
+        rows = [i for i, ids in enumerate(banned) for _ in ids]
+        plan = _Plan([None] * len(banned), [], 0, None, list(range(len(banned))), [], None, None, None, None, None, [],
+                     None, None, [])
+        if rows:
+            plan.ban = (staging.add(np.asarray(rows, np.int32)),
+                        staging.add(np.asarray([t for ids in banned for t in ids], np.int32)))
+        return plan
+
+    @inference
     def __call__(self, logits: torch.Tensor, plan: _Plan) -> SamplerOutput:
         """logits: float32 [n, V] (modified in place: nothing else reads them after the sampler)."""
         rows, beams, V = plan.rows, plan.beams, plan.V
@@ -130,7 +149,9 @@ class Sampler:
         if plan.penalty is not None:
             self._penalize(x, *plan.penalty)
         if plan.ban is not None:  # eos before min_new_tokens, one indexed write for the whole batch
-            x[plan.ban[0].long(), plan.ban[1].long()] = -math.inf
+            x.index_put_(plan.ban, self._neg_inf)
+        if len(plan.greedy) == n and not beams:  # all greedy (the common case): argmax, one copy back
+            return SamplerOutput(x[:n].argmax(-1).tolist() if n else [], [])
         parts = []
         if plan.greedy:
             xs = x[:n] if plan.greedy_idx is None else x.index_select(0, plan.greedy_idx)

@@ -9,6 +9,7 @@ greedy and sampled ones keep their tokens and recompute their KV, beam searches 
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections import deque
@@ -17,11 +18,31 @@ from .block_manager import BlockManager, NoFreeBlocksError
 from .sequence import Request, Sequence, Status
 
 
+def _order(r: Request) -> int:
+    return r.order
+
+
+@dataclasses.dataclass
+class DecodeBatch:
+    """The decode step's sequences, in row order, with what each feeds: token at position -> slot."""
+
+    seqs: list[Sequence]
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+
+    @classmethod
+    def of(cls, seqs: list[Sequence]) -> DecodeBatch:
+        """From sequences already reserved (their `slot` and `position` set)."""
+        return cls(seqs, [s.next_token for s in seqs], [s.position for s in seqs], [s.slot for s in seqs])
+
+
 @dataclasses.dataclass
 class ScheduledStep:
     prefill: list[Request]  # admitted this step: their prompts (and recomputed tokens) run now
     decode: list[Request]  # running: every sequence feeds `next_token` into its reserved `slot`
     copies: list[tuple[int, int]]  # copy-on-write block copies (src, dst) due before the decode
+    batch: DecodeBatch | None = None  # decode's sequences, flat
 
 
 class Scheduler:
@@ -38,8 +59,8 @@ class Scheduler:
         self.waiting.append(r)
 
     def schedule(self) -> ScheduledStep:
-        decode, copies = self._reserve([r for r in self.running])
-        return ScheduledStep(self._admit(), decode, copies)
+        decode, copies, batch = self._reserve(self.running)
+        return ScheduledStep(self._admit(), decode, copies, batch)
 
     # ---- admission ------------------------------------------------------------------------------
     def blocks_to_admit(self, n_cross: int, n_tokens: int, num_beams: int) -> int:
@@ -77,38 +98,40 @@ class Scheduler:
                 _, r.cross_cached = self.blocks.allocate(r.cross, xkeys)
                 r.cross.block_table = self.blocks.table_view(r.cross)
             r.status = Status.RUNNING
-            self.running.append(r)
+            bisect.insort(self.running, r, key=_order)  # arrival order (a preempted request comes back in place)
             admitted.append(r)
             n_seqs += r.num_seqs
             widest = width
         return admitted
 
     # ---- decode slots ---------------------------------------------------------------------------
-    def _reserve(self, reqs: list[Request]) -> tuple[list[Request], list[tuple[int, int]]]:
+    def _reserve(self, reqs: list[Request]) -> tuple[list[Request], list[tuple[int, int]], DecodeBatch | None]:
         """Give every running sequence a slot for its next token, preempting the newest requests when
-        blocks run out. Returns the requests that keep running and the copy-on-write copies."""
-        reqs = sorted(reqs, key=lambda r: r.order)  # the newest last: preemption pops from the end
-        copies: list[tuple[int, int]] = []
-        append = self.blocks.append_token
-        i = 0
-        while i < len(reqs):
-            r = reqs[i]
-            seqs, j = r.seqs, 0
-            while j < len(seqs):
-                s = seqs[j]
-                try:
-                    s.slot, s.position, copy = append(s, s.next_token)
-                except NoFreeBlocksError:
-                    victim = reqs.pop()  # every running request is in reqs: the newest is the last
-                    self.preempt(victim)
-                    if victim is r:
-                        break
-                    continue
-                if copy is not None:
-                    copies.append(copy)
-                j += 1
-            i += 1
-        return reqs, copies
+        blocks run out. Returns the requests that keep running, the copy-on-write copies, and their
+        sequences as a DecodeBatch."""
+        reqs = list(reqs)  # `running` is kept in arrival order: the newest last, preemption pops from the end
+        seqs = [s for r in reqs for s in r.seqs]
+        tokens = [s.next_token for s in seqs]
+        slots, positions, copies = [], [], []
+        while True:
+            try:
+                self.blocks.append_tokens(seqs, tokens, slots, positions, copies)
+                break
+            except NoFreeBlocksError:
+                victim = reqs.pop()  # every running request is in reqs: the newest is the last
+                self.preempt(victim)  # frees its blocks, the new slots of its sequences too
+                if not reqs:
+                    return [], copies, None
+                # the others keep the slots they got; reservation goes on where it stopped
+                kept = [i for i, s in enumerate(seqs) if s.request is not victim]
+                n = len(slots)
+                slots = [slots[i] for i in kept if i < n]
+                positions = [positions[i] for i in kept if i < n]
+                seqs = [seqs[i] for i in kept]
+                tokens = [tokens[i] for i in kept]
+        for s, slot, pos in zip(seqs, slots, positions):
+            s.slot, s.position = slot, pos
+        return reqs, copies, DecodeBatch(seqs, tokens, positions, slots) if seqs else None
 
     # ---- leaving --------------------------------------------------------------------------------
     def preempt(self, r: Request) -> None:

@@ -34,6 +34,8 @@ class Sequence:
     position: int = -1  # next_token's position; set with `slot` when the scheduler reserves the step
     slot: int = -1
     uid: int = dataclasses.field(default_factory=lambda: next(_ids))
+    table_row: object = None  # the runner's int32 copy of block_table (ModelRunner._table_rows) ...
+    table_row_len: int = 0  # ... and the table length it was made for
 
     def __repr__(self) -> str:
         return f"Sequence({self.request.request_id!r}, #{self.uid})"
@@ -89,8 +91,12 @@ class Request:
         return self.params.num_beams
 
     def metrics(self) -> RequestMetrics:
-        return RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time,
-                              self.last_token_time, self.finished_time)
+        return RequestMetrics(*self.timeline())
+
+    def timeline(self) -> tuple:
+        """RequestMetrics' fields now, as a tuple (an output snapshots it; the object is made when read)."""
+        return (self.arrival_time, self.first_scheduled_time, self.first_token_time, self.last_token_time,
+                self.finished_time)
 
     def reset_generator(self) -> None:
         if self.generator is not None:
