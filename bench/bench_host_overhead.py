@@ -8,7 +8,7 @@ sampling, outputs. The median over the decode steps of one run is the run's figu
 wall time (what a caller waits), and the calling thread's CPU time (time.thread_time), which a
 machine shared with other jobs disturbs far less (the overhead is single-threaded Python).
 
-    python -m bench.bench_host_overhead [--batch 64] [--steps 96] [--runs 5] [--baseline DIR] [--json F]
+    python -m bench.bench_host_overhead [--batch 64] [--steps 96] [--runs 5] [--threads N] [--baseline DIR] [--json F]
 
 --baseline DIR: also measure the blip2_fast package found in DIR (e.g. an older commit extracted
 with `git archive <rev> | tar -x -C DIR`), each run in its own subprocess, alternating which goes
@@ -28,9 +28,12 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(batch: int = 64, steps: int = 96, preset: str = "blip2-opt-tiny", seed: int = 0) -> dict:
+def measure(batch: int = 64, steps: int = 96, preset: str = "blip2-opt-tiny", seed: int = 0, threads: int = 0) -> dict:
     """One run in this process: per-step medians in ms (step, model, overhead)."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import blip2_fast
     from blip2_fast import Engine, SamplingParams
@@ -77,7 +80,8 @@ def measure(batch: int = 64, steps: int = 96, preset: str = "blip2-opt-tiny", se
             model_ms.append(in_model[0] * 1e3)
             cpu_over.append((dc - in_model[1]) * 1e3)
     over = [s - m for s, m in zip(step_ms, model_ms)]
-    return {"blip2_fast": str(Path(blip2_fast.__file__).parent), "batch": batch, "decode_steps": len(step_ms),
+    return {"blip2_fast": str(Path(blip2_fast.__file__).parent), "batch": batch, "threads": torch.get_num_threads(),
+            "decode_steps": len(step_ms),
             "step_ms_p50": statistics.median(step_ms), "model_ms_p50": statistics.median(model_ms),
             "overhead_ms_p50": statistics.median(over), "overhead_cpu_ms_p50": statistics.median(cpu_over)}
 
@@ -86,7 +90,7 @@ def _child(tree: Path, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--batch", str(args.batch),
-           "--steps", str(args.steps), "--preset", args.preset]
+           "--steps", str(args.steps), "--preset", args.preset, "--threads", str(args.threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd="/")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -97,12 +101,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=96)
     ap.add_argument("--preset", default="blip2-opt-tiny")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--baseline", default=None, help="a directory holding another blip2_fast package to compare")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(measure(a.batch, a.steps, a.preset)))
+        print(json.dumps(measure(a.batch, a.steps, a.preset, threads=a.threads)))
         return
     trees = {"current": _ROOT} | ({"baseline": Path(a.baseline).resolve()} if a.baseline else {})
     runs = {k: [] for k in trees}
@@ -116,6 +121,7 @@ def main(argv=None):
     result = {"what": "engine host overhead per decode step (step time minus the LM's embedding, forward and head)",
               "command": "python -m bench.bench_host_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
               "preset": a.preset, "device": "cpu", "dtype": "float32", "batch": a.batch, "steps": a.steps,
+              "threads": a.threads or "torch default",
               "cpus": os.cpu_count(), "note": "medians over decode steps per run; runs alternate between trees"}
     for k, rs in runs.items():
         result[k] = {"runs": rs, "overhead_ms_median": statistics.median(r["overhead_ms_p50"] for r in rs),

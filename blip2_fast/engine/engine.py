@@ -261,7 +261,7 @@ class Engine:
             generator = torch.Generator(device=model.device).manual_seed(p.seed)
         ban = tuple(t for t in eos if 0 <= t < self._vocab)
         r = Request(request_id, next(self._order), p, prompt_ids, lm_tokens, keys, digest, px, interp, eos, ban,
-                    defaults.get("pad_token_id"), room, generator, time.monotonic())
+                    defaults.get("pad_token_id"), room, generator, time.monotonic(), p.plain_greedy)
         self._live[request_id] = r
         self.scheduler.add(r)
         return r
@@ -382,15 +382,16 @@ class Engine:
         the model and hand each request its token."""
         runner, lm = self.runner, self.model.lm
         st = runner.staging
-        greedy = all(r.params.plain_greedy for r in reqs)
+        greedy = all(r.greedy for r in reqs)
         if greedy and runner.greedy_head is not None:  # the screened head skips the full fp32 logits
             st.send()
             runner.copy_blocks(copies)
             h = run(inp) if prefill else run(inp, hidden=True)
             self._apply(reqs, runner.greedy_head(lm.head_input(h), [self._banned(r) for r in reqs]), [])
             return
-        if greedy:
-            plan = self.sampler.prepare_greedy([self._banned(r) for r in reqs], st)
+        if greedy:  # no beams here: the ban depends on the generated count alone
+            plan = self.sampler.prepare_greedy([r.ban_ids if len(r.generated) < r.params.min_new_tokens else ()
+                                                for r in reqs], st)
         else:
             rows, beams = self._rows(reqs, prefill)
             plan = self.sampler.prepare(rows, beams, self._vocab, st)
@@ -401,7 +402,7 @@ class Engine:
         self._apply(reqs, out.tokens, out.beams)
 
     def _screened(self, reqs) -> bool:
-        return self.runner.greedy_head is not None and all(r.params.plain_greedy for r in reqs)
+        return self.runner.greedy_head is not None and all(r.greedy for r in reqs)
 
     @staticmethod
     def _banned(r: Request) -> tuple[int, ...]:
@@ -414,7 +415,7 @@ class Engine:
         rows, beams, i = [], [], 0
         for r in reqs:
             p = r.params
-            if p.plain_greedy:  # the common case, first
+            if r.greedy:  # the common case, first
                 rows.append(Row(i, p, None, None, r.ban_ids if len(r.generated) < p.min_new_tokens else ()))
                 i += 1
             elif p.num_beams > 1:
@@ -437,12 +438,19 @@ class Engine:
     def _apply(self, reqs: list[Request], tokens: list[int], cands: list) -> None:
         """Hand every request its token (or its beams' candidates); one request's failure here fails it alone."""
         now = time.monotonic()
-        if not cands:  # no beam search in the batch: the decode step's hot loop
+        if not cands:  # no beam search in the batch: the decode step's hot loop, `_take` inline
             for r, tok in zip(reqs, tokens):
-                try:
-                    self._take(r, tok, now)
-                except Exception as e:
-                    self._fail(r, e)
+                gen = r.generated
+                if tok < 0 or tok in r.eos or len(gen) + 1 >= r.max_tokens or r.first_token_time is None:
+                    try:  # the rare cases: a failed row, a request's first or last token
+                        self._take(r, tok, now)
+                    except Exception as e:
+                        self._fail(r, e)
+                    continue
+                gen.append(tok)
+                r.last_token_time = now
+                r.seqs[0].next_token = tok
+                self._generation_tokens += 1
             return
         it_tok, it_beam = iter(tokens), iter(cands)
         for r in reqs:

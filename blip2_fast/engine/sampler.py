@@ -129,9 +129,15 @@ class Sampler:
 
     def prepare_greedy(self, banned: list[tuple[int, ...]], staging) -> _Plan:
         """`prepare` for a batch of plain greedy rows (row i: logits row i, no penalty), the common case."""
+        n = len(banned)
+        plan = _Plan([None] * n, [], 0, None, list(range(n)), [], None, None, None, None, None, [], None, None, [])
+        first = banned[0] if n else ()
+        if all(b == first for b in banned):  # every row bans the same ids (or none): no per-row lists
+            if first:
+                cols = np.asarray(first, np.int32)
+                plan.ban = (staging.add(np.repeat(np.arange(n, dtype=np.int32), len(cols))), staging.add(np.tile(cols, n)))
+            return plan
         rows = [i for i, ids in enumerate(banned) for _ in ids]
-        plan = _Plan([None] * len(banned), [], 0, None, list(range(len(banned))), [], None, None, None, None, None, [],
-                     None, None, [])
         if rows:
             plan.ban = (staging.add(np.asarray(rows, np.int32)),
                         staging.add(np.asarray([t for ids in banned for t in ids], np.int32)))

@@ -23,7 +23,7 @@ class Status(enum.Enum):
 _ids = itertools.count()
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Sequence:
     """One stream of tokens in the paged KV cache: the block manager's key (by identity) and one row
     of a decode batch. T5's per-request encoder K/V is a Sequence too (`Request.cross`)."""
@@ -41,7 +41,7 @@ class Sequence:
         return f"Sequence({self.request.request_id!r}, #{self.uid})"
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Request:
     """Everything the engine owns about one request, from add_request until its last output."""
 
@@ -60,6 +60,7 @@ class Request:
     max_tokens: int  # tokens it may generate: max_new_tokens, or fewer where max_model_len stops it
     generator: torch.Generator | None
     arrival_time: float
+    greedy: bool = False  # params.plain_greedy, read every step
     status: Status = Status.WAITING
     generated: list[int] = dataclasses.field(default_factory=list)
     seqs: list[Sequence] = dataclasses.field(default_factory=list)  # live KV streams (beams)
