@@ -16,7 +16,7 @@ import torch
 
 from .engine import Engine, SamplingParams
 from .engine.limits import available_memory, format_bytes, to_pixels
-from .engine.params import SEED_LIMIT, check_bool, check_ids, check_int, check_real
+from .engine.params import SEED_LIMIT, check_bool, check_ids, check_int
 from .engine.runner import ModelRunner
 
 _GEN_KEYS = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",

@@ -151,7 +151,7 @@ def test_a_sampler_failure_fails_only_its_batch_members_that_fail_alone(opt, mon
     eng = Engine(m, max_num_seqs=8, block_size=4, num_blocks=200)
     for i in range(3):
         eng.add_request(i, pixel_values=reqs[i][0], prompt=reqs[i][1], sampling=params[i])
-    real, real_choose = eng.sampler.__class__.__call__, eng._choose
+    real, real_choose = eng.sampler.__class__.__call__, eng.executor._choose
     target, current = [], []
 
     def choose(reqs, *a, **k):  # which requests the sampler is choosing for
@@ -163,7 +163,7 @@ def test_a_sampler_failure_fails_only_its_batch_members_that_fail_alone(opt, mon
             raise FloatingPointError("sampler blew up")
         return real(self, logits, plan)
 
-    monkeypatch.setattr(eng, "_choose", choose)
+    monkeypatch.setattr(eng.executor, "_choose", choose)
     monkeypatch.setattr(eng.sampler.__class__, "__call__", flaky)
     eng.step()
     target.append(eng._live[1].params)

@@ -1,12 +1,14 @@
-"""Limits checked before anything is allocated: the memory a device has left, and the pixel
-tensors every entry point accepts (tensors or numpy arrays, converted as transformers' processor
-flow would)."""
+"""Limits checked before anything is allocated: the memory a device has left (and, on a GPU, what a
+profile run leaves for the KV cache), and the pixel tensors every entry point accepts (tensors or
+numpy arrays, converted as transformers' processor flow would)."""
 from __future__ import annotations
 
 import resource
 
 import numpy as np
 import torch
+
+from ..layers import AttnMeta
 
 
 def format_bytes(n: float) -> str:
@@ -81,3 +83,42 @@ def to_pixels(model, px, name: str = "pixel_values", *, batched: bool, device, i
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"{name} contain NaN or infinite values")
     return out
+
+
+def profile_kv_blocks(model, util: float, per_block: int, max_model_len: int, max_num_batched_tokens: int,
+                  max_num_seqs: int) -> int:
+    """KV blocks of `per_block` bytes that fit in `util` of the GPU after what is in use (the weights)
+    and the measured peak of a profile run: an image batch through the vision encoder and Q-Former,
+    the largest prefill the engine admits, and the decode step's logits at max_num_seqs."""
+    m, dev = model, model.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    with torch.inference_mode():
+        S = m.cfg.vision.image_size
+        m.language_model_inputs(torch.zeros(32, 3, S, S, device=dev, dtype=m.dtype))
+        L = max_model_len
+        n = max(1, max_num_batched_tokens // L)
+        E = m.lm.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=dev)).shape[-1]  # embedding width
+        x = torch.zeros(n, L, E, device=dev, dtype=m.dtype)
+        mask = torch.ones(n, L, dtype=torch.bool, device=dev)
+        if m.is_encoder_decoder:
+            enc = m.lm.encode(x, mask)
+            m.lm.decode(x, enc, AttnMeta(prefill=True, key_padding_mask=mask, encoder_mask=mask))
+        else:
+            pos = torch.arange(L, device=dev).expand(n, L)
+            m.lm(x, pos, AttnMeta(prefill=True, key_padding_mask=mask))
+        del x, mask
+        hidden = m.cfg.lm.d_model if m.is_encoder_decoder else m.cfg.lm.hidden
+        m.lm.logits(torch.zeros(max_num_seqs, hidden, device=dev, dtype=m.dtype)).float()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    torch.cuda.empty_cache()  # what the profile run cached is free again: count it once, as `peak`
+    free, total = torch.cuda.mem_get_info(dev)
+    budget = int(total * util) - (total - free) - peak
+    if budget < 2 * per_block:
+        raise ValueError(f"gpu_memory_utilization={util}: {format_bytes(total * util)} of the GPU leave no room for "
+                         f"a KV cache after {format_bytes(total - free)} in use and a measured activation peak of "
+                         f"{format_bytes(peak)}")
+    return budget // per_block

@@ -146,7 +146,7 @@ class Sampler:
     @inference
     def __call__(self, logits: torch.Tensor, plan: _Plan) -> SamplerOutput:
         """logits: float32 [n, V] (modified in place: nothing else reads them after the sampler)."""
-        rows, beams, V = plan.rows, plan.beams, plan.V
+        rows, beams = plan.rows, plan.beams
         # x: one row per choosing sequence; no gather when that is the logits as they are
         x = logits if plan.order is None else logits.index_select(0, plan.order)
         n = len(rows)
