@@ -332,3 +332,41 @@ def test_engine_refuses_requests_it_cannot_serve(ckpt):
         eng.add_request(1, pixel_values=pv, prompt=ids, sampling=SamplingParams(max_new_tokens=200))
     with pytest.raises(ValueError, match="num_beams=300 exceeds max_num_seqs"):
         eng.add_request(1, pixel_values=pv, prompt=ids, sampling=SamplingParams(num_beams=300))
+
+
+def test_reused_step_inputs_match_rebuilt_ones(opt, monkeypatch):
+    """The runner and sampler rewrite an unchanged batch's inputs in place (no new views); with that
+    turned off every step rebuilds them. Joins, prefills between decodes, copy-on-write (beams) and
+    preemption give the same tokens both ways, and the reuse did happen."""
+    m, hf = opt
+    reqs = _reqs(hf, 5, seed=12)
+    params = [SamplingParams(max_new_tokens=9, min_new_tokens=3), SamplingParams(max_new_tokens=7, num_beams=2),
+              SamplingParams(max_new_tokens=1), SamplingParams(max_new_tokens=8, do_sample=True, seed=3),
+              SamplingParams(max_new_tokens=10, min_new_tokens=10)]
+
+    def run(reuse):
+        eng = Engine(m, max_num_seqs=8, block_size=4, num_blocks=16)
+        hits = [0]
+        real = eng.runner.staging.skip
+
+        def skip(words):
+            hits[0] += 1
+            return real(words)
+
+        monkeypatch.setattr(eng.runner.staging, "skip", skip)
+        final, step = {}, 0
+        while step < 3 or eng.has_unfinished():
+            if step < len(reqs):
+                eng.add_request(step, pixel_values=reqs[step][0], prompt=reqs[step][1], sampling=params[step])
+            if not reuse:  # forget the last step's layouts: everything is laid out anew
+                eng.runner._decode_memo = eng.sampler._greedy_memo = None
+            for o in eng.step():
+                if o.finished:
+                    final[o.request_id] = o.token_ids
+            step += 1
+        return final, hits[0], eng.num_preemptions
+
+    with_reuse, hits, pre = run(True)
+    assert hits > 0 and pre > 0
+    rebuilt, no_hits, _ = run(False)
+    assert no_hits == 0 and with_reuse == rebuilt

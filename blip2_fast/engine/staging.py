@@ -47,6 +47,7 @@ class Staging:
         self.cuda = self.device.type == "cuda"
         self.segments = [_Segment(self.device, capacity)]
         self.cur = 0
+        self.owner = None  # who laid out the arrays at offset 0 (set by that caller; cleared by another's add there)
 
     @property
     def capacity(self) -> int:
@@ -63,6 +64,11 @@ class Staging:
     def add(self, a: np.ndarray) -> torch.Tensor:
         """Append `a` (int32 or float32; other integer arrays are cast to int32); returns its device view
         of a's shape (int32 or float32), valid once `send()` has run."""
+        return self.add_np(a)[1]
+
+    def add_np(self, a: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """`add`, also returning the host buffer's numpy view of `a`: a caller that lays out the same
+        arrays at the same offsets next step may rewrite them there and `skip` (no new views)."""
         if a.dtype == np.float32:
             words, dtype = np.ascontiguousarray(a).reshape(-1).view(np.int32), torch.float32
         else:
@@ -75,13 +81,26 @@ class Staging:
                 self.segments.append(_Segment(self.device, max(n, self.segments[0].capacity)))
             seg = self.segments[self.cur]
         a0 = seg.used
+        if a0 == 0 and self.cur == 0:
+            self.owner = None  # offset 0 is being rewritten: whatever layout sat there is gone
         seg.np[a0: a0 + n] = words
         seg.used += n
+        v = seg.np[a0: a0 + n]
+        hv = (v.view(np.float32) if dtype == torch.float32 else v).reshape(a.shape)
         if not self.cuda:  # the host buffer is the device buffer: one numpy view, one torch call
-            v = seg.np[a0: a0 + n]
-            return torch.from_numpy((v.view(np.float32) if dtype == torch.float32 else v).reshape(a.shape))
+            return hv, torch.from_numpy(hv)
         t = seg.dev[a0: a0 + n]
-        return (t.view(torch.float32) if dtype == torch.float32 else t).view(a.shape)
+        return hv, (t.view(torch.float32) if dtype == torch.float32 else t).view(a.shape)
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """Where the next add goes: (buffer, word)."""
+        return self.cur, self.segments[self.cur].used
+
+    def skip(self, words: int) -> None:
+        """Advance past `words` words already laid out in the first buffer (see `add_np`)."""
+        assert self.cur == 0 and self.segments[0].used + words <= self.segments[0].capacity
+        self.segments[0].used += words
 
     @staticmethod
     @inference  # the buffers may be inference tensors (an engine built under inference mode)
