@@ -7,8 +7,12 @@ methods. Overhead = step - model: scheduling, block bookkeeping, building the st
 sampling, outputs. The median over the decode steps of one run is the run's figure. Two clocks:
 wall time (what a caller waits), and the calling thread's CPU time (time.thread_time), which a
 machine shared with other jobs disturbs far less (the overhead is single-threaded Python).
+--stub-model replaces the language model's forward and head with constant outputs of the right
+shapes: the engine's host work is the same (the tokens are meaningless), and what remains of a
+step is that work alone, with its data warm in the caches (after a real forward it runs colder).
 
-    python -m bench.bench_host_overhead [--batch 64] [--steps 96] [--runs 5] [--threads N] [--baseline DIR] [--json F]
+    python -m bench.bench_host_overhead [--batch 64] [--steps 96] [--runs 5] [--threads N] [--stub-model]
+                                        [--baseline DIR] [--json F]
 
 --baseline DIR: also measure the blip2_fast package found in DIR (e.g. an older commit extracted
 with `git archive <rev> | tar -x -C DIR`), each run in its own subprocess, alternating which goes
@@ -28,7 +32,8 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(batch: int = 64, steps: int = 96, preset: str = "blip2-opt-tiny", seed: int = 0, threads: int = 0) -> dict:
+def measure(batch: int = 64, steps: int = 96, preset: str = "blip2-opt-tiny", seed: int = 0, threads: int = 0,
+            stub: bool = False) -> dict:
     """One run in this process: per-step medians in ms (step, model, overhead)."""
     import torch
 
@@ -58,6 +63,12 @@ def measure(batch: int = 64, steps: int = 96, preset: str = "blip2-opt-tiny", se
                     in_model[1] += time.thread_time() - c0
         return wrapper
 
+    if stub:
+        hidden = torch.zeros(batch, 1, model.cfg.lm.hidden)
+        logits = torch.zeros(batch, model.cfg.lm.vocab)
+        lm.forward = lambda embeds, *a, **k: hidden if embeds.shape[0] == batch and embeds.shape[1] == 1 else real_fwd(embeds, *a, **k)
+        lm.logits = lambda h: logits if h.shape[0] == batch and h.dim() == 2 else real_logits(h)
+        real_fwd, real_logits = type(lm).forward.__get__(lm), type(lm).logits.__get__(lm)
     for name in ("forward", "logits", "embed_tokens"):
         setattr(lm, name, timed(getattr(lm, name)))
     S = model.cfg.vision.image_size
@@ -81,6 +92,7 @@ def measure(batch: int = 64, steps: int = 96, preset: str = "blip2-opt-tiny", se
             cpu_over.append((dc - in_model[1]) * 1e3)
     over = [s - m for s, m in zip(step_ms, model_ms)]
     return {"blip2_fast": str(Path(blip2_fast.__file__).parent), "batch": batch, "threads": torch.get_num_threads(),
+            "stub_model": stub,
             "decode_steps": len(step_ms),
             "step_ms_p50": statistics.median(step_ms), "model_ms_p50": statistics.median(model_ms),
             "overhead_ms_p50": statistics.median(over), "overhead_cpu_ms_p50": statistics.median(cpu_over)}
@@ -91,6 +103,7 @@ def _child(tree: Path, args) -> dict:
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--batch", str(args.batch),
            "--steps", str(args.steps), "--preset", args.preset, "--threads", str(args.threads)]
+    cmd += ["--stub-model"] if args.stub_model else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd="/")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -102,12 +115,13 @@ def main(argv=None):
     ap.add_argument("--preset", default="blip2-opt-tiny")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--stub-model", action="store_true", help="constant LM outputs: the host work alone")
     ap.add_argument("--baseline", default=None, help="a directory holding another blip2_fast package to compare")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(measure(a.batch, a.steps, a.preset, threads=a.threads)))
+        print(json.dumps(measure(a.batch, a.steps, a.preset, threads=a.threads, stub=a.stub_model)))
         return
     trees = {"current": _ROOT} | ({"baseline": Path(a.baseline).resolve()} if a.baseline else {})
     runs = {k: [] for k in trees}
@@ -121,7 +135,7 @@ def main(argv=None):
     result = {"what": "engine host overhead per decode step (step time minus the LM's embedding, forward and head)",
               "command": "python -m bench.bench_host_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
               "preset": a.preset, "device": "cpu", "dtype": "float32", "batch": a.batch, "steps": a.steps,
-              "threads": a.threads or "torch default",
+              "threads": a.threads or "torch default", "stub_model": a.stub_model,
               "cpus": os.cpu_count(), "note": "medians over decode steps per run; runs alternate between trees"}
     for k, rs in runs.items():
         result[k] = {"runs": rs, "overhead_ms_median": statistics.median(r["overhead_ms_p50"] for r in rs),
