@@ -132,7 +132,6 @@ def _check_size(model, B: int, p: SamplingParams, n_ret: int, prompt_len: int) -
     """Refuse at once what the model cannot serve; returns the engine's (max_num_seqs, num_blocks,
     max_model_len) for this call."""
     t5 = model.is_encoder_decoder
-    Q = model.cfg.num_query_tokens
     if not t5:
         positions = model.cfg.lm.max_positions
         if prompt_len + p.max_new_tokens > positions:
@@ -145,7 +144,7 @@ def _check_size(model, B: int, p: SamplingParams, n_ret: int, prompt_len: int) -
     samples = n_ret if p.num_beams == 1 else 1
     n_seqs = B * p.num_beams * samples
     per = (1 if t5 else prompt_len) + p.max_new_tokens
-    need = n_seqs * (math.ceil(per / _BLOCK_SIZE) + 2) + (B * math.ceil((prompt_len + Q) / _BLOCK_SIZE) if t5 else 0)
+    need = n_seqs * (math.ceil(per / _BLOCK_SIZE) + 2) + (B * math.ceil(prompt_len / _BLOCK_SIZE) if t5 else 0)
     kv = need * ModelRunner.bytes_per_block(model, _BLOCK_SIZE)
     step = 4 * 4 * n_seqs * model.cfg.lm.vocab  # a step's float32 logits and the sampler's copies of them
     avail = available_memory(model.device)

@@ -370,3 +370,26 @@ def test_reused_step_inputs_match_rebuilt_ones(opt, monkeypatch):
     assert hits > 0 and pre > 0
     rebuilt, no_hits, _ = run(False)
     assert no_hits == 0 and with_reuse == rebuilt
+
+
+def test_one_staging_send_per_decode_step(opt, monkeypatch):
+    """A decode step's inputs (the model's and the sampler's, copy-on-write indices included) go to
+    the device in one transfer: one Staging.send per decode step, whatever the batch holds."""
+    from blip2_fast.engine.staging import Staging
+
+    m, hf = opt
+    reqs = _reqs(hf, 3, seed=13)
+    eng = Engine(m, max_num_seqs=8, block_size=4, num_blocks=100)
+    params = [SamplingParams(max_new_tokens=6, min_new_tokens=6), SamplingParams(max_new_tokens=6, num_beams=2),
+              SamplingParams(max_new_tokens=6, min_new_tokens=6, do_sample=True, seed=1, repetition_penalty=1.2)]
+    for i, ((pv, ids), p) in enumerate(zip(reqs, params)):
+        eng.add_request(i, pixel_values=pv, prompt=ids, sampling=p)
+    eng.step()  # prefill
+    sends = []
+    real = Staging.send
+    monkeypatch.setattr(Staging, "send", lambda self: sends.append(1) or real(self))
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    assert steps >= 4 and len(sends) == steps
