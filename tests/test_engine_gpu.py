@@ -62,14 +62,12 @@ def test_failed_capture_raises_with_its_reason():
             print("RAISED", e)
         else:
             print("NO ERROR")
-        ModelRunner.forward_decode = real
-        print("EAGER", len(Engine(model, max_num_seqs=4, num_blocks=64, enforce_eager=True).runner._graphs))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("RAISED CUDA graph capture of the decode step failed for batch size"), lines
-    assert "enforce_eager=True" in lines[0] and lines[-1] == "EAGER 0"
+    assert "enforce_eager=True" in lines[0] and "capturing" in lines[0].lower(), lines[0]  # the reason is named
 
 
 def test_failed_replay_fails_the_requests_and_keeps_graphs(monkeypatch):
@@ -81,18 +79,19 @@ def test_failed_replay_fails_the_requests_and_keeps_graphs(monkeypatch):
     for i, px in enumerate(pxs):
         eng.add_request(i, pixel_values=px, sampling=SamplingParams(max_new_tokens=5, min_new_tokens=5))
     eng.step()  # prefill, eager
-    graph = eng.runner._graphs[2][0]
 
     class Broken:
         def replay(self):
             raise RuntimeError("replay failed")
 
-    g, inp, out = eng.runner._graphs[2]
-    eng.runner._graphs[2] = (Broken(), inp, out)
+    graphs = dict(eng.runner._graphs)
+    for b, (g, inp, out) in graphs.items():  # every bucket: the one-request retries replay too
+        eng.runner._graphs[b] = (Broken(), inp, out)
     outs = {o.request_id: o for o in eng.step()}
+    assert len(outs) == 2
     assert all(o.finish_reason == "error" and "replay failed" in o.error for o in outs.values())
     assert eng.runner.use_graphs and not eng.has_unfinished() and eng.num_free_blocks == eng.num_blocks
-    eng.runner._graphs[2] = (graph, inp, out)
+    eng.runner._graphs.update(graphs)
     for i, px in enumerate(pxs):
         eng.add_request(i, pixel_values=px, sampling=SamplingParams(max_new_tokens=5, min_new_tokens=5))
     assert all(len(o.token_ids) == 5 for o in eng.run().values())
