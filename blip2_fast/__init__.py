@@ -6,11 +6,11 @@
     engine = blip2_fast.Engine(model)                            # continuous batching for serving
 """
 from . import images  # blip2_fast.images.MAX_IMAGE_PIXELS: the pixel limit, settable before any call
-from .engine.engine import Engine, RequestOutput
-from .engine.sampling import SamplingParams
+from .engine import Engine, EngineStats, RequestMetrics, RequestOutput, SamplingParams
 from .loader import load
 from .config import UnsupportedModelError
 from .weights import CheckpointError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Engine", "RequestOutput", "SamplingParams", "CheckpointError", "UnsupportedModelError"]
+__all__ = ["load", "Engine", "EngineStats", "RequestMetrics", "RequestOutput", "SamplingParams", "CheckpointError",
+           "UnsupportedModelError"]
