@@ -41,7 +41,7 @@ def run(preset="blip2-opt-tiny", batch=16, block_size=16, device="cpu", seed=0) 
     while eng.has_unfinished():
         eng.step()
         used = (eng.num_blocks - eng.num_free_blocks) * per_block
-        need = sum(math.ceil(eng.blocks.num_tokens(s) / block_size) for r in eng.running for s in r.seqs) * per_block
+        need = sum(math.ceil(eng.blocks.num_tokens(s) / block_size) for r in eng.scheduler.running for s in r.seqs) * per_block
         assert used <= need, (used, need)
         peak_used, peak_need = max(peak_used, used), max(peak_need, need)
     lm_prompt = [Q + p for p in prompts]

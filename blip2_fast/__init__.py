@@ -5,11 +5,12 @@
     ids = model.generate(pixel_values, input_ids=..., max_new_tokens=30)
     engine = blip2_fast.Engine(model)                            # continuous batching for serving
 """
-from .engine.engine import Engine, RequestOutput
-from .engine.sampling import SamplingParams
+from . import images  # blip2_fast.images.MAX_IMAGE_PIXELS: the pixel limit, settable before any call
+from .engine import Engine, EngineStats, RequestMetrics, RequestOutput, SamplingParams
 from .loader import load
 from .config import UnsupportedModelError
 from .weights import CheckpointError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Engine", "RequestOutput", "SamplingParams", "CheckpointError", "UnsupportedModelError"]
+__all__ = ["load", "Engine", "EngineStats", "RequestMetrics", "RequestOutput", "SamplingParams", "CheckpointError",
+           "UnsupportedModelError"]

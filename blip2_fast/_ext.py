@@ -5,6 +5,7 @@
     _ext.unavailable_reason("cuda")          # None, or why the registry must bind the reference
     out = _ext.cross_attention(q, k, v)      # torch.ops.blip2_fast.cross_attention_fwd
     out = _ext.paged_attention(q, kc, vc, tables, lens, scale)  # CPU decode attention
+    packed = _ext.linear_pack(w, torch.float32); y = _ext.linear(x, packed, b, N, "relu")  # CPU small-M linear
 
 The CPU kernels are always built; the CUDA ones only when torch is a CUDA build and a CUDA toolkit is
 found (for sm_80, which also runs on 8.x, and sm_90a). Builds live in
@@ -32,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-_CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp")
+_CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp")
 _CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
-_HEADERS = ("checks.h", "cpu_common.h", "cross_attention.h")
+_HEADERS = ("checks.h", "cpu_common.h", "cross_attention.h", "linear_cpu_kernels.h")
 # no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion.
 _CFLAGS = ("-O3", "-fno-trapping-math")
 # at::parallel_for is a header template that runs serially unless the extension itself is compiled
@@ -226,6 +227,23 @@ def _register_fake() -> None:
         torch._check(q.dim() == 3, lambda: f"paged_attention: q must have shape [N, H, D], got {tuple(q.shape)}")
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("blip2_fast::linear_pack_cpu")
+    def _(weight, dtype):
+        torch._check(weight.dim() == 2, lambda: f"linear_pack: weight must have shape [N, K], got {tuple(weight.shape)}")
+        N, K = weight.shape
+        nb = (N + 31) // 32
+        shape = (nb, K, 32) if dtype == torch.float32 else (nb, (K + 1) // 2, 32, 2)
+        return weight.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake("blip2_fast::linear_cpu")
+    def _(x, packed, bias, out_features, activation, isa):
+        torch._check(x.dim() >= 1, lambda: "linear: x must have shape [..., K], got a 0-d tensor")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("blip2_fast::linear_cpu_out")
+    def _(x, packed, bias, out_features, activation, isa, out):
+        return None
+
 
 def _load(force: bool = False, verbose: bool = False) -> None:
     global _tried, _loaded, _path
@@ -312,6 +330,42 @@ def cross_attention(q, k, v, *, key_padding_mask=None, scale=None):
         if _loaded is None:
             raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
     return torch.ops.blip2_fast.cross_attention_fwd(q, k, v, key_padding_mask, scale)
+
+
+def _require_loaded() -> None:
+    if _loaded is None:
+        _load()
+        if _loaded is None:
+            raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
+
+
+def linear_pack(weight, dtype=torch.float32):
+    """weight [N, K] packed once for `linear`, `torch.ops.blip2_fast.linear_pack_cpu`: float32
+    [ceil(N/32), K, 32] or bfloat16 [ceil(N/32), ceil(K/2), 32, 2] (k pairs). Columns past N and an odd
+    K's last pair are zero. Use `blip2_fast.linear_cpu.PackedLinear`, which keeps N and K with it."""
+    _require_loaded()
+    return torch.ops.blip2_fast.linear_pack_cpu(weight, dtype)
+
+
+def linear(x, packed, bias, out_features, activation="none", isa="auto", out=None):
+    """act(x @ Wᵀ + bias) on the CPU with W packed by `linear_pack`, `torch.ops.blip2_fast.linear_cpu`;
+    spec: `reference.linear_ref`.
+
+    x: [..., K], float32 (bf16 weights also take bfloat16); bias: [N] or None; activation: "none",
+    "relu" or "gelu" (erf); isa: "auto" or a cap ("avx512_bf16", "avx512", "avx2", "scalar"). Returns
+    [..., N] in x's dtype; with `out` (contiguous, that shape and dtype) writes it there and returns it.
+    """
+    _require_loaded()
+    if out is None:
+        return torch.ops.blip2_fast.linear_cpu(x, packed, bias, out_features, activation, isa)
+    torch.ops.blip2_fast.linear_cpu_out(x, packed, bias, out_features, activation, isa, out)
+    return out
+
+
+def linear_isa(isa="auto") -> str:
+    """The kernel `linear` runs for `isa` on this CPU: the cap, lowered to what the CPU has (cpuid)."""
+    _require_loaded()
+    return torch.ops.blip2_fast.linear_cpu_isa(isa)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias=None):

@@ -1,61 +1,158 @@
-"""`Blip2.generate` on the engine, and the caption / answer helpers."""
+"""`Blip2.generate` on the engine, and the caption / answer helpers.
+
+Every argument is checked before anything runs (ints are ints, ids are in the vocabulary, sizes
+fit the model and the memory), then each prompt row becomes one engine request (several for
+several samples). The engine comes from the model's pool of idle engines: a call takes one that
+is large enough (or builds one sized to the call) and gives it back when done, so concurrent calls
+from several threads never share one.
+"""
 from __future__ import annotations
 
 import math
+import threading
 
+import numpy as np
 import torch
 
-from .engine.engine import Engine
-from .engine.sampling import SamplingParams
+from .engine import Engine, SamplingParams
+from .engine.limits import available_memory, format_bytes, to_pixels
+from .engine.params import SEED_LIMIT, check_bool, check_ids, check_int
+from .engine.runner import ModelRunner
 
 _GEN_KEYS = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_beams", "length_penalty", "early_stopping", "eos_token_id",
              "pad_token_id", "seed", "generator", "num_return_sequences", "use_cache", "bos_token_id",
              "decoder_start_token_id"}
+_BLOCK_SIZE = 16  # the engine's default
+
+
+class EnginePool:
+    """Idle engines of one model, for generate(): `acquire` hands out one large enough (or builds
+    one), `release` takes it back. At most one idle engine is kept."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lock = threading.Lock()
+        self.idle: list[Engine] = []
+
+    def acquire(self, n_seqs: int, n_blocks: int, max_model_len: int) -> Engine:
+        with self.lock:
+            for i, e in enumerate(self.idle):
+                if e.max_num_seqs >= n_seqs and e.num_blocks >= n_blocks and e.max_model_len >= max_model_len:
+                    return self.idle.pop(i)
+            self.idle.clear()  # too small: drop it before allocating a bigger pool
+        return Engine(self.model, max_num_seqs=n_seqs, num_blocks=n_blocks, max_model_len=max_model_len,
+                      block_size=_BLOCK_SIZE)
+
+    def release(self, e: Engine) -> None:
+        if e.has_unfinished():  # a call that raised midway: its requests are not ours to keep
+            return
+        with self.lock:
+            self.idle = [e]
+
+
+def _pool(model) -> EnginePool:
+    with _pool_lock:
+        if model._generate_engines is None:
+            model._generate_engines = EnginePool(model)
+        return model._generate_engines
+
+
+_pool_lock = threading.Lock()
 
 
 def _params(model, kw: dict, prompt_len: int) -> SamplingParams:
     unknown = set(kw) - _GEN_KEYS
     if unknown:
         raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in kw.items() if v is not None}
+    vocab = model.cfg.lm.vocab
+    for k in ("use_cache", "do_sample"):
+        if k in given:
+            check_bool(k, given[k])
+    for k in ("pad_token_id", "bos_token_id", "decoder_start_token_id"):
+        if k in given:
+            check_int(k, given[k])
+    if "eos_token_id" in given:
+        given["eos_token_id"] = check_ids("eos_token_id", given["eos_token_id"], vocab)
+    for k in ("max_length", "min_length", "min_new_tokens"):
+        if k in given:
+            given[k] = check_int(k, given[k], 0)
     d = dict(getattr(model, "generation_defaults", {}))
-    d.update({k: v for k, v in kw.items() if v is not None})
+    d.update(given)
     dec_prompt = 1 if model.is_encoder_decoder else prompt_len
-    if d.get("max_new_tokens") is not None:
-        max_new = d["max_new_tokens"]
-    elif "max_length" in kw and kw["max_length"] is not None:
-        max_new = kw["max_length"] - dec_prompt
+    if "max_new_tokens" in given:
+        max_new = check_int("max_new_tokens", given["max_new_tokens"], 1)
+    elif "max_length" in given:
+        max_new = given["max_length"] - dec_prompt
+        if max_new < 1:
+            raise ValueError(f"max_length={given['max_length']} leaves no room for new tokens after a "
+                             f"{dec_prompt}-token prompt")
     else:
-        max_new = 20  # transformers' default: 20 new tokens
-    if max_new < 1:
-        if d.get("max_new_tokens") is not None:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
-        raise ValueError(f"max_length={kw.get('max_length')} leaves no room for new tokens after a {dec_prompt}-token prompt")
-    min_new = d.get("min_new_tokens") or 0
-    if not min_new and kw.get("min_length"):
-        min_new = max(kw["min_length"] - dec_prompt, 0)
+        max_new = check_int("max_new_tokens", d.get("max_new_tokens") or 20, 1)  # transformers' default: 20
+    min_new = given.get("min_new_tokens") or 0
+    if not min_new and given.get("min_length"):
+        min_new = max(given["min_length"] - dec_prompt, 0)
     eos = d.get("eos_token_id")
-    do_sample = bool(d.get("do_sample", False))
-    return SamplingParams(
-        max_new_tokens=int(max_new), min_new_tokens=int(min(min_new, max_new)), do_sample=do_sample,
-        temperature=float(d.get("temperature") if d.get("temperature") is not None else 1.0),
-        top_k=int(d.get("top_k") if d.get("top_k") is not None else 50),
-        top_p=float(d.get("top_p") if d.get("top_p") is not None else 1.0),
-        repetition_penalty=float(d.get("repetition_penalty") if d.get("repetition_penalty") is not None else 1.0),
-        num_beams=int(d.get("num_beams") if d.get("num_beams") is not None else 1),
-        length_penalty=float(d.get("length_penalty") if d.get("length_penalty") is not None else 1.0),
-        early_stopping=d.get("early_stopping", False), seed=kw.get("seed"),
-
-        stop_token_ids=None if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+    p = SamplingParams(
+        max_new_tokens=max_new, min_new_tokens=min(min_new, max_new), do_sample=d.get("do_sample", False),
+        temperature=d.get("temperature", 1.0), top_k=d.get("top_k", 50), top_p=d.get("top_p", 1.0),
+        repetition_penalty=d.get("repetition_penalty", 1.0), num_beams=d.get("num_beams", 1),
+        length_penalty=d.get("length_penalty", 1.0), early_stopping=d.get("early_stopping", False),
+        seed=given.get("seed"), stop_token_ids=None if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+    p.validate(vocab if "eos_token_id" in given else None)  # the checkpoint's own eos ids are trusted
+    return p
 
 
-def _engine_for(model, n_seqs: int, blocks_needed: int) -> Engine:
-    eng = getattr(model, "_engine", None)
-    if eng is None or eng.has_unfinished() or eng.num_blocks < blocks_needed or eng.max_num_seqs < n_seqs:
-        model._engine = None  # drop the old pool before allocating a new one
-        eng = Engine(model, max_num_seqs=max(n_seqs, 8), num_blocks=max(blocks_needed, 64))
-        model._engine = eng
-    return eng
+def _ids(x, name: str, B: int | None = None) -> torch.Tensor:
+    """input_ids / attention_mask as a 2-D integer CPU tensor (tensors, numpy arrays, lists of lists)."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind not in "iub":
+            raise ValueError(f"{name} must be integers, got a {x.dtype} array")
+        t = torch.from_numpy(np.array(x))
+    elif isinstance(x, (list, tuple)):
+        try:
+            t = torch.tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a [batch, seq] tensor or nested list of ints ({e})") from None
+    else:
+        raise TypeError(f"{name} must be a [batch, seq] tensor (or numpy array / nested list), got {type(x).__name__}")
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor without data)")
+    if t.dim() != 2 or (B is not None and t.shape[0] != B):
+        raise ValueError(f"{name} must be [batch={B}, seq], got {list(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or (t.dtype == torch.bool and name == "input_ids"):
+        raise ValueError(f"{name} must be integer token ids, got dtype {t.dtype}")
+    return t.cpu()
+
+
+def _check_size(model, B: int, p: SamplingParams, n_ret: int, prompt_len: int) -> tuple[int, int, int]:
+    """Refuse at once what the model cannot serve; returns the engine's (max_num_seqs, num_blocks,
+    max_model_len) for this call."""
+    t5 = model.is_encoder_decoder
+    if not t5:
+        positions = model.cfg.lm.max_positions
+        if prompt_len + p.max_new_tokens > positions:
+            raise ValueError(f"max_new_tokens={p.max_new_tokens} after a {prompt_len}-position prompt (image queries "
+                             f"included) exceeds the language model's {positions} positions: at most "
+                             f"{max(positions - prompt_len, 0)} new tokens")
+        max_len = positions
+    else:
+        max_len = 256 * math.ceil((1 + p.max_new_tokens) / 256)  # engines of a similar size get reused
+    samples = n_ret if p.num_beams == 1 else 1
+    n_seqs = B * p.num_beams * samples
+    per = (1 if t5 else prompt_len) + p.max_new_tokens
+    need = n_seqs * (math.ceil(per / _BLOCK_SIZE) + 2) + (B * math.ceil(prompt_len / _BLOCK_SIZE) if t5 else 0)
+    kv = need * ModelRunner.bytes_per_block(model, _BLOCK_SIZE)
+    step = 4 * 4 * n_seqs * model.cfg.lm.vocab  # a step's float32 logits and the sampler's copies of them
+    avail = available_memory(model.device)
+    if kv + step > avail:
+        raise ValueError(f"generate(batch={B}, num_beams={p.num_beams}, num_return_sequences={n_ret}, max_new_tokens="
+                         f"{p.max_new_tokens}) needs {format_bytes(kv + step)} ({need} KV blocks and the per-step logits "
+                         f"of {n_seqs} sequences), more than the {format_bytes(avail)} available on {model.device}")
+    return max(n_seqs, 8), max(need, 64), max_len
 
 
 @torch.inference_mode()
@@ -64,42 +161,40 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
         raise ValueError(f"a {model.architecture} checkpoint has no language model to generate with")
     if pixel_values is None:
         raise ValueError("generate needs pixel_values")
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-        raise ValueError(f"pixel_values must be a [batch, 3, H, W] tensor, got {getattr(pixel_values, 'shape', type(pixel_values))}")
-    model.vision.check_pixels(pixel_values, interpolate_pos_encoding)
-    B = pixel_values.shape[0]
+    interp = check_bool("interpolate_pos_encoding", interpolate_pos_encoding)
+    px = to_pixels(model, pixel_values, batched=True, device=model.device, interpolate=interp)
+    B = px.shape[0]
     if B == 0:
         raise ValueError("pixel_values has batch size 0")
-    if not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError("pixel_values contain NaN or infinite values")
     defaults = getattr(model, "generation_defaults", {})
+    vocab = model.cfg.lm.vocab
     if input_ids is None:
         if model.is_encoder_decoder:
-            rows = [torch.zeros(0, dtype=torch.long) for _ in range(B)]
+            rows = [[] for _ in range(B)]
             out_prefix = None
         else:
             img, Q, bos = model.cfg.image_token_id, model.cfg.num_query_tokens, defaults.get("bos_token_id")
             start = ([img] * Q if img is not None else []) + ([bos] if bos is not None else [])
             input_ids = torch.tensor([start] * B, dtype=torch.long)
     if input_ids is not None:
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() != 2 or input_ids.shape[0] != B:
-            raise ValueError(f"input_ids must be [batch={B}, seq], got {list(input_ids.shape)}")
-        mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        input_ids = _ids(input_ids, "input_ids", B)
+        mask = torch.ones_like(input_ids) if attention_mask is None else _ids(attention_mask, "attention_mask", B)
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(input_ids.shape)}")
-        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        ids_cpu, mask_cpu = input_ids.cpu().long(), mask.cpu().bool()
+        ids_cpu, mask_cpu = input_ids.long(), mask.bool()
         empty = [i for i in range(B) if not bool(mask_cpu[i].any())]
         if input_ids.shape[1] and empty:
             raise ValueError(f"attention_mask row {empty[0]} masks out its whole prompt")
-        rows = [ids_cpu[i][mask_cpu[i]] for i in range(B)]
+        rows = [ids_cpu[i][mask_cpu[i]].tolist() for i in range(B)]
+        bad = [t for r in rows for t in r if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input_ids contain ids outside the language model's vocabulary [0, {vocab}): {bad[0]}")
         out_prefix = ids_cpu
     generator = kw.pop("generator", None)
-    n_ret = int(kw.pop("num_return_sequences", None) or 1)
-    if n_ret < 1:
-        raise ValueError(f"num_return_sequences must be >= 1, got {n_ret}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    n_ret = kw.pop("num_return_sequences", None)
+    n_ret = 1 if n_ret is None else check_int("num_return_sequences", n_ret, 1)
     p = _params(model, kw, input_ids.shape[1] if input_ids is not None else 0)
     if p.num_beams > 1:
         if n_ret > p.num_beams:
@@ -110,26 +205,22 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
                          "(greedy decoding would return the same sequence)")
     if generator is not None and p.do_sample:
         p.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    bs = 16
-    per = max(len(r) for r in rows) + model.cfg.num_query_tokens + p.max_new_tokens
-    need = B * p.num_beams * (math.ceil(per / bs) + 2) * (2 if model.is_encoder_decoder else 1)
-    need *= n_ret if p.num_beams == 1 else 1
-    eng = _engine_for(model, B * p.num_beams * (n_ret if p.num_beams == 1 else 1), need)
-    # several samples per row are several requests (they share the prompt's KV blocks); several beams
-    # come back as one request's candidates
+    Q, img = model.cfg.num_query_tokens, model.cfg.image_token_id
+    longest = max(len(r) + (0 if img is not None and img in r else Q) for r in rows)  # LM positions
+    n_seqs, n_blocks, max_len = _check_size(model, B, p, n_ret, longest)
+    pool = _pool(model)
+    eng = pool.acquire(n_seqs, n_blocks, max_len)
+    try:
+        final = _run(eng, px, rows, p, n_ret, interp)
+    finally:
+        pool.release(eng)
+    outs = []
     n_samples = n_ret if p.num_beams == 1 else 1
     for i in range(B):
         for j in range(n_samples):
-            pi = SamplingParams(**{**p.__dict__})
-            if p.seed is not None:
-                pi.seed = p.seed + i * n_samples + j
-            elif p.do_sample:
-                pi.seed = int(torch.randint(0, 2**62, (1,)))  # drawn from the global RNG: torch.manual_seed reproduces
-            eng.add_request(("generate", i, j), pixel_values=pixel_values[i], prompt=rows[i], sampling=pi,
-                            interpolate_pos_encoding=interpolate_pos_encoding)
-    final = eng.run()
-    outs = []
-    for i in range(B):
+            o = final[("generate", i, j)]
+            if o.finish_reason == "error":
+                raise RuntimeError(f"generation failed for row {i}: {o.error}")
         if p.num_beams > 1:
             outs += final[("generate", i, 0)].candidates
         else:
@@ -153,14 +244,25 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
     return torch.cat([out_prefix, gen], 1).to(model.device)
 
 
+def _run(eng: Engine, px: torch.Tensor, rows: list, p: SamplingParams, n_ret: int, interp: bool) -> dict:
+    # several samples per row are several requests (they share the prompt's KV blocks); several beams
+    # come back as one request's candidates
+    n_samples = n_ret if p.num_beams == 1 else 1
+    for i in range(len(rows)):
+        for j in range(n_samples):
+            pi = SamplingParams(**{**p.__dict__})
+            if p.seed is not None:
+                pi.seed = (p.seed + i * n_samples + j) % SEED_LIMIT
+            elif p.do_sample:
+                pi.seed = int(torch.randint(0, 2**62, (1,)))  # drawn from the global RNG: torch.manual_seed reproduces
+            eng.add_request(("generate", i, j), pixel_values=px[i], prompt=rows[i], sampling=pi,
+                            interpolate_pos_encoding=interp)
+    return eng.run()
+
+
 def processor_for(model):
-    """The checkpoint's Blip2Processor (tokenizer + image processor), loaded once."""
-    if model._processor is None:
-        if model.source_dir is None:
-            raise ValueError("this model was not loaded from a directory, so it has no processor: "
-                             "tokenize the text yourself, or load from a checkpoint directory with its processor files")
-        model._processor = load_processor(model.source_dir)
-    return model._processor
+    """The checkpoint's Blip2Processor (tokenizer + image processor), loaded once (`Blip2.processor()`)."""
+    return model.processor()
 
 
 def load_processor(path):
@@ -180,20 +282,9 @@ def load_processor(path):
 
 
 def _images(images):
-    from PIL import Image
+    from .images import to_rgb_images  # PIL images, paths, arrays, tensors; pixel-limited (images.py)
 
-    if isinstance(images, Image.Image):
-        images = [images]
-    images = list(images)
-    if not images:
-        raise ValueError("no images given")
-    for i, im in enumerate(images):
-        if not isinstance(im, Image.Image):
-            raise TypeError(f"image {i} is a {type(im).__name__}, expected a PIL image")
-        if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
-            raise ValueError(f"image {i} has mode {im.mode!r}; expected an 8-bit image (RGB, RGBA, L, P, CMYK, ...): "
-                             "convert high-bit-depth or float images to 8-bit RGB first")
-    return [im.convert("RGB") for im in images]
+    return to_rgb_images(images)
 
 
 def _decode(model, ids: torch.Tensor, n_prompt: int) -> list[str]:
@@ -210,13 +301,13 @@ def caption(model, images, prompt=None, **gen):
         ids = model.generate(px.to(model.device, model.dtype), **gen)
         plen = 0 if model.is_encoder_decoder else (model.cfg.num_query_tokens if model.cfg.image_token_id is not None else 0) + 1
         return _decode(model, ids, plen)
-    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else _texts(prompt, "prompt")
     return _run_prompts(model, proc, images, prompts, gen)
 
 
 def answer(model, images, questions, **gen):
     images = _images(images)
-    questions = [questions] if isinstance(questions, str) else list(questions)
+    questions = [questions] if isinstance(questions, str) else _texts(questions, "questions")
     if len(questions) != len(images):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     proc = processor_for(model)
@@ -224,16 +315,26 @@ def answer(model, images, questions, **gen):
     return _run_prompts(model, proc, images, prompts, gen)
 
 
+def _texts(x, name: str) -> list[str]:
+    if not isinstance(x, (list, tuple)) or not all(isinstance(t, str) for t in x):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(x).__name__}")
+    return list(x)
+
+
+_padding_lock = threading.Lock()  # the tokenizer's padding side is shared state
+
+
 def _run_prompts(model, proc, images, prompts, gen):
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     tok = proc.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"  # decoder-only prompts are left-padded for batched generation
-    try:
-        enc = proc(images=images, text=prompts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
+    with _padding_lock:
+        side = tok.padding_side
+        tok.padding_side = "left"  # decoder-only prompts are left-padded for batched generation
+        try:
+            enc = proc(images=images, text=prompts, return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = side
     ids = model.generate(enc["pixel_values"].to(model.device, model.dtype), input_ids=enc["input_ids"],
                          attention_mask=enc["attention_mask"], **gen)
     return _decode(model, ids, enc["input_ids"].shape[1])

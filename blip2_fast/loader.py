@@ -10,8 +10,8 @@ from . import config as _config
 from . import ops as _ops
 from . import weights
 from .config import UnsupportedModelError
+from .files import CheckpointError, read_json
 from .model import Blip2
-from .weights import CheckpointError
 
 _HF_CLASSES = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval",
                "Blip2VisionModelWithProjection", "Blip2TextModelWithProjection")
@@ -22,7 +22,12 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 def _resolve_device_dtype(device, dtype):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(f"device must be a str, int or torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:  # torch's spelling errors are RuntimeErrors
+        raise ValueError(f"device {device!r} is not a device torch knows ({_first_line(e)})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for, but torch {torch.__version__} sees no CUDA GPU")
     if device.type not in ("cpu", "cuda"):
@@ -42,15 +47,36 @@ def _resolve_device_dtype(device, dtype):
 
 def _hub_dir(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError:
-        raise CheckpointError(f"{repo_id!r} is not a local directory, and huggingface_hub is not installed to fetch it") from None
+        raise CheckpointError(f"{repo_id!r} is not a local directory, and huggingface_hub is not installed to fetch it "
+                              "(pip install huggingface_hub), so pass a local checkpoint directory") from None
+    cache = getattr(constants, "HF_HUB_CACHE", "the Hugging Face cache")
+    offline = _offline(constants)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as e:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
+                                      local_files_only=offline))
+    except Exception as e:  # huggingface_hub raises many kinds: not found, gated, offline, network
+        if offline:
+            raise CheckpointError(
+                f"{repo_id!r} is not a local directory, and it is not in the local Hugging Face cache ({cache}); "
+                "HF_HUB_OFFLINE is set, so it was not downloaded. Unset HF_HUB_OFFLINE to download it, or pass a "
+                "local checkpoint directory.") from None
         raise CheckpointError(
-            f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e)[:200]}). Offline? Pass a local checkpoint directory instead.") from None
+            f"{repo_id!r} is not a local directory, and it could not be downloaded from the Hugging Face hub into "
+            f"the local cache ({cache}): {type(e).__name__}: {_first_line(e)}. Without network access, set "
+            "HF_HUB_OFFLINE=1 to use only the local cache, or pass a local checkpoint directory.") from None
+
+
+def _offline(constants) -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, or as the environment says now (huggingface_hub
+    reads it once, at import)."""
+    env = os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or env.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0].rstrip(". ")
 
 
 def load(source, *, device=None, dtype=None, backend: str | None = None, ops: dict | None = None,
@@ -71,6 +97,11 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
     ops: per-op overrides, e.g. {"attention": "reference"}. An op asked for as "fast" here that
         cannot run on the device raises; one that falls back under `backend="fast"` warns once.
     progress: show shard/byte progress on stderr when loading takes more than ~2 s.
+
+    Raises CheckpointError naming the file (and the field or tensor) for anything wrong with the
+    checkpoint: missing, not a regular file, malformed, a config value out of range, weights that do
+    not match the config; UnsupportedModelError for a model blip2_fast does not run; ValueError /
+    TypeError for bad arguments. Nothing is unpickled (see the README's "Untrusted checkpoints").
     """
     device, dtype = _resolve_device_dtype(device, dtype)
     bound = _ops.bind(backend, ops, device)
@@ -81,12 +112,17 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
             raise UnsupportedModelError(f"cannot load a {name}; expected one of {', '.join(_HF_CLASSES)}")
         raw = source.config.to_dict()
         raw["architectures"] = [name]
-        cfg = _config.parse(raw)
+        cfg = _config.parse(raw, f"the live {name}'s config")
         src = weights.from_state_dict(source.state_dict(), device=device, dtype=dtype, describe=f"live {name}")
     else:
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"source must be a checkpoint directory (str or os.PathLike), a hub id or a transformers "
+                            f"BLIP-2 model, got {type(source).__name__}")
         if isinstance(source, str) and not source.strip():
             raise CheckpointError("source is an empty string; pass a checkpoint directory or a hub id")
         path = Path(os.fspath(source)).expanduser()
+        if "\0" in str(path):
+            raise CheckpointError(f"checkpoint path {str(path)!r} contains a NUL byte")
         if not path.exists():
             if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
                 path = _hub_dir(source)
@@ -97,6 +133,7 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
         source_dir = path
         cfg = _config.read(path)
         src = weights.from_directory(path, device=device, dtype=dtype, progress=progress)
+    _check_flags_against_weights(cfg, src, "config.json" if source_dir is None else str(source_dir / "config.json"))
     with torch.inference_mode():
         model = Blip2(cfg, bound, src, source_dir=source_dir)
     _warn_unused(src, cfg)
@@ -107,7 +144,8 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
 
 
 def _generation_defaults(source, source_dir, cfg) -> dict:
-    """eos/pad/bos ids and length defaults from generation_config.json or the text config."""
+    """eos/pad/bos ids and length defaults from generation_config.json or the text config; the file's
+    values are checked here, where the file can be named, not later in every generate() call."""
     d = {}
     lm = cfg.lm
     if lm is not None:
@@ -117,22 +155,73 @@ def _generation_defaults(source, source_dir, cfg) -> dict:
             d["bos_token_id"] = lm.bos_token_id
         if hasattr(lm, "decoder_start_token_id"):
             d["decoder_start_token_id"] = lm.decoder_start_token_id
-    gen = None
-    if source_dir is not None and (source_dir / "generation_config.json").exists():
-        import json
-
-        try:
-            gen = json.loads((source_dir / "generation_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{source_dir / 'generation_config.json'}: not valid JSON ({e})") from None
+    gen, where = None, None
+    if source_dir is not None and os.path.lexists(source_dir / "generation_config.json"):
+        where = source_dir / "generation_config.json"
+        gen = read_json(where, "generation_config.json")
+        if not isinstance(gen, dict):
+            raise CheckpointError(f"{where}: must hold a JSON object, got {type(gen).__name__}")
     elif isinstance(source, torch.nn.Module) and getattr(source, "generation_config", None) is not None:
-        gen = source.generation_config.to_dict()
-    for k in ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "max_length",
-              "max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "early_stopping",
-              "repetition_penalty", "do_sample", "temperature", "top_k", "top_p"):
+        gen, where = source.generation_config.to_dict(), f"the live {type(source).__name__}'s generation_config"
+    for k in _GEN_FIELDS:
         if gen and gen.get(k) is not None:
-            d[k] = gen[k]
+            d[k] = _check_gen_field(where, k, gen[k], None if lm is None else lm.vocab)
+    if d.get("do_sample") and "temperature" in d and not d["temperature"] > 0:
+        raise CheckpointError(f"{where}: temperature must be > 0 with do_sample=true, got {d['temperature']!r}")
     return d
+
+
+# field -> (kind, lower bound): what transformers' GenerationConfig documents for each
+_GEN_FIELDS = {"eos_token_id": ("tokens", 0), "pad_token_id": ("token", 0), "bos_token_id": ("token", 0),
+               "decoder_start_token_id": ("token", 0), "max_length": ("int", 1), "max_new_tokens": ("int", 1),
+               "min_new_tokens": ("int", 0), "num_beams": ("int", 1), "top_k": ("int", 0),
+               "length_penalty": ("number", None), "repetition_penalty": ("positive", None),
+               "temperature": ("number", 0), "top_p": ("unit", None), "do_sample": ("bool", None),
+               "early_stopping": ("early", None)}
+
+
+def _check_gen_field(where, k, v, vocab):
+    import math
+
+    kind, lo = _GEN_FIELDS[k]
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    is_num = (is_int or isinstance(v, float)) and math.isfinite(v)
+    if kind == "tokens" and isinstance(v, list) and v:
+        return [_check_gen_field(where, k, t, vocab) for t in v]
+    if kind in ("token", "tokens"):
+        ok, want = is_int and 0 <= v and (vocab is None or v < vocab), f"a token id in [0, {vocab})"
+    elif kind == "int":
+        ok, want = is_int and v >= lo, f"an integer >= {lo}"
+    elif kind == "number":
+        ok, want = is_num and (lo is None or v >= lo), "a finite number" + ("" if lo is None else f" >= {lo}")
+    elif kind == "positive":
+        ok, want = is_num and v > 0, "a finite number > 0"
+    elif kind == "unit":
+        ok, want = is_num and 0 < v <= 1, "a number in (0, 1]"
+    elif kind == "bool":
+        ok, want = isinstance(v, bool), "true or false"
+    else:
+        ok, want = isinstance(v, bool) or v == "never", 'true, false or "never"'
+    if not ok:
+        raise CheckpointError(f"{where}: {k} must be {want}, got {v!r}")
+    return v
+
+
+def _check_flags_against_weights(cfg, src, where: str) -> None:
+    """Config switches that no tensor shape pins down, against the tensors that are there: a config
+    that says a weight is absent while the checkpoint has it (or the reverse) is a mismatched file,
+    and following either one silently would compute something neither author meant."""
+    if cfg.vision is not None and cfg.architecture != "Blip2TextModelWithProjection" and not cfg.vision.qkv_bias:
+        biased = [k for k in src.keys if k.startswith("vision_model.encoder.layers.")
+                  and k.endswith(("self_attn.qkv.bias", "self_attn.q_bias", "self_attn.v_bias"))]
+        if biased:
+            raise CheckpointError(f"{where}: vision_config.qkv_bias is false, but the checkpoint has attention "
+                                  f"biases ({biased[0]!r}); the config does not match the weights")
+    lm = cfg.lm
+    if lm is not None and cfg.architecture in ("Blip2ForConditionalGeneration", "Blip2Model") and not lm.tie_embeddings:
+        if src.keys and "language_model.lm_head.weight" not in src.keys:
+            raise CheckpointError(f"{where}: text_config.tie_word_embeddings is false, but the checkpoint has no "
+                                  "language_model.lm_head.weight; the config does not match the weights")
 
 
 # Tensors a checkpoint may carry that the model legitimately does not read: T5 stores tied copies of

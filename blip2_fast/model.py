@@ -7,6 +7,7 @@ paged KV cache), feature getters, the projection models' outputs, and `caption` 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Blip2Config, OPTConfig
-from .models.kv import AttnMeta
+from .layers import AttnMeta, Linear, take_param
 from .models.opt import OPT
 from .models.qformer import QFormer, TextEmbeddings
 from .models.t5 import T5
@@ -22,6 +23,7 @@ from .models.vision import VisionEncoder
 from .ops import BoundOps
 from .weights import DtypeView, WeightSource
 
+_processor_lock = threading.Lock()
 _HAS_LM = ("Blip2ForConditionalGeneration", "Blip2Model")
 _HAS_VISION = _HAS_LM + ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection")
 _HAS_TEXT_EMB = ("Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection")
@@ -72,28 +74,42 @@ class Blip2(nn.Module):
         # inputs are cast up on entry and its outputs down before the model-dtype projections.
         self.qformer_dtype = torch.float32 if src.dtype == torch.float16 else src.dtype
         qsrc = src if self.qformer_dtype == src.dtype else DtypeView(src, self.qformer_dtype)
-        self.query_tokens = qsrc.take("query_tokens", (1, Q, Hq))
+        self.query_tokens = take_param(qsrc, "query_tokens", (1, Q, Hq))
         self.qformer = QFormer(cfg.qformer, ops, qsrc)
         self.text_embeddings = TextEmbeddings(cfg.qformer, src) if cfg.architecture in _HAS_TEXT_EMB else None
         self.lm = None
+        self.language_projection = None
         if cfg.architecture in _HAS_LM:
             lm_hidden = cfg.lm.hidden if isinstance(cfg.lm, OPTConfig) else cfg.lm.d_model
-            self.proj_w = src.take("language_projection.weight", (lm_hidden, Hq))
-            self.proj_b = src.take("language_projection.bias", (lm_hidden,))
+            self.language_projection = Linear.load(src, "language_projection", lm_hidden, Hq)
             self.lm = OPT(cfg.lm, ops, src) if isinstance(cfg.lm, OPTConfig) else T5(cfg.lm, ops, src)
         P = cfg.image_text_hidden
-        if src.has("vision_projection.weight"):
-            self.vision_proj = (src.take("vision_projection.weight", (P, Hq)), src.take("vision_projection.bias", (P,)))
-        if src.has("text_projection.weight"):
-            self.text_proj = (src.take("text_projection.weight", (P, Hq)), src.take("text_projection.bias", (P,)))
-        if src.has("itm_head.weight"):
-            self.itm_head = (src.take("itm_head.weight", (2, Hq)), src.take("itm_head.bias", (2,)))
-        self._engine = None
+        self.vision_projection = Linear.load(src, "vision_projection", P, Hq) if src.has("vision_projection.weight") else None
+        self.text_projection = Linear.load(src, "text_projection", P, Hq) if src.has("text_projection.weight") else None
+        self.itm_head = Linear.load(src, "itm_head", 2, Hq) if src.has("itm_head.weight") else None
         self._processor = None
-        self._greedy_head = None  # built by the engine on first use (engine/runner.py)
+        self._generate_engines = None  # generate()'s idle engines (blip2_fast.generation.EnginePool), made on first use
+
+    def processor(self):
+        """The checkpoint's Blip2Processor (tokenizer + image processor), loaded once."""
+        with _processor_lock:
+            if self._processor is None:
+                if self.source_dir is None:
+                    raise ValueError("this model was not loaded from a directory, so it has no processor: tokenize the "
+                                     "text yourself, or load from a checkpoint directory with its processor files")
+                from .generation import load_processor
+
+                self._processor = load_processor(self.source_dir)
+            return self._processor
+
+    def checkpoint_keys(self) -> dict[str, tuple[str, ...]]:
+        """state_dict name -> the checkpoint keys its tensor was built from (several for fused
+        projections: q/k/v stacked, OPT's q scaled by head_dim**-0.5). Tied weights appear under
+        both names, as in transformers."""
+        return {name: p.ckpt_keys for name, p in self.named_parameters(remove_duplicate=False)}
 
     def _apply(self, fn, recurse=True):
-        # Weights are plain tensors bound to ops resolved for one device and dtype at load time, so
+        # Weights are parameters bound to ops resolved for one device and dtype at load time, so
         # .to() / .cuda() / .half() cannot move them correctly; say so instead of silently doing nothing.
         raise TypeError(f"a blip2_fast model is placed when it is loaded (it is on {self.device} in {self.dtype}): "
                         "use blip2_fast.load(source, device=..., dtype=...) instead of .to() / .cuda() / .half()")
@@ -134,7 +150,7 @@ class Blip2(nn.Module):
         """Projected query outputs the language model sees in place of the image tokens: [B, Q, E_lm]."""
         self._need("language model", self.lm is not None)
         q = self.get_qformer_features(pixel_values, interpolate_pos_encoding)
-        return F.linear(q.to(self.dtype), self.proj_w, self.proj_b)
+        return self.language_projection(q.to(self.dtype))
 
     # ---- text side --------------------------------------------------------------------------
     def _ids(self, input_ids, attention_mask):
@@ -246,41 +262,41 @@ class Blip2(nn.Module):
         B = image_embeds.shape[0]
         has_img_tok = self.cfg.image_token_id is not None
         if use_image_text_matching_head:
-            self._need("ITM head", hasattr(self, "itm_head"))
+            self._need("ITM head", self.itm_head is not None)
             ids = input_ids[:, Q:] if has_img_tok else input_ids
             if not has_img_tok:
                 mask = torch.cat([torch.ones(B, Q, dtype=mask.dtype, device=mask.device), mask], 1)
             text = self.text_embeddings(ids)  # model dtype; transformers casts the queries to it too
             emb = torch.cat([self.query_tokens.expand(B, -1, -1).to(text.dtype), text], 1)
             out = self.qformer(emb, n_query=Q, attention_mask=mask.bool(), image_embeds=image_embeds)
-            logits = F.linear(out[:, :Q].to(self.dtype), *self.itm_head).mean(1)
+            logits = self.itm_head(out[:, :Q].to(self.dtype)).mean(1)
             return Output(logits_per_image=logits, logits_per_text=logits.t())
-        self._need("projections", hasattr(self, "vision_proj") and hasattr(self, "text_proj"))
+        self._need("projections", self.vision_projection is not None and self.text_projection is not None)
         q = self._qformer_queries(image_embeds)
         if has_img_tok:
             input_ids, mask = input_ids[:, Q:], mask[:, Q:]
         t = self.qformer(self.text_embeddings(input_ids), n_query=0, attention_mask=mask.bool())
-        img = F.normalize(F.linear(q.to(self.dtype), *self.vision_proj), dim=-1)  # (B, Q, P)
-        txt = F.normalize(F.linear(t[:, 0].to(self.dtype), *self.text_proj), dim=-1)  # (Bt, P)
+        img = F.normalize(self.vision_projection(q.to(self.dtype)), dim=-1)  # (B, Q, P)
+        txt = F.normalize(self.text_projection(t[:, 0].to(self.dtype)), dim=-1)  # (Bt, P)
         logits = torch.matmul(img, txt.t()).max(dim=1).values  # (B, Bt)
         return Output(logits_per_image=logits, logits_per_text=logits.t(), text_embeds=txt, image_embeds=img)
 
     @torch.inference_mode()
     def vision_with_projection(self, pixel_values) -> Output:
         """As `Blip2VisionModelWithProjection`: image_embeds [B, Q, P] (L2-normalised)."""
-        self._need("vision projection", hasattr(self, "vision_proj"))
+        self._need("vision projection", self.vision_projection is not None)
         feats = self.get_image_features(pixel_values)
         q = self._qformer_queries(feats.last_hidden_state)
-        img = F.normalize(F.linear(q.to(self.dtype), *self.vision_proj), dim=-1)
+        img = F.normalize(self.vision_projection(q.to(self.dtype)), dim=-1)
         return Output(image_embeds=img, last_hidden_state=feats.last_hidden_state)
 
     @torch.inference_mode()
     def text_with_projection(self, input_ids, attention_mask=None) -> Output:
         """As `Blip2TextModelWithProjection`: text_embeds [B, S, P] (L2-normalised)."""
-        self._need("text projection", hasattr(self, "text_proj") and self.text_embeddings is not None)
+        self._need("text projection", self.text_projection is not None and self.text_embeddings is not None)
         input_ids, mask = self._ids(input_ids, attention_mask)
         t = self.qformer(self.text_embeddings(input_ids), n_query=0, attention_mask=mask.bool())
-        return Output(text_embeds=F.normalize(F.linear(t.to(self.dtype), *self.text_proj), dim=-1), last_hidden_state=t)
+        return Output(text_embeds=F.normalize(self.text_projection(t.to(self.dtype)), dim=-1), last_hidden_state=t)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, interpolate_pos_encoding=False, **kwargs):

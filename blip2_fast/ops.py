@@ -49,6 +49,7 @@ OP_NAMES = (
     "rms_norm",
     "ln_linear_gelu",
     "linear_gelu",
+    "linear",
 )
 IMPLS = ("reference", "fast")
 # Deprecated registry names (until 0.2): accepted by get / bind / overrides / BoundOps attributes.
@@ -75,6 +76,8 @@ _REFERENCE: dict[str, Callable] = {
     "rms_norm": reference.rmsnorm_ref,
     "ln_linear_gelu": reference.ln_linear_gelu_ref,
     "linear_gelu": reference.linear_gelu_ref,
+    # prepared once per weight at load: ops.linear(weight, bias) -> lin, then lin(x, activation)
+    "linear": reference.LinearRef,
 }
 
 
@@ -215,6 +218,7 @@ class BoundOps:
     rms_norm: Callable
     ln_linear_gelu: Callable
     linear_gelu: Callable
+    linear: Callable
     impls: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -319,6 +323,8 @@ register_fast("ln_linear_gelu", "blip2_fast.kernels.ln_linear_gelu", "ln_linear_
 register_fast("linear_gelu", "blip2_fast.kernels.linear_gelu", "linear_gelu", "triton")
 register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
+register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "ext", devices=("cpu",))
+register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "torch", devices=("cuda",))  # F.linear there
 for _name, _attr in (("attention", "attention"), ("layer_norm", "layernorm"), ("linear_gelu", "linear_gelu"),
                      ("ln_linear_gelu", "ln_linear_gelu")):
     register_fast(_name, "blip2_fast.ops_cpu", _attr, "torch", devices=("cpu",))

@@ -64,30 +64,13 @@ def load_preset(name: str, *, device=None, dtype=None, backend: str | None = Non
 
 
 def weight_bytes(model: Blip2, part: str | None = None) -> int:
-    """Bytes of the tensors held by `model` (or by one part: "vision", "qformer", "lm"), counted once each."""
-    seen_t, seen_o, total = set(), set(), 0
-
-    def visit(obj):
-        nonlocal total
-        if isinstance(obj, torch.Tensor):
-            key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.dtype, tuple(obj.shape))
-            if key not in seen_t:
-                seen_t.add(key)
-                total += obj.numel() * obj.element_size()
-            return
-        if id(obj) in seen_o:
-            return
-        seen_o.add(id(obj))
-        if isinstance(obj, (list, tuple)):
-            for o in obj:
-                visit(o)
-        elif isinstance(obj, dict):
-            for o in obj.values():
-                visit(o)
-        elif isinstance(obj, torch.nn.Module) or type(obj).__module__.startswith("blip2_fast.models"):
-            for k, o in vars(obj).items():
-                if k not in ("ops", "cfg", "_engine", "_processor", "_greedy_head"):  # not checkpoint weights
-                    visit(o)
-
-    visit(model if part is None else getattr(model, part))
+    """Bytes of the weights held by `model` (or by one part: "vision", "qformer", "lm"): its
+    parameters and buffers, each storage counted once (tied weights are one tensor)."""
+    module = model if part is None else getattr(model, part)
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
     return total

@@ -135,6 +135,34 @@ def linear_gelu_ref(x, weight, bias, approximate="none"):
     return gelu_ref(y, approximate).to(x.dtype)
 
 
+_ACTIVATIONS = ("none", "relu", "gelu")
+
+
+def linear_ref(x, weight, bias=None, activation="none"):
+    """act(x @ weightᵀ + bias): x [..., K], weight [N, K], bias [N] or None -> [..., N] in x's dtype.
+
+    activation: "none", "relu" or "gelu" (exact, erf). The decode step's linear layers; on a CPU the
+    fast implementation streams a prepacked weight (`blip2_fast.linear_cpu.PackedLinear`).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"linear: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    y = F.linear(_acc(x), _acc(weight), _acc(bias) if bias is not None else None)
+    y = F.relu(y) if activation == "relu" else gelu_ref(y) if activation == "gelu" else y
+    return y.to(x.dtype)
+
+
+class LinearRef:
+    """The `linear` op's reference in the registry's prepared form: `LinearRef(weight, bias)(x, activation)`
+    is `linear_ref(x, weight, bias, activation)` (the fast form packs the weight once, at load)."""
+
+    def __init__(self, weight, bias=None):
+        self.weight, self.bias = weight, bias
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def __call__(self, x, activation="none"):
+        return linear_ref(x, self.weight, self.bias, activation)
+
+
 def ln_linear_gelu_ref(x, ln_weight, ln_bias, eps, weight, bias, approximate="none"):
     """GELU(LayerNorm(x) @ weightᵀ + bias): the ViT MLP's layer_norm2 → fc1 → GELU."""
     h = F.layer_norm(_acc(x), x.shape[-1:], _acc(ln_weight), _acc(ln_bias), eps)

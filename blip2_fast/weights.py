@@ -6,88 +6,125 @@ with both shapes named, and every tensor is cast to the target dtype and moved t
 """
 from __future__ import annotations
 
-import json
+import os
 import struct
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
+from .files import CheckpointError, open_regular, parse_json, read_json
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed, or does not match the model's config."""
+__all__ = ["CheckpointError", "WeightSource", "DtypeView", "from_directory", "from_state_dict", "random_source"]
 
 
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+_ST_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# The safetensors library allows 100 MB; parsed into Python objects that could cost gigabytes. A
+# BLIP-2 header is ~200 KB and the largest single-file checkpoints' a few MB: 16 MiB refuses no real one.
+_MAX_HEADER = 16 * 2**20
+_MAX_NUMEL = 2**64  # safetensors multiplies shapes in u64 and refuses an overflow
 
 
-def _validate_safetensors(path: Path) -> tuple[int, dict]:
-    """Check the header and total size before handing the file to safetensors (which would crash or
-    give an opaque error on a truncated file)."""
-    size = path.stat().st_size
-    if size < 8:
+def _numel(shape) -> int | None:
+    n = 1
+    for d in shape:  # stop early: a product of millions of huge dims would take forever to compute
+        n *= d
+        if n >= _MAX_NUMEL:
+            return None
+    return n
+
+
+def _parse_header(path: Path, size: int, head: bytes, f) -> tuple[int, dict]:
+    """The header of the safetensors file open as `f` (`size` bytes, first 8 in `head`), checked by
+    the format's rules as the safetensors library applies them: a JSON object without duplicate keys,
+    `__metadata__` a string-to-string map, every tensor a known dtype with a shape whose byte count
+    matches its data_offsets, and the tensors tiling the data section exactly (no overlap, no gap, no
+    trailing bytes). Nothing is allocated from what the header claims: shapes are only multiplied."""
+    if size < 8 or len(head) < 8:
         raise CheckpointError(f"{path}: not a safetensors file ({size} bytes; truncated?)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8 or n > 100 * 1024 * 1024:
-            raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size}; truncated or corrupt")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({e}); truncated or corrupt") from None
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size}; truncated or corrupt")
+    if n > _MAX_HEADER:
+        raise CheckpointError(f"{path}: safetensors header of {n} bytes is larger than the {_MAX_HEADER} this loader "
+                              "reads (a real header is well under 1 MB); corrupt or hostile")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: truncated while reading its safetensors header")
+    header = parse_json(raw, f"{path}: safetensors header", strict=True)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: malformed safetensors header (not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: malformed safetensors header (__metadata__ must map strings to strings)")
     spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         bad = f"{path}: malformed safetensors entry for {key!r}"
-        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
-            raise CheckpointError(bad)
+        if not _utf8(key) or not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+                or info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{bad}: dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
         offs, shape = info.get("data_offsets"), info.get("shape")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
             raise CheckpointError(f"{bad}: data_offsets {offs!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
             raise CheckpointError(f"{bad}: shape {shape!r}")
-        if info["dtype"] in _TORCH_DTYPES:
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * torch.tensor([], dtype=_TORCH_DTYPES[info["dtype"]]).element_size()
-            if offs[1] - offs[0] != nbytes:
-                raise CheckpointError(f"{bad}: {offs[1] - offs[0]} bytes for shape {shape} of {info['dtype']} (needs {nbytes})")
+        numel = _numel(shape)
+        if numel is None:
+            raise CheckpointError(f"{bad}: shape {shape[:8]}{'...' if len(shape) > 8 else ''} has more than 2**64 elements")
+        nbytes = numel * _ST_ITEMSIZE[info["dtype"]]
+        if offs[1] - offs[0] != nbytes:
+            raise CheckpointError(f"{bad}: {offs[1] - offs[0]} bytes for shape {shape} of {info['dtype']} (needs {nbytes})")
         spans.append((offs[0], offs[1], key))
     spans.sort()
-    for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
-        if b0 < a1:
-            raise CheckpointError(f"{path}: tensors {ka!r} and {kb!r} overlap in the file; corrupt header")
-    end = spans[-1][1] if spans else 0
+    end = 0
+    for a, b, key in spans:
+        if a < end:
+            raise CheckpointError(f"{path}: tensor {key!r} overlaps the tensor before it in the file; corrupt header")
+        if a > end:
+            raise CheckpointError(f"{path}: a gap of {a - end} bytes before tensor {key!r}; corrupt header")
+        end = b
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}")
+    if 8 + n + end < size:
+        raise CheckpointError(f"{path}: {size - 8 - n - end} bytes after the last tensor; corrupt or not a safetensors file")
     return n, header
 
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+def _utf8(s: str) -> bool:
+    try:  # a JSON escape can spell a lone surrogate, which is not UTF-8
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class _MappedFile:
     """A safetensors file memory-mapped once; tensors are zero-copy views into the mapping.
 
-    The mapping is private (copy-on-write), so views are writable without touching the file, and
-    the kernel is told up front that every page will be read (MADV_WILLNEED): reading weights then
-    streams sequentially instead of faulting page by page.
+    The header is read and checked from the same open descriptor that is mapped, so the file cannot
+    be swapped between the check and the mapping. The mapping is private (copy-on-write), so views
+    are writable without touching the file, and the kernel is told up front that every page will be
+    read (MADV_WILLNEED): reading weights then streams sequentially instead of faulting page by page.
     """
 
-    def __init__(self, path: Path, header_len: int, header: dict):
+    def __init__(self, path: Path):
         import mmap
 
-        self.path, self.header = path, header
-        with open(path, "rb") as f:
+        self.path = path
+        with open_regular(path, "safetensors file") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            header_len, self.header = _parse_header(path, self.size, f.read(8), f)
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         if hasattr(mmap, "MADV_WILLNEED"):
             self.mm.madvise(mmap.MADV_WILLNEED)
@@ -110,7 +147,7 @@ class _MappedFile:
         itemsize = torch.tensor([], dtype=dtype).element_size()
         if (self.data_start + a) % itemsize:
             raw = raw.clone()  # misaligned for a zero-copy view; rare (safetensors aligns its data)
-        return raw.view(dtype).view(info["shape"])  # byte count vs shape checked by _validate_safetensors
+        return raw.view(dtype).view(info["shape"])  # byte count vs shape checked by _parse_header
 
 
 class DtypeView:
@@ -164,6 +201,10 @@ class WeightSource:
         if got != shape:
             raise CheckpointError(f"{self.describe}: tensor {key!r} has shape {list(got)}, expected {list(shape)} from the config")
         t = self._get(key)
+        if t.layout != torch.strided or not (t.is_floating_point() or not (dtype or self.dtype).is_floating_point):
+            # an integer / bool / complex / sparse tensor cast to a float weight is garbage, not a weight
+            raise CheckpointError(f"{self.describe}: tensor {key!r} is a {t.dtype} ({t.layout}) tensor; "
+                                  "expected a dense floating-point one")
         self.used.add(key)
         if self.progress is not None:
             self.progress.add(t.numel() * t.element_size())
@@ -209,15 +250,16 @@ class _Progress:
 
 
 def from_directory(path: Path, *, device, dtype, progress: bool = True) -> WeightSource:
-    """A WeightSource over `path`'s model.safetensors, a sharded index, or (safely) pytorch_model.bin."""
+    """A WeightSource over `path`'s model.safetensors, a sharded index, or (safely) pytorch_model.bin.
+
+    A name that is there in any form (a directory, a FIFO, a dangling symlink) counts as there, so
+    the error names what is wrong with it instead of falling through to another format."""
     path = Path(path)
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed shard index ({type(e).__name__}: {e})") from None
+    if os.path.lexists(index):
+        idx = read_json(index, "shard index")
+        weight_map = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: malformed shard index (weight_map must map tensor names to file names)")
         shard_files = {}
@@ -225,14 +267,14 @@ def from_directory(path: Path, *, device, dtype, progress: bool = True) -> Weigh
             # the index may only name files in the directory; the files themselves may be symlinks
             # (the Hugging Face cache links snapshots/<rev>/<file> to ../../blobs/<sha>)
             rel = Path(fname)
-            if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            if "\0" in fname or rel.is_absolute() or ".." in rel.parts or not rel.parts:
                 raise CheckpointError(f"{index}: shard {fname!r} points outside the checkpoint directory {path}")
             f = path / rel
-            if not f.exists():
+            if not os.path.lexists(f):
                 raise CheckpointError(f"{index}: shard {fname!r} is missing")
             shard_files[fname] = f
         return _safetensors_source(shard_files, weight_map, device=device, dtype=dtype, describe=str(path), progress=progress)
-    if single.exists():
+    if os.path.lexists(single):
         return _safetensors_source({"model.safetensors": single}, None, device=device, dtype=dtype, describe=str(path), progress=progress)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
@@ -244,13 +286,12 @@ def _safetensors_source(files: dict, weight_map, *, device, dtype, describe, pro
     handles, key_file = {}, {}
     total = 0
     for fname, f in files.items():
-        n, header = _validate_safetensors(f)
-        h = _MappedFile(f, n, header)
+        h = _MappedFile(f)
         handles[fname] = h
         for k in h.keys():
             if weight_map is None or weight_map.get(k) == fname:
                 key_file[k] = fname
-        total += f.stat().st_size
+        total += h.size
     if weight_map is not None:
         missing = [k for k, fn in weight_map.items() if k not in key_file]
         if missing:
@@ -268,16 +309,94 @@ def _safetensors_source(files: dict, weight_map, *, device, dtype, describe, pro
 
 def _torch_bin_source(path: Path, bins, *, device, dtype) -> WeightSource:
     # Never unpickle arbitrary objects: weights_only=True only rebuilds tensors and plain containers.
+    # A zip-format file (torch >= 1.6) is memory-mapped; a legacy one (pre-zip) cannot be, so it is
+    # read from the descriptor that was checked to be a regular file.
     state = {}
     for b in bins:
-        try:
-            part = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointError(f"{b}: refused to load: not a plain tensor checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
-        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-            raise CheckpointError(f"{b}: expected a dict of tensors")
+        with open_regular(b, "PyTorch checkpoint") as f:
+            legacy = not zipfile.is_zipfile(f)
+            f.seek(0)
+            if legacy:
+                declared, size = _legacy_declared_bytes(f), os.fstat(f.fileno()).st_size
+                if declared is not None and declared > size:
+                    raise CheckpointError(f"{b}: declares {declared} bytes of tensor storage but the file has {size}; "
+                                          "truncated or corrupt (refused before allocating it)")
+                f.seek(0)
+            try:
+                if legacy:
+                    part = torch.load(f, map_location="cpu", weights_only=True)
+                else:
+                    part = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # weights_only refusals, corrupt zips and pickles, lying storage sizes
+                what = "legacy-format " if legacy else ""
+                raise CheckpointError(f"{b}: refused to load this {what}PyTorch checkpoint: not a plain tensor checkpoint "
+                                      f"or corrupt ({type(e).__name__}: {_first_line(e)})") from None
+        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()):
+            raise CheckpointError(f"{b}: expected a dict of tensors by name, got {type(part).__name__}")
         state.update(part)
     return from_state_dict(state, device=device, dtype=dtype, describe=str(path))
+
+
+_STORAGE_ITEMSIZE = {"DoubleStorage": 8, "LongStorage": 8, "ComplexFloatStorage": 8, "FloatStorage": 4,
+                     "IntStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "ShortStorage": 2}
+
+
+def _legacy_declared_bytes(f) -> int | None:
+    """Bytes of storage a legacy (pre-zip) torch.save file declares, read without unpickling.
+
+    torch allocates each storage at the size its persistent id declares, ('storage', <type>, key,
+    location, numel, ...), before reading the data that follows the pickle, so a lying numel would
+    allocate first and fail later. The object pickle is run through an abstract stack machine that
+    knows only each opcode's stack effect (pickletools' tables) and tracks the plain values that
+    persistent ids are built from. None if the file does not have the expected shape."""
+    import pickletools
+
+    mark, unknown = object(), object()
+    try:
+        for _ in range(3):  # magic number, protocol version, system info
+            for _op in pickletools.genops(f):
+                pass
+        stack, memo, sizes = [], {}, {}
+        for op, arg, _pos in pickletools.genops(f):
+            name = op.name
+            if name == "MARK":
+                stack.append(mark)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else unknown
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, unknown))
+            elif name in ("GLOBAL",):
+                stack.append(("global", arg))
+            elif name == "TUPLE":
+                i = len(stack) - 1 - stack[::-1].index(mark)
+                stack[i:] = [tuple(stack[i + 1:])]
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                n = int(name[-1])
+                stack[-n:] = [tuple(stack[-n:])]
+            elif name == "BINPERSID":
+                pid = stack.pop()
+                if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and type(pid[4]) is int:
+                    kind = pid[1][1].split()[-1] if isinstance(pid[1], tuple) else ""
+                    sizes[pid[2]] = pid[4] * _STORAGE_ITEMSIZE.get(kind, 1)
+                stack.append(unknown)
+            elif op.arg is not None and not op.stack_before and len(op.stack_after) == 1 and name != "STOP":
+                stack.append(arg)  # a constant: ints, strings, None-free literals
+            elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+                stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
+            else:  # any other opcode: its stack effect only
+                if pickletools.markobject in op.stack_before:
+                    del stack[len(stack) - 1 - stack[::-1].index(mark):]
+                else:
+                    del stack[len(stack) - len(op.stack_before):]
+                stack += [unknown] * len(op.stack_after)
+        return sum(sizes.values())
+    except Exception:  # not the shape torch writes: torch.load gets to say what is wrong
+        return None
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    line = (str(e).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 def from_state_dict(state: dict, *, device, dtype, describe="state dict") -> WeightSource:

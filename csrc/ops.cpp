@@ -20,4 +20,14 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
   // seq_lens int32 [N]; rel_bias [H, max_len] or None (T5). Returns a contiguous [N, H, D] in q's dtype.
   m.def("paged_attention_cpu_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, Tensor? rel_bias) -> Tensor");
+  // CPU only: the small-M linear of decode (csrc/linear_cpu.cpp). linear_pack_cpu packs weight [N, K]
+  // once, as float32 [ceil(N/32), K, 32] or bfloat16 [ceil(N/32), ceil(K/2), 32, 2]; linear_cpu returns
+  // act(x @ Wᵀ + bias) [..., N] in x's dtype for x [..., K] (float32; bf16 weights also take bfloat16);
+  // activation: "none", "relu" or "gelu" (erf); isa: "auto" or a cap, "avx512_bf16", "avx512", "avx2",
+  // "scalar" (linear_cpu_isa names the kernel a cap resolves to on this CPU).
+  m.def("linear_pack_cpu(Tensor weight, ScalarType dtype) -> Tensor");
+  m.def("linear_cpu(Tensor x, Tensor packed, Tensor? bias, int out_features, str activation, str isa) -> Tensor");
+  m.def("linear_cpu_out(Tensor x, Tensor packed, Tensor? bias, int out_features, str activation, str isa, "
+        "Tensor(a!) out) -> ()");
+  m.def("linear_cpu_isa(str isa) -> str");
 }

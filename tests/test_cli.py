@@ -1,4 +1,5 @@
 """caption / answer with the checkpoint's processor, the command line, and the demo."""
+import json
 import subprocess
 import sys
 
@@ -32,10 +33,34 @@ def test_caption_and_answer(demo_dir):
     assert len(ans) == 1
     with pytest.raises(ValueError, match="questions"):
         m.answer([img, img], ["one question"])
-    with pytest.raises(TypeError, match="PIL"):
-        m.caption(torch.zeros(3, 8, 8))
+    with pytest.raises(TypeError, match="PIL image, a path"):
+        m.caption({"image": img})
+    with pytest.raises(ValueError, match="C = 1, 3 or 4"):
+        m.caption(torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match="mode 'F'"):
         m.caption(Image.new("F", (32, 32)))
+
+
+def test_caption_takes_paths_arrays_and_tensors(demo_dir, tmp_path, monkeypatch):
+    """The same image as a PIL image, a str path, a Path, an HWC uint8 array and a CHW tensor gives
+    the same caption (issue 14's inputs), and the pixel limit applies to caption() too."""
+    import numpy as np
+
+    from blip2_fast import images
+
+    m = blip2_fast.load(demo_dir, backend="reference")
+    img = sample_image()
+    f = tmp_path / "x.png"
+    img.save(f)
+    a = np.asarray(img.convert("RGB"))
+    inputs = [img, str(f), f, a, torch.from_numpy(a.copy()).permute(2, 0, 1)]
+    caps = m.caption(inputs, max_new_tokens=4)
+    assert caps == m.caption([img] * len(inputs), max_new_tokens=4) and len(set(caps)) == 1
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", img.width * img.height - 1)
+    with pytest.raises(ValueError, match="over the limit"):
+        m.caption(f)
+    with pytest.raises(ValueError, match="over the limit"):
+        m.answer([img], ["what is this?"])
 
 
 def test_engine_accepts_pil_and_text(demo_dir):
@@ -58,6 +83,104 @@ def test_cli_caption(demo_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "blip2_fast", "caption", str(bad), "--model", str(demo_dir)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "cannot read image" in r.stderr
+
+
+def _cli(*args, timeout=300):
+    env = dict(__import__("os").environ)
+    env.pop("TRITON_INTERPRET", None)  # as a user runs it
+    return subprocess.run([sys.executable, "-m", "blip2_fast", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _one_line_error(r, code):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_cli_user_errors_are_one_line(demo_dir, tmp_path):
+    """Every user error: one line on stderr, a non-zero exit, no traceback (in a subprocess, as run)."""
+    from test_images import png_claiming
+
+    good = tmp_path / "x.png"
+    sample_image().save(good)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(100_000, 100_000))
+    line = _one_line_error(_cli("caption", bomb, "--model", demo_dir), 2)
+    assert "bomb.png" in line and "over the limit of 89478485" in line
+    line = _one_line_error(_cli("caption", tmp_path / "missing.png", "--model", demo_dir), 2)
+    assert "missing.png" in line and "does not exist" in line
+    line = _one_line_error(_cli("caption", good, "--model", demo_dir, "--max-image-pixels", 100), 2)
+    assert "over the limit of 100" in line
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in demo_dir.iterdir():
+        (broken / f.name).symlink_to(f)
+    (broken / "config.json").unlink()
+    cfg = json.loads((demo_dir / "config.json").read_text())
+    cfg["vision_config"]["layer_norm_eps"] = float("nan")
+    (broken / "config.json").write_text(json.dumps(cfg))
+    line = _one_line_error(_cli("caption", good, "--model", broken, "--backend", "reference"), 1)
+    assert "layer_norm_eps" in line and "config.json" in line
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_cli_fifo_in_the_checkpoint_is_one_line_not_a_hang(demo_dir, tmp_path):
+    import os
+
+    good = tmp_path / "x.png"
+    sample_image().save(good)
+    d = tmp_path / "fifo-ckpt"
+    d.mkdir()
+    for f in demo_dir.iterdir():
+        (d / f.name).symlink_to(f)
+    tok = next(f.name for f in demo_dir.iterdir() if f.name.startswith("tokenizer"))
+    (d / tok).unlink()
+    os.mkfifo(d / tok)  # the processor's files are read by transformers, which would block on it
+    line = _one_line_error(_cli("caption", good, "--model", d, timeout=120), 1)
+    assert tok in line and "FIFO" in line
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--max-new-tokens", "2.5"], "--max-new-tokens"), (["--num-beams", "0"], "--num-beams"),
+    (["--max-image-pixels", "-3"], "--max-image-pixels"), (["--frobnicate"], "unrecognized"),
+    (["--backend", "turbo"], "--backend"), ([], "--model"),
+])
+def test_cli_bad_flags_are_one_line(flags, match, capsys):
+    from blip2_fast.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["caption", "x.png", *(["--model", "m"] if flags != [] else []), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+def test_cli_bad_device_and_dtype_are_one_line(demo_dir, tmp_path, capsys):
+    from blip2_fast.__main__ import main
+
+    good = tmp_path / "x.png"
+    sample_image().save(good)
+    for flags, match in ((["--device", "gpu"], "device 'gpu'"), (["--dtype", "int8"], "dtype")):
+        assert main(["caption", str(good), "--model", str(demo_dir), *flags]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+def test_cli_max_image_pixels_raises_the_limit_too(demo_dir, tmp_path, monkeypatch, capsys):
+    """A limit above the default lets a larger image through, in caption() as well."""
+    from blip2_fast import images
+    from blip2_fast.__main__ import main
+
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS)  # main() sets it for its process
+    img = tmp_path / "x.png"
+    sample_image().save(img)
+    n = sample_image().width * sample_image().height
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", n - 1)  # as if the default were lower than this image
+    args = ["caption", str(img), "--model", str(demo_dir), "--backend", "reference", "--max-new-tokens", "2"]
+    assert main(args + ["--max-image-pixels", str(n)]) == 0, capsys.readouterr().err
+    assert main(args + ["--max-image-pixels", str(n - 1)]) == 2
+    assert "over the limit" in capsys.readouterr().err
 
 
 def test_demo_runs(tmp_path):

@@ -160,7 +160,7 @@ def test_kv_bytes_fit_the_tokens(ckpt):
     while eng.has_unfinished():
         eng.step()
         used = eng.num_blocks - eng.num_free_blocks
-        need = sum(-(-eng.blocks.num_tokens(s) // 4) for r in eng.running for s in r.seqs)
+        need = sum(-(-eng.blocks.num_tokens(s) // 4) for r in eng.scheduler.running for s in r.seqs)
         assert used <= need
 
 

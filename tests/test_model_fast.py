@@ -77,14 +77,11 @@ def test_model_traces_with_torch_compile_fullgraph(ckpt):
     eng = blip2_fast.Engine(m, num_blocks=32, block_size=4)
     eng.add_request(0, pixel_values=pv[0], prompt=ids[0], sampling=blip2_fast.SamplingParams(max_new_tokens=3))
     eng.step()  # prefill
-    r = eng.running[0]
-    eng._reserve([r])
-    sid = r.seqs[0]
-    slot, pos = eng._slots[sid]
-    args = ([r.pending[sid]], [pos], [slot], [eng.blocks.block_table(sid)], [eng.blocks.num_tokens(sid)])
-    ins = eng.runner._inputs(1, 8)
-    eng.runner._fill(ins, *args, None, None)
-    eager = eng.runner._forward(ins)
-    step = torch.compile(eng.runner._forward, fullgraph=True, backend="aot_eager")
+    plan = eng.scheduler.schedule()  # the next decode step's sequences, with their slots reserved
+    eng.runner.staging.reset()
+    ins = eng.runner.prepare_decode(plan.batch)
+    eng.runner.staging.send()
+    eager = eng.runner.forward_decode(ins)
+    step = torch.compile(eng.runner.forward_decode, fullgraph=True, backend="aot_eager")
     with torch.inference_mode():
         assert torch.allclose(step(ins), eager, atol=1e-5)

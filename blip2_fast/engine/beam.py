@@ -1,11 +1,14 @@
 """Beam search state for one request, step for step the arithmetic of transformers' `_beam_search`
 (batch of one): top-2k continuations over all beams, finished hypotheses scored with
-`length_penalty`, the same early-stopping heuristic, and the same final selection."""
+`length_penalty`, the same early-stopping heuristic, and the same final selection.
+
+The selection of the 2k candidates runs on the device with the rest of the batch (`Sampler`);
+this host-side bookkeeping only sees those candidates."""
 from __future__ import annotations
 
 import torch
 
-from .sampling import SamplingParams
+from .params import SamplingParams
 
 
 class BeamState:
@@ -35,20 +38,13 @@ class BeamState:
     def history(self) -> list[list[int]]:
         return [r[: self.cur_len].tolist() for r in self.running]
 
-    def step(self, log_probs: torch.Tensor, generator=None) -> tuple[list[int], list[int]]:
-        """log_probs: processed log-probabilities [k, V] of the running beams. Returns, for the next
-        running beams, (parent beam index, new token) each; sets `done` when the search is over."""
-        k, V = log_probs.shape
+    def step(self, top_lp: torch.Tensor, top_i: torch.Tensor, V: int) -> tuple[list[int], list[int]]:
+        """The `keep` best continuations of this step, best first (from `Sampler`): their summed
+        log-probabilities top_lp [keep] (float32) and flat indices top_i [keep] into the running
+        beams' [k, V] scores. Returns, for the next running beams, (parent beam index, new token)
+        each; sets `done` when the search is over."""
+        k = self.k
         cur, P = self.cur_len, self.prompt_len
-        acc = (log_probs + self.running_scores[:, None]).reshape(1, -1)  # (1, k*V)
-        if self.p.do_sample:
-            top_i = torch.multinomial(torch.softmax(acc, -1), self.keep, generator=generator)
-            top_lp = acc.gather(1, top_i)
-            top_lp, order = top_lp.sort(-1, descending=True)
-            top_i = top_i.gather(-1, order)
-        else:
-            top_lp, top_i = torch.topk(acc, self.keep)
-        top_lp, top_i = top_lp[0], top_i[0]
         beam, tok = top_i // V, top_i % V
         top_seqs = self.running[beam].clone()
         top_seqs[:, cur] = tok

@@ -29,10 +29,12 @@ API (seq_id: any hashable; keys: a sequence of hashables):
                                                    the runner writes slot_mapping(seq_id, num_cached, len(keys))
     can_append(seq_id) -> bool                    a free block exists if the next append needs one
     append_slot(seq_id, key) -> (slot, copy)       slot for the new token; copy is (src, dst) or None
+    append_token(seq_id, token) -> (slot, pos, copy)  append_slot keyed (token, position)
+    append_tokens(seq_ids, tokens, slots, positions, copies)  the same for many (the decode step)
     slot_mapping(seq_id, start, end) -> list[int]  flat slots of tokens [start, end)
     fork(parent_seq_id, child_seq_id) -> table     child shares all of parent's blocks
     free(seq_id)                                   release; unknown or already-freed id raises
-    block_table(seq_id), num_tokens(seq_id), num_free_blocks, num_used_blocks, seq_ids
+    block_table(seq_id), table_view(seq_id), num_tokens(seq_id), num_free_blocks, num_used_blocks, seq_ids
     check_invariants()                            asserts the accounting (tests, debug runs)
 Failures raise `NoFreeBlocksError`, `UnknownSequenceError` or `SequenceExistsError` (all
 `BlockManagerError`) before any state changes.
@@ -119,6 +121,11 @@ class BlockManager:
     def block_table(self, seq_id) -> list[int]:
         return list(self._seq(seq_id).table)
 
+    def table_view(self, seq_id) -> list[int]:
+        """The sequence's block table itself, not a copy: it follows appends and copy-on-write (the
+        runner reads it every step). Read only."""
+        return self._seq(seq_id).table
+
     def num_tokens(self, seq_id) -> int:
         return self._seq(seq_id).num_tokens
 
@@ -204,16 +211,56 @@ class BlockManager:
         runner must copy block src to dst (K and V, every layer) before writing the token to slot.
         """
         s = self._seq(seq_id)
-        if self._append_needs_block(s) > len(self._free):
-            raise NoFreeBlocksError(f"sequence {seq_id!r} needs a free block to append, none left")
-        bs, offset, copy = self.block_size, s.num_tokens % self.block_size, None
+        return self._append(s, seq_id, key)
+
+    def append_token(self, seq_id, token) -> tuple[int, int, tuple[int, int] | None]:
+        """`append_slot` for a generated token, keyed (token, position): returns (slot, position, copy)."""
+        s = self._seqs.get(seq_id)
+        if s is None:
+            raise UnknownSequenceError(f"unknown sequence {seq_id!r}")
+        pos = s.num_tokens
+        slot, copy = self._append(s, seq_id, (token, pos))
+        return slot, pos, copy
+
+    def append_tokens(self, seq_ids: list, tokens: list[int], slots: list[int], positions: list[int],
+                      copies: list[tuple[int, int]]) -> None:
+        """`append_token` for many sequences, the common case inline (the decode step's hot loop):
+        appends each one's slot and position to `slots` / `positions`, and copy-on-write pairs to
+        `copies`. On NoFreeBlocksError the sequences before the failing one have their slots (as
+        many as `slots` holds); the failing one and those after are unchanged."""
+        bs, blocks, seqs = self.block_size, self._blocks, self._seqs
+        for sid, tok in zip(seq_ids[len(slots):], tokens[len(slots):]):
+            s = seqs.get(sid)
+            if s is None:
+                raise UnknownSequenceError(f"unknown sequence {sid!r}")
+            pos = s.num_tokens
+            off = pos % bs
+            b = blocks[s.table[-1]] if off else None
+            if b is not None and b.ref == 1 and off < bs - 1:  # room in an own block, and it stays partial
+                b.keys.append((tok, pos))
+                s.num_tokens = pos + 1
+                slots.append(b.id * bs + off)
+            else:
+                slot, copy = self._append(s, sid, (tok, pos))
+                slots.append(slot)
+                if copy is not None:
+                    copies.append(copy)
+            positions.append(pos)
+
+    def _append(self, s: _Seq, seq_id, key) -> tuple[int, tuple[int, int] | None]:
+        bs = self.block_size
+        offset, copy = s.num_tokens % bs, None
         if offset == 0:
+            if not self._free:
+                raise NoFreeBlocksError(f"sequence {seq_id!r} needs a free block to append, none left")
             b = self._pop_free()
             b.ref = 1
             s.table.append(b.id)
         else:
             b = self._blocks[s.table[-1]]
-            if b.ref > 1:
+            if b.ref > 1:  # shared partial block: copy on write
+                if not self._free:
+                    raise NoFreeBlocksError(f"sequence {seq_id!r} needs a free block to append, none left")
                 src, b = b, self._pop_free()
                 src.ref -= 1
                 b.ref = 1
@@ -223,7 +270,7 @@ class BlockManager:
         assert b.ref == 1 and len(b.keys) == offset, "about to write a shared block or a misfilled one"
         b.keys.append(key)
         s.num_tokens += 1
-        if len(b.keys) == bs:
+        if offset == bs - 1:
             self._register(b, self._blocks[s.table[-2]].uid if len(s.table) > 1 else _ROOT)
         return b.id * bs + offset, copy
 

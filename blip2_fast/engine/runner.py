@@ -1,22 +1,35 @@
-"""The model runner: owns the KV cache tensors and turns scheduled sequences into model calls.
+"""The model runner: owns the KV cache, the image cache and the CUDA graphs, and turns a scheduled
+batch into model calls. All of the engine's tensor work happens here and in the sampler.
 
-All tensor work of the engine lives here; the scheduler and block manager only do bookkeeping.
-One K and one V pool per language-model layer, [num_blocks, block_size, H, D]; T5's cross-attention
-K/V of the encoder output live in the same per-layer pools, in blocks owned by a per-request
+`prepare_prefill` / `prepare_decode` turn a batch into one flat input struct (`PrefillInputs`,
+`DecodeInputs`) whose index tensors come from the step's one `Staging` copy; `prefill` / `decode`
+run the model on it. One K and one V pool per language-model layer, [num_blocks, block_size, H, D];
+T5's cross-attention K/V of the encoder output live in the same pools, in blocks of a per-request
 "cross" sequence.
+
+On a GPU the decode step replays CUDA graphs, one per batch-size bucket, all captured when the
+runner is built (never while serving). A capture that fails raises with its reason; a replay that
+fails fails the step (the engine then fails its requests), it never turns the runner eager.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import math
-import warnings
+import time
+import weakref
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
+from ..layers import AttnMeta
 from ..models.greedy_head import ScreenedArgmax, screen_supported
-from ..models.kv import AttnMeta
+from .scheduler import DecodeBatch
+from .staging import Staging, inference
+
+MAX_GRAPH_BATCH = 512  # decode batches above this run eagerly (capture time and graph memory grow with it)
 
 
 def image_digest(pixel_values: torch.Tensor) -> str:
@@ -24,49 +37,108 @@ def image_digest(pixel_values: torch.Tensor) -> str:
     return hashlib.sha1(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
 
 
-def pad_tables(tables: list[list[int]], width: int) -> torch.Tensor:
-    """Ragged block tables -> one zero-padded int32 [n, width] CPU tensor (numpy row fills are fast)."""
-    a = np.zeros((len(tables), width), dtype=np.int32)
-    for i, t in enumerate(tables):
-        a[i, : len(t)] = t
-    return torch.from_numpy(a)
+_screens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _greedy_head(model) -> ScreenedArgmax | None:
     """The model's screened greedy head, or None where the screen does not pay off. Built once per
-    model and kept on it (a bf16 copy of the head plus its norms: about 1 s for OPT-2.7B's on 2 cores),
-    not once per engine: `generate()` makes a new engine whenever it needs a bigger pool."""
+    model (a bf16 copy of the head plus its norms: about 1 s for OPT-2.7B's on 2 cores), not once
+    per engine: `generate()` makes a new engine whenever it needs a bigger pool."""
     if screen_supported(model.lm.lm_head) is not None:  # also re-checks oneDNN being switched off
         return None
-    if getattr(model, "_greedy_head", None) is None:
-        model._greedy_head = ScreenedArgmax(model.lm.lm_head)
-    return model._greedy_head
+    if model not in _screens:  # keyed weakly by the model; the screen holds only its head weight
+        _screens[model] = ScreenedArgmax(model.lm.lm_head)
+    return _screens[model]
+
+
+@dataclasses.dataclass
+class PrefillItem:
+    """One sequence to prefill. Decoder-only: `tokens` are every LM position's id (-1: an image
+    query, filled from `features` in order), the prompt then any generated tokens to recompute; the
+    first `num_cached` already have KV in the blocks. Encoder-decoder: `tokens` are the encoder's,
+    `dec_tokens` the decoder's (start token + recomputed tokens); `cross_table` holds the encoder
+    K/V, of which the first `cross_cached` positions are cached."""
+
+    tokens: list[int]
+    features: torch.Tensor  # [Q, E] projected image queries
+    block_table: list[int]
+    num_cached: int = 0
+    dec_tokens: list[int] | None = None
+    cross_table: list[int] | None = None
+    cross_cached: int = 0
+
+
+@dataclasses.dataclass
+class PrefillInputs:
+    ids: torch.Tensor  # [n, S] LM (T5: encoder) token ids, 0 at image positions and padding (int32)
+    positions: torch.Tensor | None  # [n, S] decoder-only positions (-1: padding)
+    image_index: torch.Tensor | None  # flat [n*S] index of every image position ...
+    features: torch.Tensor | None  # ... and its query embedding, [m, E]
+    meta: AttnMeta
+    dec_ids: torch.Tensor | None = None  # T5: [n, T] decoder ids
+    last: torch.Tensor | None = None  # T5: [n] last decoder position of each row
+
+
+@dataclasses.dataclass
+class DecodeInputs:
+    n: int  # real rows; rows past it (a graph bucket's padding) write nothing and are ignored
+    ids: torch.Tensor  # [b, 1]
+    positions: torch.Tensor  # [b, 1]
+    meta: AttnMeta
+
+
+class ImageCache:
+    """Projected image queries by image digest, least recently used evicted; hit / miss counters."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        f = self.entries.get(key)
+        if f is not None:
+            self.entries.move_to_end(key)
+        return f
+
+    def put(self, key, f) -> None:
+        self.entries[key] = f
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 256, *,
-                 max_model_len: int = 2048, max_num_seqs: int = 256, enforce_eager: bool = False):
-        self.model = model
-        self.lm = model.lm
+    def __init__(self, model, num_blocks: int, block_size: int, *, max_model_len: int, max_num_seqs: int,
+                 enforce_eager: bool = False, image_cache_size: int = 256, image_batch: int = 32):
+        self.model, self.lm = model, model.lm
         self.device, self.dtype = model.device, model.dtype
         self.block_size = block_size
+        self.t5 = model.is_encoder_decoder
         H, D = self.lm.kv_heads_dim
         shape = (num_blocks, block_size, H, D)
         self.caches = [(torch.zeros(shape, device=self.device, dtype=self.dtype),
                         torch.zeros(shape, device=self.device, dtype=self.dtype)) for _ in range(self.lm.num_layers)]
-        self.t5 = model.is_encoder_decoder
-        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.image_cache_size = image_cache_size
-        self.images_encoded = 0  # how many images went through ViT + Q-Former (the rest were cache hits)
-        # CUDA graphs for the decode step, one per batch-size bucket, captured on first use
-        self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        # T5's decode self-attention bias by distance, for every length this engine serves
+        self.rel_table = self.lm.decoder_rel_table(max_model_len) if self.t5 else None
         self.table_width = math.ceil(max_model_len / block_size)
-        self.buckets = sorted({1, 2, 4, max_num_seqs} | set(range(8, max_num_seqs + 8, 8)))
-        self.buckets = [b for b in self.buckets if b <= max(max_num_seqs, 1)] or [1]
-        self._graphs: dict[int, tuple] = {}
-        self._graph_pool = None
+        self.images = ImageCache(image_cache_size)
+        self.image_batch = image_batch
+        self.images_encoded = 0  # how many images went through ViT + Q-Former (the rest were cache hits)
+        self._encode_times: list = []  # (start, end) CUDA events or wall seconds, drained by `encode_seconds`
+        self.buckets = sorted({1, 2, 4} | set(range(8, MAX_GRAPH_BATCH + 1, 8)))
+        self.buckets = sorted({b for b in self.buckets if b < max_num_seqs} | {min(max_num_seqs, MAX_GRAPH_BATCH)})
+        # the largest graph bucket's decode inputs must sit in the staging's first buffer (graphs read it)
+        graph_words = self.buckets[-1] * (4 + self.table_width * (2 if self.t5 else 1) + (1 if self.t5 else 0))
+        self.staging = Staging(self.device, max(1 << 16, 2 * graph_words))
         # exact greedy ids without the full fp32 head GEMM (CPU, fp32 heads, bf16-capable cores)
         self.greedy_head = _greedy_head(model)
+        self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        self._graphs: dict[int, tuple] = {}
+        self._decode_memo = None  # the last decode layout: reused while the batch stays the same
+        self.graph_captures = 0  # CUDA graphs captured: all of them while the runner is built
+        self.graph_replays = 0
+        if self.use_graphs:
+            self._capture_graphs()
 
     @staticmethod
     def bytes_per_block(model, block_size: int) -> int:
@@ -74,225 +146,309 @@ class ModelRunner:
         return 2 * model.lm.num_layers * block_size * H * D * torch.tensor([], dtype=model.dtype).element_size()
 
     # ---- images -------------------------------------------------------------------------------
-    def image_inputs(self, items: list[tuple[str, torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
+    @inference
+    def image_features(self, items: list[tuple[str, torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
         """(digest, pixel_values [3, H, W], interpolate) -> projected queries [Q, E]; new images run
-        through the vision encoder and Q-Former as one batch per (size, interpolate) group."""
+        through the vision encoder and Q-Former in batches of at most `image_batch` per (size, interpolate)."""
         out, todo = {}, {}
         for key, px, interp in items:
-            if key in self._images:
-                self._images.move_to_end(key)
-                out[key] = self._images[key]
+            if key in out or key in todo.get((tuple(px.shape), interp), {}):
+                continue
+            f = self.images.get(key)
+            if f is not None:
+                self.images.hits += 1
+                out[key] = f
             else:
                 todo.setdefault((tuple(px.shape), interp), {})[key] = px
         for (_, interp), group in todo.items():
             keys = list(group)
-            batch = torch.stack([group[k] for k in keys]).to(self.device)
-            feats = self.model.language_model_inputs(batch, interp)  # (B, Q, E)
-            self.images_encoded += len(keys)
-            for k, f in zip(keys, feats):
-                out[k] = f
-                self._images[k] = f
-                while len(self._images) > self.image_cache_size:
-                    self._images.popitem(last=False)
+            for s in range(0, len(keys), self.image_batch):
+                chunk = keys[s: s + self.image_batch]
+                t0 = self._clock()
+                batch = torch.stack([group[k] for k in chunk]).to(self.device, non_blocking=True)
+                feats = self.model.language_model_inputs(batch, interp)  # (B, Q, E)
+                self._encode_times.append((t0, self._clock()))
+                self.images.misses += len(chunk)
+                self.images_encoded += len(chunk)
+                for k, f in zip(chunk, feats):
+                    out[k] = f
+                    self.images.put(k, f)
         return out
 
-    # ---- helpers --------------------------------------------------------------------------------
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate block src into dst in every layer's K and V pool."""
+    def _clock(self):
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def encode_seconds(self) -> tuple[float, ...]:
+        """Wall time of each image-encode batch since the last call; never waits for the device (a
+        batch still running on the GPU is reported by a later call)."""
+        done, pending = [], []
+        for a, b in self._encode_times:
+            if isinstance(a, float):
+                done.append(b - a)
+            elif b.query():
+                done.append(a.elapsed_time(b) / 1e3)
+            else:
+                pending.append((a, b))
+        self._encode_times = pending
+        return tuple(done)
+
+    # ---- cache ----------------------------------------------------------------------------------
+    def prepare_copies(self, pairs: list[tuple[int, int]]):
+        """Copy-on-write pairs (src, dst) into the step's staging: (src, dst) device index views."""
         if not pairs:
+            return None
+        a = np.asarray(pairs, dtype=np.int32)
+        return self.staging.add(a[:, 0]), self.staging.add(a[:, 1])
+
+    @inference
+    def copy_blocks(self, copies) -> None:
+        """Copy-on-write (after the staging was sent): duplicate block src into dst in every layer's K
+        and V pool; `copies` from `prepare_copies`."""
+        if copies is None:
             return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        src, dst = copies[0].long(), copies[1].long()
         for k, v in self.caches:
             k[dst] = k[src]
             v[dst] = v[src]
 
-    def _tables(self, tables: list[list[int]]) -> torch.Tensor:
-        return pad_tables(tables, max(len(t) for t in tables)).to(self.device)
-
-    def _prompt_embeds(self, prompt_ids: torch.Tensor, lm_inputs: torch.Tensor):
-        """The prompt's LM embeddings with the image queries in place, as `Blip2.merge_prompt` lays
-        them out; the image-token positions are found on the host (the engine validated the ids),
-        so building a batch costs no device syncs."""
-        img = self.model.cfg.image_token_id
-        is_img = (prompt_ids == img) if img is not None else torch.zeros_like(prompt_ids, dtype=torch.bool)
-        emb = self.lm.embed_tokens(prompt_ids.to(self.device, non_blocking=True))  # (S, E)
-        lm_inputs = lm_inputs.to(emb.dtype)
-        if not bool(is_img.any()):
-            return torch.cat([lm_inputs, emb])  # no image tokens: the queries go first
-        emb[is_img.nonzero()[:, 0].to(self.device)] = lm_inputs
-        return emb
+    def _slots(self, table: list[int], start: int, end: int) -> np.ndarray:
+        t = np.asarray(table, dtype=np.int64)
+        p = np.arange(start, end)
+        return t[p // self.block_size] * self.block_size + p % self.block_size
 
     # ---- prefill ------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, items: list[dict]) -> torch.Tensor:
-        """Prefill a batch of sequences; returns the float32 logits of each one's last position [n, V].
-
-        Each item: prompt_ids (1-D tensor, no padding), lm_inputs [Q, E], generated (list of ids whose
-        KV is to be recomputed, after a preemption), slots (flat slot per LM token, -1 = already
-        cached), and for T5: dec_start, cross_slots (per encoder token).
-        """
-        return self.lm.logits(self._prefill_hidden(items)).float()
-
-    @torch.inference_mode()
-    def prefill_greedy(self, items: list[dict], banned=None) -> list[int]:
-        """`prefill` for sequences that only take the argmax (see `decode_greedy`): each one's next id."""
-        assert self.greedy_head is not None
-        return self.greedy_head(self.lm.head_input(self._prefill_hidden(items)), banned)
-
-    def _prefill_hidden(self, items: list[dict]) -> torch.Tensor:
-        """The prefill up to the LM head: each sequence's last hidden state [n, E]."""
+    def prepare_prefill(self, items: list[PrefillItem]) -> PrefillInputs:
+        """Lay a prefill batch out on the host and add it to the step's staging (sent by the caller)."""
         if self.t5:
-            return self._prefill_t5(items)
-        embs, cached = [], []
-        for it in items:
-            e = self._prompt_embeds(it["prompt_ids"], it["lm_inputs"])
-            if it["generated"]:
-                e = torch.cat([e, self.lm.embed_tokens(torch.tensor(it["generated"], device=self.device))])
-            c = it.get("num_cached", 0)  # leading tokens whose KV is already in the blocks
-            assert len(it["slots"]) == e.shape[0] and 0 <= c < e.shape[0]
-            embs.append(e[c:])
-            cached.append(c)
-        n, S = len(embs), max(e.shape[0] for e in embs)
-        E = embs[0].shape[1]
-        x = torch.zeros(n, S, E, device=self.device, dtype=embs[0].dtype)
-        pos = torch.full((n, S), -1, dtype=torch.long, device=self.device)
-        mask = torch.zeros(n, S, dtype=torch.bool, device=self.device)
-        slots = torch.full((n, S), -1, dtype=torch.long, device=self.device)
-        for i, (e, c, it) in enumerate(zip(embs, cached, items)):
-            L = e.shape[0]
-            x[i, S - L:] = e  # left-padded, as transformers pads decoder-only prompts
-            pos[i, S - L:] = torch.arange(c, c + L, device=self.device)
-            mask[i, S - L:] = True
-            slots[i, S - L:] = torch.tensor(it["slots"][c:], device=self.device)
-        meta = AttnMeta(prefill=True, key_padding_mask=mask, slot_mapping=slots.view(-1))
-        C = max(cached)
-        if C:  # prefix-cache hits: attend to the cached K/V instead of recomputing it
-            meta.ctx_len = C
-            meta.block_tables = self._tables([it["table"] for it in items])
-            meta.ctx_mask = torch.arange(C, device=self.device)[None, :] < torch.tensor(cached, device=self.device)[:, None]
-        h = self.lm(x, pos, meta, self.caches)
-        return h[:, -1]
+            return self._prepare_prefill_t5(items)
+        st = self.staging
+        n = len(items)
+        S = max(len(it.tokens) - it.num_cached for it in items)
+        C = max(it.num_cached for it in items)
+        ids = np.zeros((n, S), np.int32)
+        pos = np.full((n, S), -1, np.int32)
+        slots = np.full((n, S), -1, np.int32)
+        key_slots = np.zeros((n, C + S), np.int32) if C else None
+        img, feats = [], []
+        for i, it in enumerate(items):
+            c, L = it.num_cached, len(it.tokens)
+            assert 0 <= c < L, (c, L)
+            tok = np.asarray(it.tokens, dtype=np.int32)
+            a = S - (L - c)  # left-padded, as transformers pads decoder-only prompts
+            ids[i, a:] = np.maximum(tok[c:], 0)
+            pos[i, a:] = np.arange(c, L)
+            slots[i, a:] = self._slots(it.block_table, c, L)
+            if C:  # prefix-cache hits: attend to every key (the cached ones and these) from the blocks
+                key_slots[i, :c] = self._slots(it.block_table, 0, c)
+                key_slots[i, C + a:] = slots[i, a:]
+            where = np.nonzero(tok < 0)[0]
+            q = np.arange(len(where))
+            keep = where >= c
+            img.append(i * S + a + where[keep] - c)
+            feats.append(_rows(it.features, q[keep]))
+        mask = pos >= 0
+        img = np.concatenate(img)
+        meta = AttnMeta(prefill=True, key_padding_mask=st.add(mask.astype(np.int32)), slot_mapping=st.add(slots.reshape(-1)))
+        if C:
+            km = np.concatenate([np.arange(C)[None, :] < np.array([it.num_cached for it in items])[:, None], mask], 1)
+            meta.key_slots, meta.key_mask = st.add(key_slots), st.add(km.astype(np.int32))
+        return PrefillInputs(st.add(ids), st.add(pos), st.add(img) if img.size else None,
+                             torch.cat([f for f in feats if f.shape[0]]) if img.size else None, meta)
 
-    def _prefill_t5(self, items):
-        embs = [self._prompt_embeds(it["prompt_ids"], it["lm_inputs"]) for it in items]
-        n, Se = len(embs), max(e.shape[0] for e in embs)
-        E = embs[0].shape[1]
-        x = torch.zeros(n, Se, E, device=self.device, dtype=embs[0].dtype)
-        emask = torch.zeros(n, Se, dtype=torch.bool, device=self.device)
-        xslots = torch.full((n, Se), -1, dtype=torch.long, device=self.device)
-        for i, (e, it) in enumerate(zip(embs, items)):
-            L = e.shape[0]
-            x[i, :L], emask[i, :L] = e, True
-            xslots[i, :L] = torch.tensor(it["cross_slots"], device=self.device)
-        enc = self.lm.encode(x, emask)
-        decs = [[it["dec_start"]] + list(it["generated"]) for it in items]
-        T = max(len(d) for d in decs)
-        ids = torch.zeros(n, T, dtype=torch.long, device=self.device)
-        dmask = torch.zeros(n, T, dtype=torch.bool, device=self.device)
-        slots = torch.full((n, T), -1, dtype=torch.long, device=self.device)
-        for i, (d, it) in enumerate(zip(decs, items)):
-            ids[i, : len(d)] = torch.tensor(d, device=self.device)
-            dmask[i, : len(d)] = True
-            slots[i, : len(d)] = torch.tensor(it["slots"], device=self.device)
-        meta = AttnMeta(prefill=True, key_padding_mask=dmask, slot_mapping=slots.view(-1),
-                        cross_slot_mapping=xslots.view(-1), encoder_mask=emask)
-        h = self.lm.decode(self.lm.embed_tokens(ids), enc, meta, self.caches, self.caches)
-        last = torch.tensor([len(d) - 1 for d in decs], device=self.device)
-        return h[torch.arange(n, device=self.device), last]
+    def _prepare_prefill_t5(self, items: list[PrefillItem]) -> PrefillInputs:
+        st = self.staging
+        n = len(items)
+        Se = max(len(it.tokens) for it in items)
+        T = max(len(it.dec_tokens) for it in items)
+        ids = np.zeros((n, Se), np.int32)
+        emask = np.zeros((n, Se), np.int32)
+        xslots = np.full((n, Se), -1, np.int32)
+        dec = np.zeros((n, T), np.int32)
+        dmask = np.zeros((n, T), np.int32)
+        dslots = np.full((n, T), -1, np.int32)
+        img, feats = [], []
+        for i, it in enumerate(items):
+            tok = np.asarray(it.tokens, dtype=np.int32)
+            L, c = len(tok), it.cross_cached
+            ids[i, :L], emask[i, :L] = np.maximum(tok, 0), 1
+            xslots[i, c:L] = self._slots(it.cross_table, c, L)  # cached encoder K/V are never rewritten
+            d = it.dec_tokens
+            dec[i, : len(d)], dmask[i, : len(d)] = d, 1
+            dslots[i, it.num_cached: len(d)] = self._slots(it.block_table, it.num_cached, len(d))
+            where = np.nonzero(tok < 0)[0]
+            img.append(i * Se + where)
+            feats.append(_rows(it.features, np.arange(len(where))))
+        img = np.concatenate(img)
+        meta = AttnMeta(prefill=True, key_padding_mask=st.add(dmask), slot_mapping=st.add(dslots.reshape(-1)),
+                        cross_slot_mapping=st.add(xslots.reshape(-1)), encoder_mask=st.add(emask))
+        return PrefillInputs(st.add(ids), None, st.add(img) if img.size else None,
+                             torch.cat([f for f in feats if f.shape[0]]) if img.size else None, meta,
+                             st.add(dec), st.add(dmask.sum(1) - 1))
+
+    @inference
+    def prefill(self, inp: PrefillInputs) -> torch.Tensor:
+        """Run a prefill (after the staging was sent): each sequence's last hidden state [n, E]."""
+        meta = dataclasses.replace(inp.meta)  # the masks travelled as int32
+        for name in ("key_padding_mask", "key_mask", "encoder_mask"):
+            if getattr(meta, name) is not None:
+                setattr(meta, name, getattr(meta, name).bool())
+        emb = self.lm.embed_tokens(inp.ids)  # (n, S, E)
+        if inp.image_index is not None:
+            E = emb.shape[-1]
+            emb.view(-1, E).index_copy_(0, inp.image_index.long(), inp.features.to(emb.dtype))
+        if self.t5:
+            enc = self.lm.encode(emb, meta.encoder_mask)
+            h = self.lm.decode(self.lm.embed_tokens(inp.dec_ids), enc, meta, self.caches, self.caches)
+            return h[torch.arange(h.shape[0], device=h.device), inp.last.long()]
+        return self.lm(emb, inp.positions, meta, self.caches)[:, -1]
 
     # ---- decode -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-               seq_lens: list[int], cross_tables=None, cross_lens=None) -> torch.Tensor:
-        """One new token per sequence: returns float32 logits [n, V]."""
-        n = len(tokens)
-        if self.use_graphs and n <= self.buckets[-1] and max(len(t) for t in tables) <= self.table_width and (
-                cross_tables is None or max(len(t) for t in cross_tables) <= self.table_width):
-            try:
-                return self._decode_graph(tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
-            except Exception as e:  # capture can fail on unusual setups; never lose the request over it
-                warnings.warn(f"blip2_fast: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly", RuntimeWarning)
-                self.use_graphs = False
-        return self.lm.logits(self._eager_hidden(tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)).float()
-
-    @torch.inference_mode()
-    def decode_greedy(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-                      seq_lens: list[int], cross_tables=None, cross_lens=None, banned=None) -> list[int]:
-        """One greedy step for sequences that only take the argmax (no sampling, no penalties):
-        returns each one's next id; `banned[i]` ids are excluded for sequence i (min_new_tokens).
-        Needs `greedy_head` (the CPU screen); the ids equal argmax of `decode`'s logits."""
-        assert self.greedy_head is not None
-        h = self._eager_hidden(tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
-        return self.greedy_head(self.lm.head_input(h), banned)
-
-    def _eager_hidden(self, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens) -> torch.Tensor:
-        width = max(len(t) for t in tables + (cross_tables or []))
-        ins = self._inputs(len(tokens), width)
-        self._fill(ins, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
-        return self._hidden(ins)
-
-    def _inputs(self, n: int, width: int) -> dict:
-        dev = self.device
-        ins = {"ids": torch.zeros(n, 1, dtype=torch.long, device=dev), "pos": torch.zeros(n, 1, dtype=torch.long, device=dev),
-               "slots": torch.full((n,), -1, dtype=torch.long, device=dev),
-               "tables": torch.zeros(n, width, dtype=torch.int32, device=dev),
-               "lens": torch.ones(n, dtype=torch.int32, device=dev)}
+    def prepare_decode(self, batch) -> DecodeInputs:
+        """Lay a decode batch out (a `DecodeBatch`: one row per sequence, its token at its position,
+        written to its slot) and add it to the step's staging, first (a CUDA graph reads these offsets)."""
+        seqs = batch.seqs
+        n = len(seqs)
+        rows, W, changed = self._table_rows(seqs)
         if self.t5:
-            ins["xtables"] = torch.zeros(n, width, dtype=torch.int32, device=dev)
-            ins["xlens"] = torch.ones(n, dtype=torch.int32, device=dev)
-        return ins
+            W = max(W, max(len(s.request.cross.block_table) for s in seqs))
+        b = n
+        if self.use_graphs and n <= self.buckets[-1] and W <= self.table_width:
+            b, W = next(x for x in self.buckets if x >= n), self.table_width
+        return self._decode_layout(batch, b, W, rows, changed)
 
-    def _fill(self, ins, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens) -> None:
-        """Copy one step's host-side inputs into (possibly static, larger) device buffers; rows past
-        len(tokens) stay padding: slot -1 (nothing written) and a length-1 context."""
-        n, W = len(tokens), ins["tables"].shape[1]
-        pad = lambda ts: pad_tables(ts, W)  # noqa: E731
-        ins["ids"][:n, 0].copy_(torch.tensor(tokens), non_blocking=True)
-        ins["pos"][:n, 0].copy_(torch.tensor(positions), non_blocking=True)
-        ins["slots"][:n].copy_(torch.tensor(slots), non_blocking=True)
-        ins["slots"][n:] = -1
-        ins["tables"][:n].copy_(pad(tables), non_blocking=True)
-        ins["lens"][:n].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        ins["lens"][n:] = 1
+    def _decode_layout(self, batch, b: int, W: int, rows=None, changed: bool = True) -> DecodeInputs:
+        st = self.staging
+        seqs = batch.seqs
+        n = len(seqs)
+        memo = self._decode_memo
+        if memo is not None and st.owner is memo and memo[0] == (b, W) and st.offset == (0, 0) and memo[1] == seqs:
+            # the same sequences as the last step: rewrite the inputs where they are, keep the views
+            _, _, cols, tables, words, inp = memo
+            cols[0, :n], cols[1, :n], cols[2, :n] = batch.tokens, batch.positions, batch.slots
+            cols[3, :n] = cols[1, :n] + 1
+            if changed:
+                tables[:n] = np.concatenate(rows).reshape(n, -1)[:, :W]
+            st.skip(words)
+            return inp
+        start = st.offset
+        cols_a = np.zeros((4, b), np.int32)  # ids, positions, slots, lengths: one staging entry
+        cols_a[2], cols_a[3] = -1, 1  # padding rows (a graph bucket's) write nothing and attend to one key
+        tables_a = np.zeros((b, W), np.int32)
+        if n:
+            cols_a[0, :n], cols_a[1, :n], cols_a[2, :n] = batch.tokens, batch.positions, batch.slots
+            cols_a[3, :n] = cols_a[1, :n] + 1
+            if W <= self.table_width:
+                tables_a[:n] = np.concatenate(rows).reshape(n, -1)[:, :W]
+            else:  # wider than any self-attention table: T5's cross tables of a long prompt
+                _fill_rows(tables_a, [s.block_table for s in seqs])
+        cols, c = st.add_np(cols_a)
+        tables, t = st.add_np(tables_a)
+        meta = AttnMeta(prefill=False, slot_mapping=c[2], seq_lens=c[3], block_tables=t, rel_bias=self.rel_table)
+        inp = DecodeInputs(n, c[0].view(b, 1), c[1].view(b, 1), meta)
         if self.t5:
-            ins["xtables"][:n].copy_(pad(cross_tables), non_blocking=True)
-            ins["xlens"][:n].copy_(torch.tensor(cross_lens, dtype=torch.int32), non_blocking=True)
-            ins["xlens"][n:] = 1
+            xt = np.zeros((b, W), np.int32)
+            xl = np.ones(b, np.int32)
+            if n:
+                _fill_rows(xt, [s.request.cross.block_table for s in seqs])
+                xl[:n] = [s.request.n_prompt for s in seqs]
+            meta.cross_block_tables, meta.cross_seq_lens = st.add(xt), st.add(xl)
+            self._decode_memo = None  # cross tables are rebuilt every step (T5)
+        elif start == (0, 0) and st.cur == 0 and n:
+            self._decode_memo = st.owner = ((b, W), list(seqs), cols, tables, st.offset[1], inp)
+        return inp
 
-    def _forward(self, ins) -> torch.Tensor:
-        return self.lm.logits(self._hidden(ins)).float()
+    def _table_rows(self, seqs: list) -> tuple[list[np.ndarray], int, bool]:
+        """Every sequence's block table as an int32 row of table_width, the longest table, and whether
+        any changed since it was last read. Each sequence keeps its row (`Sequence.table_row`),
+        rebuilt only when the table changed (a new block, or a copy-on-write of the last one), so a
+        decode step copies rows in C instead of every block id in Python."""
+        rows, W, tw, changed = [], 1, self.table_width, False
+        for s in seqs:
+            t, c = s.block_table, s.table_row
+            m = len(t)
+            if c is None or s.table_row_len != m or c[m - 1] != t[-1]:
+                c = np.zeros(max(tw, m), np.int32)
+                c[:m] = t
+                s.table_row, s.table_row_len = c, m
+                changed = True
+            rows.append(c)
+            if m > W:
+                W = m
+        return rows, W, changed
 
-    def _hidden(self, ins) -> torch.Tensor:
-        """The decode step up to the LM head: [n, E]."""
-        meta = AttnMeta(prefill=False, slot_mapping=ins["slots"], block_tables=ins["tables"], seq_lens=ins["lens"])
-        emb = self.lm.embed_tokens(ins["ids"])  # (n, 1, E)
+    @inference
+    def decode(self, inp: DecodeInputs, hidden: bool = False) -> torch.Tensor:
+        """One new token per sequence (after the staging was sent): float32 logits [n, V], or with
+        `hidden` the final hidden states [n, E] (for the greedy screen; never on graphs)."""
+        b = inp.ids.shape[0]
+        if not hidden and b in self._graphs and self._graphs[b][1].meta.block_tables.shape == inp.meta.block_tables.shape:
+            g, _, out = self._graphs[b]
+            g.replay()  # a failure raises: the engine fails this step's requests, graphs stay on
+            self.graph_replays += 1
+            return out[: inp.n]
+        if hidden:
+            return self.hidden_decode(inp)[: inp.n]
+        return self.forward_decode(inp)[: inp.n]
+
+    def hidden_decode(self, inp: DecodeInputs) -> torch.Tensor:
+        """The decode step up to the LM head: [b, E]."""
+        emb = self.lm.embed_tokens(inp.ids)  # (b, 1, E)
         if self.t5:
-            meta.cross_block_tables, meta.cross_seq_lens = ins["xtables"], ins["xlens"]
-            h = self.lm.decode(emb, None, meta, self.caches, self.caches)
+            h = self.lm.decode(emb, None, inp.meta, self.caches, self.caches)
         else:
-            h = self.lm(emb, ins["pos"], meta, self.caches)
+            h = self.lm(emb, inp.positions, inp.meta, self.caches)
         return h[:, -1]
 
-    def _decode_graph(self, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens) -> torch.Tensor:
-        n = len(tokens)
-        bucket = next(b for b in self.buckets if b >= n)
-        if bucket not in self._graphs:
-            ins = self._inputs(bucket, self.table_width)
-            torch.cuda.synchronize()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):  # warm-up outside the graph: Triton compiles here, not in capture
-                for _ in range(2):
-                    self._forward(ins)
-            torch.cuda.current_stream().wait_stream(s)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._graph_pool):
-                out = self._forward(ins)
-            self._graphs[bucket] = (g, ins, out)
-        g, ins, out = self._graphs[bucket]
-        self._fill(ins, tokens, positions, slots, tables, seq_lens, cross_tables, cross_lens)
-        g.replay()
-        return out[:n].clone()
+    def forward_decode(self, inp: DecodeInputs) -> torch.Tensor:
+        """The whole decode step, the function a CUDA graph captures: float32 logits [b, V]."""
+        return self.lm.logits(self.hidden_decode(inp)).float()
+
+    def _capture_graphs(self) -> None:
+        """Capture the decode step for every bucket now, largest first (they share one memory pool)."""
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for b in sorted(self.buckets, reverse=True):
+                try:
+                    st = self.staging
+                    st.reset()
+                    inp = self._decode_layout(DecodeBatch([], [], [], []), b, self.table_width)
+                    self._decode_memo = None
+                    st.send()
+                    torch.cuda.synchronize()
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):  # warm-up outside the graph: Triton compiles here, not in capture
+                        for _ in range(2):
+                            self.forward_decode(inp)
+                    torch.cuda.current_stream().wait_stream(s)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        out = self.forward_decode(inp)
+                    torch.cuda.synchronize()
+                except Exception as e:
+                    raise RuntimeError(f"CUDA graph capture of the decode step failed for batch size {b}: "
+                                       f"{type(e).__name__}: {e}. Engine(..., enforce_eager=True) runs without "
+                                       "CUDA graphs") from e
+                self._graphs[b] = (g, inp, out)
+                self.graph_captures += 1
+        self.staging.reset()
+
+
+def _fill_rows(out: np.ndarray, rows: list[list[int]]) -> None:
+    """Ragged int rows into the leading rows of the zeroed 2-D `out`, in a few numpy calls (not one per row)."""
+    lens = np.fromiter(map(len, rows), np.int64, len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lens.sum()))
+    out[: len(rows)][np.arange(out.shape[1])[None, :] < lens[:, None]] = flat  # row-major: rows in order
+
+
+def _rows(f: torch.Tensor, q: np.ndarray) -> torch.Tensor:
+    """f[q] without a host-to-device index when q is a contiguous range (always, for BLIP-2 prompts)."""
+    if q.size == 0:
+        return f[:0]
+    if q[-1] - q[0] + 1 == q.size:
+        return f[int(q[0]): int(q[-1]) + 1]
+    return f[torch.from_numpy(q).to(f.device)]

@@ -1,4 +1,12 @@
-"""OPT decoder (transformers' `OPTForCausalLM`) over a paged KV cache."""
+"""OPT decoder (transformers' `OPTForCausalLM`) over a paged KV cache.
+
+Parameters (state_dict names -> checkpoint keys under `language_model.model.decoder.`):
+`blocks.{i}.qkv` <- layers.{i}.self_attn.{q,k,v}_proj (stacked; q's weight and bias scaled by
+head_dim**-0.5, which OPT applies after the projection), every other name as in the checkpoint's
+module (`out_proj`, `fc1`, `fc2`, `ln1` = self_attn_layer_norm, `ln2` = final_layer_norm,
+`embed` = embed_tokens, `pos` = embed_positions, `lnf` = final_layer_norm); `lm_head` is
+`language_model.lm_head.weight`, or the embedding when tied. `Blip2.checkpoint_keys()` lists them.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,9 +14,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import OPTConfig
+from ..layers import AttnMeta, Linear, PagedAttention, lm_head, take_param
 from ..ops import BoundOps
 from ..weights import WeightSource
-from .kv import AttnMeta, gather_context, lm_head
+
+
+class _Norm(nn.Module):
+    """LayerNorm weights (none when OPT's layer norms are not elementwise-affine)."""
+
+    def __init__(self, src: WeightSource, name: str, E: int, affine: bool):
+        super().__init__()
+        self.weight = take_param(src, name + ".weight", (E,)) if affine else None
+        self.bias = take_param(src, name + ".bias", (E,)) if affine else None
 
 
 class OPTBlock(nn.Module):
@@ -18,61 +35,36 @@ class OPTBlock(nn.Module):
         self.ops, self.heads, self.pre_norm = ops, cfg.heads, cfg.pre_norm
         self.relu = cfg.act == "relu"
         a = p + "self_attn."
-        scale = (E // cfg.heads) ** -0.5
-
-        def lin(name, n_out, n_in):
-            w = src.take(name + ".weight", (n_out, n_in))
-            b = src.take(name + ".bias", (n_out,)) if cfg.bias else None
-            return w, b
-
-        wq, bq = lin(a + "q_proj", E, E)
-        wk, bk = lin(a + "k_proj", E, E)
-        wv, bv = lin(a + "v_proj", E, E)
         # OPT scales q after its projection; folding the scale into the weights saves a pass
-        self.wqkv = torch.cat([wq * scale, wk, wv])
-        self.bqkv = torch.cat([bq * scale, bk, bv]) if cfg.bias else None
-        self.wo, self.bo = lin(a + "out_proj", E, E)
-        self.w1, self.b1 = lin(p + "fc1", F_, E)
-        self.w2, self.b2 = lin(p + "fc2", E, F_)
-        ln = (lambda n: (src.take(n + ".weight", (E,)), src.take(n + ".bias", (E,)))) if cfg.ln_affine else (lambda n: (None, None))
-        self.ln1_w, self.ln1_b = ln(p + "self_attn_layer_norm")
-        self.ln2_w, self.ln2_b = ln(p + "final_layer_norm")
+        self.qkv = Linear.fused(src, [a + "q_proj", a + "k_proj", a + "v_proj"], [E] * 3, E, bias=cfg.bias,
+                                scales=[(E // cfg.heads) ** -0.5, 1.0, 1.0])
+        self.out_proj = Linear.load(src, a + "out_proj", E, E, bias=cfg.bias)
+        self.fc1 = Linear.load(src, p + "fc1", F_, E, bias=cfg.bias)
+        self.fc2 = Linear.load(src, p + "fc2", E, F_, bias=cfg.bias)
+        self.ln1 = _Norm(src, p + "self_attn_layer_norm", E, cfg.ln_affine)
+        self.ln2 = _Norm(src, p + "final_layer_norm", E, cfg.ln_affine)
+        self.attention = PagedAttention(ops, causal=True)
 
     def attn(self, h, meta: AttnMeta, cache):
         B, S, E = h.shape
         H = self.heads
-        qkv = F.linear(h, self.wqkv, self.bqkv).view(B, S, 3, H, E // H)
-        if meta.prefill:
-            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views
-            if cache is not None and meta.slot_mapping is not None:
-                self.ops.write_kv(qkv[:, :, 1].reshape(B * S, H, -1), qkv[:, :, 2].reshape(B * S, H, -1),
-                                  cache[0], cache[1], meta.slot_mapping)
-            mask = meta.key_padding_mask
-            if meta.ctx_len:  # a cached prefix: its K/V come from the blocks (written before this read)
-                kc, vc = gather_context(cache, meta.block_tables, meta.ctx_len)  # (B, H, C, D) each
-                k, v = torch.cat([kc, k], 2), torch.cat([vc, v], 2)  # (B, H, C + S, D)
-                mask = torch.cat([meta.ctx_mask, mask], 1)  # causal stays bottom-right aligned
-            a = self.ops.attention(q, k, v, causal=True, key_padding_mask=mask, scale=1.0)
-            a = a.transpose(1, 2).reshape(B, S, E)
-        else:
-            assert S == 1 and meta.slot_mapping.numel() == B
-            self.ops.write_kv(qkv[:, 0, 1], qkv[:, 0, 2], cache[0], cache[1], meta.slot_mapping)
-            a = self.ops.paged_attention(qkv[:, 0, 0], cache[0], cache[1], meta.block_tables, meta.seq_lens, 1.0)
-            a = a.reshape(B, 1, E)
-        return F.linear(a, self.wo, self.bo)
+        qkv = self.qkv(h).view(B, S, 3, H, E // H)
+        a = self.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], meta, cache)  # (B, S, E)
+        return self.out_proj(a)
 
     def ffn(self, h):
-        h = F.linear(h, self.w1, self.b1)
+        h = self.fc1(h)
         h = F.relu(h) if self.relu else F.gelu(h)
-        return F.linear(h, self.w2, self.b2)
+        return self.fc2(h)
 
     def forward(self, x, meta, cache, eps):
         ln = self.ops.layernorm
+        n1, n2 = self.ln1, self.ln2
         if self.pre_norm:
-            x = x + self.attn(ln(x, self.ln1_w, self.ln1_b, eps), meta, cache)
-            return x + self.ffn(ln(x, self.ln2_w, self.ln2_b, eps))
-        x = ln(self.attn(x, meta, cache), self.ln1_w, self.ln1_b, eps, x)[0]
-        return ln(self.ffn(x), self.ln2_w, self.ln2_b, eps, x)[0]
+            x = x + self.attn(ln(x, n1.weight, n1.bias, eps), meta, cache)
+            return x + self.ffn(ln(x, n2.weight, n2.bias, eps))
+        x = ln(self.attn(x, meta, cache), n1.weight, n1.bias, eps, x)[0]
+        return ln(self.ffn(x), n2.weight, n2.bias, eps, x)[0]
 
 
 class OPT(nn.Module):
@@ -85,16 +77,15 @@ class OPT(nn.Module):
         self.cfg, self.ops = cfg, ops
         E, W = cfg.hidden, cfg.word_embed_proj_dim
         d = p + "model.decoder."
-        self.embed = src.take(d + "embed_tokens.weight", (cfg.vocab, W))
-        self.pos = src.take(d + "embed_positions.weight", (cfg.max_positions + 2, E))
-        self.proj_in = src.take(d + "project_in.weight", (E, W)) if W != E else None
-        self.proj_out = src.take(d + "project_out.weight", (W, E)) if W != E else None
+        self.embed = take_param(src, d + "embed_tokens.weight", (cfg.vocab, W))
+        self.pos = take_param(src, d + "embed_positions.weight", (cfg.max_positions + 2, E))
+        self.proj_in = Linear.load(src, d + "project_in", E, W, bias=False) if W != E else None
+        self.proj_out = Linear.load(src, d + "project_out", W, E, bias=False) if W != E else None
         self.blocks = nn.ModuleList(OPTBlock(cfg, ops, src, f"{d}layers.{i}.") for i in range(cfg.layers))
-        if cfg.final_norm and cfg.ln_affine:
-            self.lnf_w, self.lnf_b = src.take(d + "final_layer_norm.weight", (E,)), src.take(d + "final_layer_norm.bias", (E,))
         self.final_norm = cfg.final_norm
+        self.lnf = _Norm(src, d + "final_layer_norm", E, cfg.final_norm and cfg.ln_affine)
         head = p + "lm_head.weight"
-        self.lm_head = src.take(head, (cfg.vocab, W)) if src.has(head) else self.embed
+        self.lm_head = take_param(src, head, (cfg.vocab, W)) if src.has(head) else self.embed
 
     @property
     def num_layers(self):
@@ -109,18 +100,18 @@ class OPT(nn.Module):
 
     def forward(self, embeds, positions, meta: AttnMeta, caches=None):
         if self.proj_in is not None:
-            embeds = F.linear(embeds, self.proj_in)
+            embeds = self.proj_in(embeds)
         # OPT's learned positions are offset by 2 (a fairseq legacy); padding sits at position -1 -> 1
         x = embeds + F.embedding(positions + 2, self.pos)
         for i, blk in enumerate(self.blocks):
             x = blk(x, meta, None if caches is None else caches[i], self.EPS)
         if self.final_norm:
-            x = self.ops.layernorm(x, getattr(self, "lnf_w", None), getattr(self, "lnf_b", None), self.EPS)
+            x = self.ops.layernorm(x, self.lnf.weight, self.lnf.bias, self.EPS)
         return x
 
     def head_input(self, hidden):
         """The final hidden states as the LM head multiplies them: [..., E] -> [..., E_vocab]."""
-        return F.linear(hidden, self.proj_out) if self.proj_out is not None else hidden
+        return self.proj_out(hidden) if self.proj_out is not None else hidden
 
     def logits(self, hidden):
         return lm_head(self.head_input(hidden), self.lm_head)

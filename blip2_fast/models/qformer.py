@@ -10,11 +10,8 @@ import torch.nn.functional as F
 
 from ..config import QFormerConfig
 from ..ops import BoundOps
+from ..layers import Linear, take_param
 from ..weights import WeightSource
-
-
-def _linear(src: WeightSource, p: str, n_out: int, n_in: int):
-    return src.take(p + ".weight", (n_out, n_in)), src.take(p + ".bias", (n_out,))
 
 
 class _AttnOut(nn.Module):
@@ -23,11 +20,12 @@ class _AttnOut(nn.Module):
     def __init__(self, cfg: QFormerConfig, ops: BoundOps, src: WeightSource, p: str, n_in: int):
         super().__init__()
         self.ops, self.eps = ops, cfg.eps
-        self.w, self.b = _linear(src, p + ".dense", cfg.hidden, n_in)
-        self.ln_w, self.ln_b = src.take(p + ".LayerNorm.weight", (cfg.hidden,)), src.take(p + ".LayerNorm.bias", (cfg.hidden,))
+        self.dense = Linear.load(src, p + ".dense", cfg.hidden, n_in)
+        self.ln_w = take_param(src, p + ".LayerNorm.weight", (cfg.hidden,))
+        self.ln_b = take_param(src, p + ".LayerNorm.bias", (cfg.hidden,))
 
     def forward(self, h, residual):
-        return self.ops.layernorm(F.linear(h, self.w, self.b), self.ln_w, self.ln_b, self.eps, residual)[0]
+        return self.ops.layernorm(self.dense(h), self.ln_w, self.ln_b, self.eps, residual)[0]
 
 
 class _FFN(nn.Module):
@@ -35,11 +33,11 @@ class _FFN(nn.Module):
         super().__init__()
         self.ops = ops
         self.approx = "none" if cfg.act == "gelu" else "tanh"
-        self.w, self.b = _linear(src, p_in + ".dense", cfg.mlp, cfg.hidden)
+        self.dense = Linear.load(src, p_in + ".dense", cfg.mlp, cfg.hidden)
         self.out = _AttnOut(cfg, ops, src, p_out, cfg.mlp)
 
     def forward(self, x):
-        return self.out(self.ops.linear_gelu(x, self.w, self.b, self.approx), x)
+        return self.out(self.ops.linear_gelu(x, self.dense.weight, self.dense.bias, self.approx), x)
 
 
 class QFormerLayer(nn.Module):
@@ -48,17 +46,13 @@ class QFormerLayer(nn.Module):
         Hd = cfg.hidden
         self.ops, self.heads, self.has_cross = ops, cfg.heads, has_cross
         a = p + "attention.attention."
-        wq, bq = _linear(src, a + "query", Hd, Hd)
-        wk, bk = _linear(src, a + "key", Hd, Hd)
-        wv, bv = _linear(src, a + "value", Hd, Hd)
-        self.wqkv, self.bqkv = torch.cat([wq, wk, wv]), torch.cat([bq, bk, bv])  # one launch instead of three
+        # one launch instead of three
+        self.qkv = Linear.fused(src, [a + "query", a + "key", a + "value"], [Hd] * 3, Hd)
         self.attn_out = _AttnOut(cfg, ops, src, p + "attention.output", Hd)
         if has_cross:
             c = p + "crossattention.attention."
-            self.wq_x, self.bq_x = _linear(src, c + "query", Hd, Hd)
-            # K/V weights over the image features are gathered by the Q-Former into one GEMM
-            self.wk_x, self.bk_x = _linear(src, c + "key", Hd, cfg.encoder_hidden)
-            self.wv_x, self.bv_x = _linear(src, c + "value", Hd, cfg.encoder_hidden)
+            self.cross_q = Linear.load(src, c + "query", Hd, Hd)
+            # the K/V projections of the image features live in the Q-Former's one stacked GEMM
             self.cross_out = _AttnOut(cfg, ops, src, p + "crossattention.output", Hd)
         self.ffn_query = _FFN(cfg, ops, src, p + "intermediate_query", p + "output_query")
         self.ffn_text = _FFN(cfg, ops, src, p + "intermediate", p + "output") if src.has(p + "intermediate.dense.weight") else None
@@ -68,7 +62,7 @@ class QFormerLayer(nn.Module):
 
     def forward(self, x, mask, image_kv, n_query):
         B, S, Hd = x.shape
-        qkv = F.linear(x, self.wqkv, self.bqkv).view(B, S, 3, self.heads, Hd // self.heads)
+        qkv = self.qkv(x).view(B, S, 3, self.heads, Hd // self.heads)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views
         a = self.ops.attention(q, k, v, key_padding_mask=mask)  # (B, H, S, D)
         x = self.attn_out(a.transpose(1, 2).reshape(B, S, Hd), x)
@@ -77,7 +71,7 @@ class QFormerLayer(nn.Module):
         xq = x[:, :n_query]
         if self.has_cross:
             k_img, v_img = image_kv  # (B, H, N, D) strided views
-            qx = self._heads(F.linear(xq, self.wq_x, self.bq_x), B, n_query)
+            qx = self._heads(self.cross_q(xq), B, n_query)
             c = self.ops.cross_attention(qx, k_img, v_img)  # (B, H, n_query, D)
             xq = self.cross_out(c.transpose(1, 2).reshape(B, n_query, Hd), xq)
         out = self.ffn_query(xq)
@@ -87,34 +81,34 @@ class QFormerLayer(nn.Module):
 
 
 class QFormer(nn.Module):
-    """query_embeds [B, S, Hd] (learned queries first, then any text embeddings) -> [B, S, Hd]."""
+    """query_embeds [B, S, Hd] (learned queries first, then any text embeddings) -> [B, S, Hd].
+
+    Parameters keep the checkpoint's names (under `qformer.`) except the stacked ones: `layers.{i}.qkv`
+    <- encoder.layer.{i}.attention.attention.{query,key,value}, and `image_kv` <- every cross layer's
+    crossattention.attention.{key,value}, in layer order (`Blip2.checkpoint_keys()` lists them)."""
 
     def __init__(self, cfg: QFormerConfig, ops: BoundOps, src: WeightSource, p: str = "qformer."):
         super().__init__()
         self.cfg, self.ops = cfg, ops
         Hd = cfg.hidden
-        self.ln_w, self.ln_b = src.take(p + "layernorm.weight", (Hd,)), src.take(p + "layernorm.bias", (Hd,))
+        self.ln_w, self.ln_b = take_param(src, p + "layernorm.weight", (Hd,)), take_param(src, p + "layernorm.bias", (Hd,))
         self.layers = nn.ModuleList(
             QFormerLayer(cfg, ops, src, f"{p}encoder.layer.{i}.", i % cfg.cross_every == 0) for i in range(cfg.layers))
-        cross = [l for l in self.layers if l.has_cross]
+        cross = [i for i, l in enumerate(self.layers) if l.has_cross]
         self.n_cross = len(cross)
-        if cross:
-            # all cross layers' K and V weights stacked: (n_cross * 2 * Hd, E_image)
-            self.w_kv_img = torch.cat([w for l in cross for w in (l.wk_x, l.wv_x)])
-            self.b_kv_img = torch.cat([b for l in cross for b in (l.bk_x, l.bv_x)])
-            for l in cross:  # keep only the stacked copy
-                del l.wk_x, l.wv_x, l.bk_x, l.bv_x
+        # all cross layers' K and V projections of the image features stacked: one GEMM per image batch
+        names = [f"{p}encoder.layer.{i}.crossattention.attention.{n}" for i in cross for n in ("key", "value")]
+        self.image_kv_proj = Linear.fused(src, names, [Hd] * len(names), cfg.encoder_hidden) if cross else None
 
     def image_kv(self, image_embeds: torch.Tensor) -> list:
         """K/V of the image patches for every cross-attention layer, from one GEMM."""
         B, N, _ = image_embeds.shape
         H = self.cfg.heads
         D = self.cfg.hidden // H
-        kv = F.linear(image_embeds.to(self.w_kv_img.dtype), self.w_kv_img, self.b_kv_img)
-        kv = kv.view(B, N, self.n_cross, 2, H, D)
+        proj = self.image_kv_proj
+        kv = proj(image_embeds.to(proj.weight.dtype)).view(B, N, self.n_cross, 2, H, D)
         # per layer: K and V as (B, H, N, D) strided views of the one output
         return [(kv[:, :, i, 0].transpose(1, 2), kv[:, :, i, 1].transpose(1, 2)) for i in range(self.n_cross)]
-
     def forward(self, query_embeds, *, n_query: int, attention_mask=None, image_embeds=None):
         x = self.ops.layernorm(query_embeds.to(self.ln_w.dtype), self.ln_w, self.ln_b, self.cfg.eps)
         kvs = self.image_kv(image_embeds) if (image_embeds is not None and n_query > 0 and self.n_cross) else []
@@ -135,8 +129,8 @@ class TextEmbeddings(nn.Module):
     def __init__(self, cfg: QFormerConfig, src: WeightSource, p: str = "embeddings."):
         super().__init__()
         self.cfg = cfg
-        self.word = src.take(p + "word_embeddings.weight", (cfg.vocab, cfg.hidden))
-        self.pos = src.take(p + "position_embeddings.weight", (cfg.max_positions, cfg.hidden))
+        self.word = take_param(src, p + "word_embeddings.weight", (cfg.vocab, cfg.hidden))
+        self.pos = take_param(src, p + "position_embeddings.weight", (cfg.max_positions, cfg.hidden))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         S = input_ids.shape[1]

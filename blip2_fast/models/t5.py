@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import T5Config
 from ..ops import BoundOps
 from ..weights import WeightSource
-from .kv import AttnMeta, lm_head, heads
+from ..layers import AttnMeta, Linear, PagedAttention, lm_head, take_param
 
 
 def relative_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -45,16 +45,17 @@ def _clamp_overflow(x: torch.Tensor) -> torch.Tensor:
 
 
 class T5Attention(nn.Module):
-    def __init__(self, cfg: T5Config, ops: BoundOps, src: WeightSource, p: str, fuse_qkv: bool):
+    def __init__(self, cfg: T5Config, ops: BoundOps, src: WeightSource, p: str, fuse_qkv: bool, causal: bool):
         super().__init__()
         inner = cfg.heads * cfg.d_kv
-        self.ops, self.H = ops, cfg.heads
-        w = {n: src.take(f"{p}.{n}.weight", (inner, cfg.d_model)) for n in "qkv"}
+        names = [f"{p}.{n}" for n in "qkv"]
         if fuse_qkv:
-            self.wqkv = torch.cat([w["q"], w["k"], w["v"]])
+            self.qkv = Linear.fused(src, names, [inner] * 3, cfg.d_model, bias=False)
         else:  # cross-attention: q from the decoder, k/v from the encoder output
-            self.wq, self.wkv = w["q"], torch.cat([w["k"], w["v"]])
-        self.wo = src.take(f"{p}.o.weight", (cfg.d_model, inner))
+            self.q = Linear.load(src, names[0], inner, cfg.d_model, bias=False)
+            self.kv = Linear.fused(src, names[1:], [inner] * 2, cfg.d_model, bias=False)
+        self.o = Linear.load(src, f"{p}.o", cfg.d_model, inner, bias=False)
+        self.attention = PagedAttention(ops, causal=causal)  # T5 does not scale its scores
 
 
 class T5Block(nn.Module):
@@ -63,92 +64,77 @@ class T5Block(nn.Module):
         D = cfg.d_model
         self.ops, self.eps, self.decoder = ops, cfg.eps, decoder
         self.H, self.Dh = cfg.heads, cfg.d_kv
-        self.self_attn = T5Attention(cfg, ops, src, p + "layer.0.SelfAttention", True)
-        self.ln_sa = src.take(p + "layer.0.layer_norm.weight", (D,))
+        self.self_attn = T5Attention(cfg, ops, src, p + "layer.0.SelfAttention", True, causal=decoder)
+        self.ln_sa = take_param(src, p + "layer.0.layer_norm.weight", (D,))
         f = 1
         if decoder:
-            self.cross = T5Attention(cfg, ops, src, p + "layer.1.EncDecAttention", False)
-            self.ln_ca = src.take(p + "layer.1.layer_norm.weight", (D,))
+            self.cross = T5Attention(cfg, ops, src, p + "layer.1.EncDecAttention", False, causal=False)
+            self.ln_ca = take_param(src, p + "layer.1.layer_norm.weight", (D,))
             f = 2
         d = f"{p}layer.{f}.DenseReluDense."
         self.gated = cfg.gated
         self.approx = "tanh" if cfg.act in ("gelu_new", "gelu_pytorch_tanh") else "none"
         self.relu = cfg.act == "relu"
         if cfg.gated:
-            self.wi0, self.wi1 = src.take(d + "wi_0.weight", (cfg.d_ff, D)), src.take(d + "wi_1.weight", (cfg.d_ff, D))
+            self.wi0 = Linear.load(src, d + "wi_0", cfg.d_ff, D, bias=False)
+            self.wi1 = Linear.load(src, d + "wi_1", cfg.d_ff, D, bias=False)
         else:
-            self.wi = src.take(d + "wi.weight", (cfg.d_ff, D))
+            self.wi = Linear.load(src, d + "wi", cfg.d_ff, D, bias=False)
         # float16 models keep this projection in float32 (see the module docstring)
-        self.wo = src.take(d + "wo.weight", (D, cfg.d_ff), torch.float32 if src.dtype == torch.float16 else None)
-        self.ln_ff = src.take(f"{p}layer.{f}.layer_norm.weight", (D,))
+        self.wo = Linear.load(src, d + "wo", D, cfg.d_ff, bias=False,
+                              dtype=torch.float32 if src.dtype == torch.float16 else None)
+        self.ln_ff = take_param(src, f"{p}layer.{f}.layer_norm.weight", (D,))
 
     def ffn(self, h):
+        wo_dtype = self.wo.weight.dtype
         if self.gated:
-            g = F.relu(F.linear(h, self.wi0)) if self.relu else self.ops.linear_gelu(h, self.wi0, None, self.approx)
-            return F.linear((g * F.linear(h, self.wi1)).to(self.wo.dtype), self.wo)
-        h = F.linear(h, self.wi)
+            w0 = self.wi0.weight
+            g = F.relu(self.wi0(h)) if self.relu else self.ops.linear_gelu(h, w0, None, self.approx)
+            return self.wo((g * self.wi1(h)).to(wo_dtype))
+        h = self.wi(h)
         h = F.relu(h) if self.relu else F.gelu(h, approximate=self.approx)
-        return F.linear(h.to(self.wo.dtype), self.wo)
+        return self.wo(h.to(wo_dtype))
 
-    def self_attention(self, h, bias, meta: AttnMeta, cache, rel_table):
+    def self_attention(self, h, bias, meta: AttnMeta, cache):
         B, S, _ = h.shape
-        H, Dh = self.H, self.Dh
-        qkv = F.linear(h, self.self_attn.wqkv).view(B, S, 3, H, Dh)
-        if meta.prefill:
-            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views
-            if cache is not None and meta.slot_mapping is not None:
-                self.ops.write_kv(qkv[:, :, 1].reshape(B * S, H, Dh), qkv[:, :, 2].reshape(B * S, H, Dh),
-                                  cache[0], cache[1], meta.slot_mapping)
-            a = self.ops.attention(q, k, v, causal=self.decoder, key_padding_mask=meta.key_padding_mask,
-                                   scale=1.0, bias=bias)
-            a = a.transpose(1, 2).reshape(B, S, H * Dh)
-        else:
-            self.ops.write_kv(qkv[:, 0, 1], qkv[:, 0, 2], cache[0], cache[1], meta.slot_mapping)
-            a = self.ops.paged_attention(qkv[:, 0, 0], cache[0], cache[1], meta.block_tables, meta.seq_lens, 1.0,
-                                         rel_bias=rel_table).reshape(B, 1, H * Dh)
-        return F.linear(a, self.self_attn.wo)
+        qkv = self.self_attn.qkv(h).view(B, S, 3, self.H, self.Dh)
+        a = self.self_attn.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], meta, cache, bias=bias)
+        return self.self_attn.o(a)
 
-    def cross_attention(self, h, enc_kv, meta: AttnMeta, cross_cache):
+    def cross_attention(self, h, enc_out, meta: AttnMeta, cross_cache):
+        """Attention to the encoder output `enc_out` [B, Se, D] (prefill; its K/V are written into
+        the cache for the decode steps) or to the cached encoder K/V (decode: enc_out None)."""
         B, S, _ = h.shape
-        H, Dh = self.H, self.Dh
-        q = F.linear(h, self.cross.wq)
-        if meta.prefill:
-            k, v = enc_kv  # (B, H, Se, Dh) views
-            a = self.ops.attention(heads(q, B, S, H), k, v, key_padding_mask=meta.encoder_mask, scale=1.0)
-            a = a.transpose(1, 2).reshape(B, S, H * Dh)
-        else:
-            a = self.ops.paged_attention(q.view(B, H, Dh), cross_cache[0], cross_cache[1],
-                                         meta.cross_block_tables, meta.cross_seq_lens, 1.0).reshape(B, 1, H * Dh)
-        return F.linear(a, self.cross.wo)
-
-    def encoder_kv(self, enc, meta: AttnMeta, cross_cache):
-        """K/V of the encoder output for this layer's cross-attention; written into the cache once."""
-        B, Se, _ = enc.shape
-        kv = F.linear(enc, self.cross.wkv).view(B, Se, 2, self.H, self.Dh)
-        if cross_cache is not None and meta.cross_slot_mapping is not None:
-            self.ops.write_kv(kv[:, :, 0].reshape(B * Se, self.H, self.Dh), kv[:, :, 1].reshape(B * Se, self.H, self.Dh),
-                              cross_cache[0], cross_cache[1], meta.cross_slot_mapping)
-        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, Se, Dh) each
+        c = self.cross
+        q = c.q(h).view(B, S, self.H, self.Dh)
+        kv = None
+        if enc_out is not None:
+            Se = enc_out.shape[1]
+            kv = c.kv(enc_out).view(B, Se, 2, self.H, self.Dh)
+            kv = (kv[:, :, 0], kv[:, :, 1])  # (B, Se, H, Dh) views
+        return c.o(c.attention.cross(q, kv, meta, cross_cache))
 
 
 class T5(nn.Module):
-    def __init__(self, cfg: T5Config, ops: BoundOps, src: WeightSource, p: str = "language_model.", max_len: int = 4096):
+    """Encoder-decoder: `encode(embeds, mask)` -> encoder output; `decode(embeds, enc_out, meta, ...)`
+    over the paged cache; `logits(hidden)`. Parameters keep the checkpoint's module names under
+    `language_model.` (`enc.{i}` = encoder.block.{i}, `dec.{i}` = decoder.block.{i}, stacked
+    `qkv` = SelfAttention.{q,k,v}, `kv` = EncDecAttention.{k,v}; `Blip2.checkpoint_keys()` lists them)."""
+
+    def __init__(self, cfg: T5Config, ops: BoundOps, src: WeightSource, p: str = "language_model."):
         super().__init__()
         self.cfg, self.ops = cfg, ops
         D = cfg.d_model
-        self.shared = src.take(p + "shared.weight", (cfg.vocab, D))
+        self.shared = take_param(src, p + "shared.weight", (cfg.vocab, D))
         self.enc = nn.ModuleList(T5Block(cfg, ops, src, f"{p}encoder.block.{i}.", False) for i in range(cfg.enc_layers))
         self.dec = nn.ModuleList(T5Block(cfg, ops, src, f"{p}decoder.block.{i}.", True) for i in range(cfg.dec_layers))
         rb = "layer.0.SelfAttention.relative_attention_bias.weight"
-        self.enc_rel = src.take(f"{p}encoder.block.0.{rb}", (cfg.buckets, cfg.heads))
-        self.dec_rel = src.take(f"{p}decoder.block.0.{rb}", (cfg.buckets, cfg.heads))
-        self.enc_ln = src.take(p + "encoder.final_layer_norm.weight", (D,))
-        self.dec_ln = src.take(p + "decoder.final_layer_norm.weight", (D,))
+        self.enc_rel = take_param(src, f"{p}encoder.block.0.{rb}", (cfg.buckets, cfg.heads))
+        self.dec_rel = take_param(src, f"{p}decoder.block.0.{rb}", (cfg.buckets, cfg.heads))
+        self.enc_ln = take_param(src, p + "encoder.final_layer_norm.weight", (D,))
+        self.dec_ln = take_param(src, p + "decoder.final_layer_norm.weight", (D,))
         head = p + "lm_head.weight"
-        self.lm_head = src.take(head, (cfg.vocab, D)) if src.has(head) else self.shared
-        # decode-time self-attention bias by distance (query - key), [H, max_len]
-        dist = -torch.arange(max_len, device=self.shared.device)
-        self.dec_rel_table = F.embedding(relative_bucket(dist, False, cfg.buckets, cfg.max_distance), self.dec_rel).t().contiguous()
+        self.lm_head = take_param(src, head, (cfg.vocab, D)) if src.has(head) else self.shared
 
     @property
     def num_layers(self):
@@ -160,6 +146,13 @@ class T5(nn.Module):
 
     def embed_tokens(self, ids):
         return F.embedding(ids, self.shared)
+
+    def decoder_rel_table(self, max_len: int) -> torch.Tensor:
+        """The decoder's self-attention bias by distance (query - key) for decode steps: [H, max_len]
+        (`AttnMeta.rel_bias`; distances past max_distance share the last bucket)."""
+        dist = -torch.arange(max_len, device=self.shared.device)
+        b = relative_bucket(dist, False, self.cfg.buckets, self.cfg.max_distance)
+        return F.embedding(b, self.dec_rel).t().contiguous()
 
     def _bias(self, table, Sq, Sk, bidirectional, offset=0):
         ctx = torch.arange(Sq, device=table.device)[:, None] + offset
@@ -203,13 +196,13 @@ class T5(nn.Module):
 
         def step(blk, delta, x, rms):
             h, x = (rms(delta, blk.ln_sa, eps, x) if delta is not None else (rms(x, blk.ln_sa, eps), x))
-            d = blk.self_attention(h, bias, meta, None, None)
+            d = blk.self_attention(h, bias, meta, None)
             h, x = rms(d, blk.ln_ff, eps, x)
             return blk.ffn(h), x
 
         return self._stack(embeds, self.enc, self.enc_ln, step)
 
-    def decode(self, embeds, enc_out, meta: AttnMeta, caches=None, cross_caches=None, positions_offset=0):
+    def decode(self, embeds, enc_out, meta: AttnMeta, caches=None, cross_caches=None):
         """Decoder over `embeds` [B, T, D]. Prefill (meta.prefill) attends to `enc_out` [B, Se, D] and
         writes the encoder K/V into `cross_caches`; decode reads them from the paged cache."""
         B, T, _ = embeds.shape
@@ -222,10 +215,9 @@ class T5(nn.Module):
             cache = None if caches is None else caches[i]
             xc = None if cross_caches is None else cross_caches[i]
             h, x = (rms(delta, blk.ln_sa, eps, x) if delta is not None else (rms(x, blk.ln_sa, eps), x))
-            d = blk.self_attention(h, bias, meta, cache, self.dec_rel_table)
+            d = blk.self_attention(h, bias, meta, cache)
             h, x = rms(d, blk.ln_ca, eps, x)
-            enc_kv = blk.encoder_kv(enc_out, meta, xc) if meta.prefill else None
-            d = blk.cross_attention(h, enc_kv, meta, xc)
+            d = blk.cross_attention(h, enc_out if meta.prefill else None, meta, xc)
             h, x = rms(d, blk.ln_ff, eps, x)
             return blk.ffn(h), x
 

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from ..config import VisionConfig
 from ..ops import BoundOps
+from ..layers import Linear, take_param
+from ..layers.params import as_param
 from ..weights import WeightSource
+
+
+class _LayerNorm(nn.Module):
+    def __init__(self, src: WeightSource, name: str, E: int):
+        super().__init__()
+        self.weight, self.bias = take_param(src, name + ".weight", (E,)), take_param(src, name + ".bias", (E,))
 
 
 class VisionBlock(nn.Module):
@@ -17,28 +25,31 @@ class VisionBlock(nn.Module):
         E, M = cfg.hidden, cfg.mlp
         self.ops, self.eps, self.heads = ops, cfg.eps, cfg.heads
         self.gelu_approx = "none" if cfg.act == "gelu" else "tanh"
-        self.ln1_w, self.ln1_b = src.take(p + "layer_norm1.weight", (E,)), src.take(p + "layer_norm1.bias", (E,))
-        self.wqkv = src.take(p + "self_attn.qkv.weight", (3 * E, E))
-        self.bqkv = src.take(p + "self_attn.qkv.bias", (3 * E,)) if src.has(p + "self_attn.qkv.bias") else None
-        if cfg.qkv_bias and self.bqkv is None:  # older checkpoints keep q_bias / v_bias apart
-            qb, vb = src.take(p + "self_attn.q_bias", (E,)), src.take(p + "self_attn.v_bias", (E,))
-            self.bqkv = torch.cat([qb, torch.zeros_like(qb), vb])
-        self.wo, self.bo = src.take(p + "self_attn.projection.weight", (E, E)), src.take(p + "self_attn.projection.bias", (E,))
-        self.ln2_w, self.ln2_b = src.take(p + "layer_norm2.weight", (E,)), src.take(p + "layer_norm2.bias", (E,))
-        self.w1, self.b1 = src.take(p + "mlp.fc1.weight", (M, E)), src.take(p + "mlp.fc1.bias", (M,))
-        self.w2, self.b2 = src.take(p + "mlp.fc2.weight", (E, M)), src.take(p + "mlp.fc2.bias", (E,))
+        self.layer_norm1 = _LayerNorm(src, p + "layer_norm1", E)
+        a = p + "self_attn."
+        if src.has(a + "qkv.bias") or not cfg.qkv_bias:
+            self.qkv = Linear.load(src, a + "qkv", 3 * E, E, bias=src.has(a + "qkv.bias"))
+        else:  # older checkpoints keep q_bias / v_bias apart (k has no bias)
+            qb, vb = src.take(a + "q_bias", (E,)), src.take(a + "v_bias", (E,))
+            self.qkv = Linear(take_param(src, a + "qkv.weight", (3 * E, E)),
+                              as_param(torch.cat([qb, torch.zeros_like(qb), vb]), (a + "q_bias", a + "v_bias")))
+        self.projection = Linear.load(src, a + "projection", E, E)
+        self.layer_norm2 = _LayerNorm(src, p + "layer_norm2", E)
+        self.fc1 = Linear.load(src, p + "mlp.fc1", M, E)
+        self.fc2 = Linear.load(src, p + "mlp.fc2", E, M)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, E = x.shape
         H = self.heads
-        h = self.ops.layernorm(x, self.ln1_w, self.ln1_b, self.eps)
-        qkv = F.linear(h, self.wqkv, self.bqkv).view(B, S, 3, H, E // H)
+        n1, n2 = self.layer_norm1, self.layer_norm2
+        h = self.ops.layernorm(x, n1.weight, n1.bias, self.eps)
+        qkv = self.qkv(h).view(B, S, 3, H, E // H)
         # strided views of the fused projection, (B, H, S, D) each: no copies
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
         a = self.ops.attention(q, k, v)  # (B, H, S, D)
-        x = x + F.linear(a.transpose(1, 2).reshape(B, S, E), self.wo, self.bo)
-        m = self.ops.ln_linear_gelu(x, self.ln2_w, self.ln2_b, self.eps, self.w1, self.b1, self.gelu_approx)
-        return x + F.linear(m, self.w2, self.b2)
+        x = x + self.projection(a.transpose(1, 2).reshape(B, S, E))
+        m = self.ops.ln_linear_gelu(x, n2.weight, n2.bias, self.eps, self.fc1.weight, self.fc1.bias, self.gelu_approx)
+        return x + self.fc2(m)
 
 
 class VisionEncoder(nn.Module):
@@ -49,12 +60,12 @@ class VisionEncoder(nn.Module):
         E, P = cfg.hidden, cfg.patch
         self.cfg, self.ops = cfg, ops
         e = p + "embeddings."
-        self.patch_w = src.take(e + "patch_embedding.weight", (E, 3, P, P))
-        self.patch_b = src.take(e + "patch_embedding.bias", (E,))
-        self.cls = src.take(e + "class_embedding", (1, 1, E))
-        self.pos = src.take(e + "position_embedding", (1, cfg.num_patches + 1, E))
+        self.patch_w = take_param(src, e + "patch_embedding.weight", (E, 3, P, P))
+        self.patch_b = take_param(src, e + "patch_embedding.bias", (E,))
+        self.cls = take_param(src, e + "class_embedding", (1, 1, E))
+        self.pos = take_param(src, e + "position_embedding", (1, cfg.num_patches + 1, E))
         self.blocks = nn.ModuleList(VisionBlock(cfg, ops, src, f"{p}encoder.layers.{i}.") for i in range(cfg.layers))
-        self.post_w, self.post_b = src.take(p + "post_layernorm.weight", (E,)), src.take(p + "post_layernorm.bias", (E,))
+        self.post_layernorm = _LayerNorm(src, p + "post_layernorm", E)
 
     def check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
         if not isinstance(pixel_values, torch.Tensor):
@@ -94,6 +105,7 @@ class VisionEncoder(nn.Module):
         x = x + pos[:, : x.shape[1]]
         for blk in self.blocks:
             x = blk(x)
-        last = self.ops.layernorm(x, self.post_w, self.post_b, self.cfg.eps)
-        pooled = self.ops.layernorm(last[:, 0], self.post_w, self.post_b, self.cfg.eps)
+        post = self.post_layernorm
+        last = self.ops.layernorm(x, post.weight, post.bias, self.cfg.eps)
+        pooled = self.ops.layernorm(last[:, 0], post.weight, post.bias, self.cfg.eps)
         return last, pooled

@@ -1,0 +1,210 @@
+"""This CPU's limits, and each decode-step linear against its floor: `python -m bench.cpu_limits`.
+
+Reports the CPU model and ISA (and the kernel `PackedLinear` picks), then measures
+at one thread and at torch's thread count (`--threads`), each with its own floors:
+  - memory bandwidth: copy (dst.copy_(src) over 256 MB, counted as 2 x 256 MB per copy) and read (the
+    best of sum / amax over 256 MB);
+  - GEMM peaks: torch.mm of 2048 x 2048 x 2048 in fp32 (MKL) and bf16 (oneDNN), best of 4;
+    both sampled before each preset's cases and after the last (the machine may be shared: the best
+    sample sets the floors, every sample is reported);
+  - every linear of a decode step of blip2-cpu-mid and blip2-opt-2.7b (bench/bench_linear.py: weights
+    cycled from DRAM, torch's path and ours interleaved call by call, medians) at 1, 8 and 32 rows,
+    each against its floor max(weight bytes / read bandwidth, 2 M N K / GEMM peak);
+  - per preset and row count, the step's linears summed (each case x its count per step) against the
+    floor of all their bytes: the part of the issue-16 decode target the linears decide.
+At one thread every time is process CPU time (a shared machine's other jobs then cost nothing but
+their share of the memory bus); with more threads, wall time.
+Writes bench/results/cpu-limits-<date>.json (`--json` to choose).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.bench_linear import PRESETS, ROWS, decode_cases, measure_case
+
+
+def cpu_info() -> dict:
+    """Model name, the ISA flags that decide the kernels, core count, torch's threads and versions."""
+    model, flags = None, []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model is None:
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    break
+    except OSError:  # not Linux: the flags stay unknown
+        pass
+    from blip2_fast.linear_cpu import PackedLinear
+
+    want = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    one = torch.ones(1, 1)
+    return {"model": model or platform.processor() or platform.machine(), "isa_flags": [f for f in want if f in flags], "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "linear_isa": {"fp32": PackedLinear(one).isa, "bf16": PackedLinear(one, dtype=torch.bfloat16).isa},
+            "torch": torch.__version__, "mkldnn": torch.backends.mkldnn.is_available(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _best_ms(fn, n: int, clock=time.perf_counter) -> list[float]:
+    ts = []
+    for _ in range(n):
+        t0 = clock()
+        fn()
+        ts.append((clock() - t0) * 1e3)
+    return ts
+
+
+def clock_for(threads: int):
+    """Process CPU time at one thread (other jobs holding the core do not count; memory stalls do),
+    wall time with more (CPU time would count OpenMP workers spinning at barriers)."""
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def bandwidth(nbytes: int = 256 << 20, reps: int = 8, thread_counts=None) -> dict:
+    """GB/s of copy and read at each thread count (default: 1 and torch's), best and median of `reps`."""
+    a = torch.empty(nbytes // 4)
+    a.uniform_()
+    b = torch.empty_like(a)
+    out, threads = {}, torch.get_num_threads()
+    try:
+        for t in thread_counts or sorted({1, threads}):
+            torch.set_num_threads(t)
+            for name, fn, factor in (("copy", lambda: b.copy_(a), 2), ("read_sum", lambda: a.sum(), 1),
+                                     ("read_amax", lambda: a.amax(), 1)):
+                fn()
+                ts = _best_ms(fn, reps, clock_for(t))
+                out[f"{name}_t{t}"] = {"best_gbs": round(factor * nbytes / min(ts) / 1e6, 1),
+                                       "median_gbs": round(factor * nbytes / statistics.median(ts) / 1e6, 1)}
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def gemm_peaks(n: int = 2048, reps: int = 5) -> dict:
+    """Best GFLOP/s of an n^3 torch.mm in fp32 and in bf16 at torch's thread count."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        ts = _best_ms(lambda: torch.mm(a, b), reps, clock_for(torch.get_num_threads()))
+        out[str(dtype).replace("torch.", "")] = {"best_gflops": round(2 * n ** 3 / min(ts) / 1e6, 1),
+                                                 "median_gflops": round(2 * n ** 3 / statistics.median(ts) / 1e6, 1)}
+    return out
+
+
+def _floor_ms(r: dict, read_gbs: float, peaks: dict) -> tuple[float, str]:
+    mem = r["weight_bytes"] / read_gbs / 1e6
+    peak = peaks["bfloat16" if r["weight_dtype"] == "bf16" else "float32"]["best_gflops"]
+    comp = 2 * r["M"] * r["N"] * r["K"] / peak / 1e6
+    return (mem, "bandwidth") if mem >= comp else (comp, "compute")
+
+
+def measure_at(threads: int, a, cold: float, bw_bytes: int, reps: int) -> dict:
+    """Bandwidth, GEMM peaks, every case and the step sums with torch.set_num_threads(threads)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    clock = clock_for(threads)
+    samples = []  # the limits, sampled before, between and after the presets' cases
+
+    def sample():
+        samples.append({"bandwidth": bandwidth(bw_bytes, reps, (threads,)),
+                        "gemm_peaks": gemm_peaks(256 if a.quick else 2048, 2 if a.quick else 4)})
+        print(f"[cpu_limits] {threads} threads: limits {samples[-1]}", file=sys.stderr)
+
+    try:
+        cases = []
+        for preset in a.presets:
+            sample()
+            for case in decode_cases(preset):
+                if a.quick:  # toy widths, same code path
+                    case = type(case)(case.name, min(case.N, 130), min(case.K, 96), case.per_step, case.activation,
+                                      case.bf16)
+                for M in a.rows:
+                    r = measure_case(case, M, 2 if a.quick else a.rounds, cold, clock=clock)
+                    r.update(preset=preset, per_step=case.per_step)
+                    cases.append(r)
+                    print(f"[cpu_limits] t{threads} {preset:15s} {r['case']:13s} M={M:3d} torch {r['torch_ms']:8.3f} ms  "
+                          f"ours {r['ours_ms']:8.3f} ms  ({r['speedup']:.2f}x)", file=sys.stderr, flush=True)
+        sample()
+    finally:
+        torch.set_num_threads(prev)
+    read_gbs = max(v["best_gbs"] for s in samples for k, v in s["bandwidth"].items() if k.startswith("read"))
+    peaks = {d: {"best_gflops": max(s["gemm_peaks"][d]["best_gflops"] for s in samples)} for d in ("float32", "bfloat16")}
+    for r in cases:
+        floor, bound = _floor_ms(r, read_gbs, peaks)
+        r.update(floor_ms=round(floor, 4), floor_bound=bound, torch_over_floor=round(r["torch_ms"] / floor, 2),
+                 ours_over_floor=round(r["ours_ms"] / floor, 2), ours_min_over_floor=round(r["ours_min_ms"] / floor, 2))
+    steps = []
+    for preset in a.presets:
+        for M in a.rows:
+            rs = [r for r in cases if r["preset"] == preset and r["M"] == M]
+            tot = {k: sum(r[k] * r["per_step"] for r in rs) for k in ("torch_ms", "ours_ms", "ours_min_ms", "floor_ms")}
+            steps.append({"preset": preset, "M": M, "weight_bytes": sum(r["weight_bytes"] * r["per_step"] for r in rs),
+                          **{k: round(v, 3) for k, v in tot.items()},
+                          "torch_over_floor": round(tot["torch_ms"] / tot["floor_ms"], 2),
+                          "ours_over_floor": round(tot["ours_ms"] / tot["floor_ms"], 2),
+                          "speedup": round(tot["torch_ms"] / tot["ours_ms"], 2)})
+    return {"threads": threads, "clock": "process CPU time" if clock is time.process_time else "wall",
+            "limit_samples": samples, "read_gbs_for_floor": read_gbs, "gemm_peaks": peaks, "cases": cases,
+            "decode_step_linears": steps}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved calls of each implementation per case")
+    ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, torch.get_num_threads()}),
+                    help="thread counts to measure at (default: 1 and torch's)")
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
+    ap.add_argument("--rows", nargs="+", type=int, default=list(ROWS))
+    ap.add_argument("--quick", action="store_true", help="small buffers and few rounds (a smoke test)")
+    ap.add_argument("--json", default=None, help="output path (default bench/results/cpu-limits-<date>.json)")
+    a = ap.parse_args(argv)
+    cold = 1e5 if a.quick else 96e6
+    bw_bytes, reps = (8 << 20, 2) if a.quick else (256 << 20, 8)
+
+    info = cpu_info()
+    print(f"[cpu_limits] {info['model']}: {' '.join(info['isa_flags'])}; {info['cores']} cores, "
+          f"{info['torch_threads']} torch threads; linear kernel {info['linear_isa']}", file=sys.stderr)
+    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": info,
+           "note": ("the machine may be shared with other jobs: medians (and minima) of calls interleaved with "
+                    "torch's; bandwidth and peaks best-of; one thread timed in process CPU time; with more, wall "
+                    "time, where a parallel region waits for its slowest thread, so other jobs hit it hardest"),
+           "quick": a.quick, "by_threads": [measure_at(t, a, cold, bw_bytes, reps) for t in a.threads]}
+    _print(res)
+    out = Path(a.json) if a.json else Path(__file__).parent / "results" / f"cpu-limits-{datetime.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return res
+
+
+def _print(res: dict) -> None:
+    print(f"{res['cpu']['model']} ({' '.join(res['cpu']['isa_flags'])}); kernels {res['cpu']['linear_isa']}")
+    for m in res["by_threads"]:
+        print(f"\n{m['threads']} thread(s): read {m['read_gbs_for_floor']} GB/s, GEMM peaks fp32 "
+              f"{m['gemm_peaks']['float32']['best_gflops']} / bf16 {m['gemm_peaks']['bfloat16']['best_gflops']} GFLOP/s")
+        print(f"{'preset':16s}{'linear':14s}{'M':>4s}{'torch ms':>10s}{'ours ms':>10s}{'(min)':>9s}{'floor ms':>10s}"
+              f"{'bound':>11s}{'torch/fl':>9s}{'ours/fl':>9s}")
+        for r in m["cases"]:
+            print(f"{r['preset']:16s}{r['case']:14s}{r['M']:4d}{r['torch_ms']:10.3f}{r['ours_ms']:10.3f}"
+                  f"{r['ours_min_ms']:9.3f}{r['floor_ms']:10.3f}{r['floor_bound']:>11s}{r['torch_over_floor']:9.2f}"
+                  f"{r['ours_over_floor']:9.2f}")
+        print("decode step, all linears:")
+        for s in m["decode_step_linears"]:
+            print(f"{s['preset']:16s}{'':14s}{s['M']:4d}{s['torch_ms']:10.3f}{s['ours_ms']:10.3f}{s['ours_min_ms']:9.3f}"
+                  f"{s['floor_ms']:10.3f}{'':>11s}{s['torch_over_floor']:9.2f}{s['ours_over_floor']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
