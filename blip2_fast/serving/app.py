@@ -1,0 +1,427 @@
+"""`build_app(model_or_engine, ...)`: the OpenAI-compatible ASGI app over one engine.
+
+A thin translation layer: an OpenAI body -> `Job` (protocol.py) -> image (media.py) -> engine inputs
+(inputs.py, off the event loop on one preprocessing thread) -> `EngineDriver.submit` (driver.py,
+the engine's own thread); engine outputs -> OpenAI responses or server-sent-event chunks here.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hmac
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..engine.engine import Engine
+from . import inputs, media
+from .driver import Accepted, EngineDriver, Progress, Rejected, Stopped
+from .errors import APIError, bad_request
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import Job, parse_chat, parse_completion
+from .text import ChoiceText
+
+log = logging.getLogger("blip2_fast.serving")
+
+
+def build_app(model_or_engine, *, served_model_name: str | None = None, api_key: str | None = None,
+              max_queue: int = 512, allowed_local_media_path=None, allow_remote_images: bool = False,
+              max_image_pixels: int = 4096 * 4096, max_image_bytes: int = 20 * 2**20,
+              max_body_bytes: int | None = None, **engine_kwargs) -> FastAPI:
+    """An ASGI app serving `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
+    `/metrics` and `/version` from one engine, whose thread starts now.
+
+    model_or_engine: a model from `blip2_fast.load()` (an Engine is built with `engine_kwargs`,
+    e.g. max_num_seqs, num_blocks) or an `Engine` (then no engine_kwargs). The model needs its
+    checkpoint's processor (prompts are tokenized and images preprocessed as model.answer does).
+    served_model_name: the id clients send as `model` (default: the checkpoint directory's name).
+    api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`. max_queue: requests waiting
+    for admission before new ones get 503. Images: data: URLs always; file:// only under
+    allowed_local_media_path; http(s) only with allow_remote_images; at most max_image_pixels
+    (width x height) and max_image_bytes encoded. max_body_bytes: request bodies (default: room for
+    one base64 image of max_image_bytes plus 1 MiB). Stop the engine thread with
+    `app.state.server.close()` (the ASGI lifespan shutdown does it).
+    """
+    if isinstance(model_or_engine, Engine):
+        if engine_kwargs:
+            raise TypeError(f"engine options {sorted(engine_kwargs)} apply only when build_app builds the Engine")
+        engine = model_or_engine
+    else:
+        engine = Engine(model_or_engine, **engine_kwargs)
+    if not isinstance(max_queue, int) or max_queue < 1:
+        raise ValueError(f"max_queue must be a positive int, got {max_queue!r}")
+    policy = media.MediaPolicy(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                               allowed_local_media_path=allowed_local_media_path,
+                               allow_remote_images=allow_remote_images)
+    server = _Server(engine, served_model_name, api_key, max_queue, policy,
+                     max_body_bytes or max_image_bytes * 4 // 3 + 2**20)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        server.close()
+
+    app = FastAPI(title="blip2_fast", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        log.info("%s %s -> %d %s", getattr(request.state, "rid", "-"), request.url.path, e.status, e.message)
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("%s %s -> 500", getattr(request.state, "rid", "-"), request.url.path)
+        return JSONResponse(APIError(500, f"internal server error ({type(e).__name__})").body(), status_code=500)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await server.generate(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.generate(request, "completion")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.authorize(request)
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "blip2_fast", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        if not server.driver.alive:
+            raise APIError(503, "the engine is not running" + (f": {server.driver.error!r}" if server.driver.error
+                                                              else ""), code="engine_not_running")
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+class _Server:
+    def __init__(self, engine, model_name, api_key, max_queue, policy, max_body_bytes):
+        from ..generation import processor_for
+
+        model = engine.model
+        self.engine, self.model = engine, model
+        self.processor = processor_for(model)  # raises ValueError naming what is missing
+        # decoding runs on the event loop while the preprocessing thread tokenizes: a fast tokenizer is
+        # not safe to share across threads, so the loop decodes with its own copy
+        self.tokenizer = copy.deepcopy(self.processor.tokenizer)
+        src = getattr(model, "source_dir", None)
+        self.model_name = model_name or (src.name if src is not None else "blip2")
+        self.api_key, self.max_queue, self.policy, self.max_body_bytes = api_key, max_queue, policy, max_body_bytes
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(self.model_name)
+        self.driver = EngineDriver(engine, observer=self.metrics.observe)
+        self.metrics.attach(self.driver)
+        self.pre = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip2_fast-preprocess")
+        self.driver.start()
+
+    def close(self) -> None:
+        self.driver.stop()
+        self.pre.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the door --------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, key = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)", code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.max_body_bytes
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            if not cl.isdigit():
+                raise bad_request("malformed Content-Length header")
+            if int(cl) > limit:
+                raise media.too_large("the request body", limit, "bytes")
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise media.too_large("the request body", limit, "bytes")
+        try:
+            body = json.loads(buf, parse_constant=_no_constants)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad_request(f"the request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        return body
+
+    def _prepare(self, source, job: Job) -> inputs.EngineInputs:
+        kind, src = source
+        data = media.read_file(src, self.policy) if kind == "file" else src
+        image = media.decode(data, self.policy, job.image_param)
+        try:
+            return inputs.prepare(self.model, self.processor, image, job.prompt)
+        except (ValueError, TypeError) as e:
+            raise bad_request(f"the prompt could not be processed: {e}", "messages" if job.kind == "chat" else "prompt")
+
+    # ---- a generation request --------------------------------------------------------------------
+    async def generate(self, request: Request, kind: str):
+        t0 = time.monotonic()
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        request.state.rid = rid
+        self.authorize(request)
+        body = await self.read_json(request)
+        max_n = self.engine.max_num_seqs
+        job = parse_chat(body, max_n=max_n) if kind == "chat" else parse_completion(body, max_n=max_n)
+        if job.model is not None and job.model != self.model_name:
+            raise APIError(404, f"the model {job.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        source = media.read_source(job.image_url, self.policy, job.image_param)
+        if source[0] == "remote":
+            source = ("bytes", await media.fetch_remote(source[1], self.policy, job.image_param))
+        loop = asyncio.get_running_loop()
+        ins = await loop.run_in_executor(self.pre, self._prepare, source, job)
+        params = inputs.choice_params(inputs.sampling(self.model, job.options, job.n, ins.prompt_ids.numel()), job.n)
+        if self.driver.num_waiting() + len(params) > self.max_queue:
+            raise APIError(503, f"the server is overloaded: {self.max_queue} requests are already waiting; retry later",
+                           code="queue_full")
+        run = _Run(self, rid, job, len(params), ins.num_prompt_tokens, t0)
+        for i, p in enumerate(params):
+            kw = {"pixel_values": ins.pixel_values, "prompt": ins.prompt_ids, "sampling": p}
+            if not self.driver.submit(run.engine_ids[i], kw, ins.num_prompt_tokens, run.queue):
+                run.abort()
+                raise APIError(503, "the engine is not running", code="engine_not_running")
+        await run.wait_accepted()
+        if job.stream:
+            return StreamingResponse(run.sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        return JSONResponse(await run.complete(request), headers={"X-Request-Id": rid})
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _Choice:
+    def __init__(self, index: int, engine_id, candidate: int | None, stop):
+        self.index, self.engine_id, self.candidate = index, engine_id, candidate
+        self.text = ChoiceText(stop)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.pending = ""  # text not yet streamed
+        self.reported = False  # its finish_reason was streamed
+        self.sent_role = False
+
+
+class _Run:
+    """One HTTP request's engine requests (one per choice, or one beam search for all choices)."""
+
+    def __init__(self, server: _Server, rid: str, job: Job, n_engine: int, n_prompt: int, t0: float):
+        self.server, self.rid, self.job, self.t0 = server, rid, job, t0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.engine_ids = [f"{rid}-{i}" for i in range(n_engine)]
+        if n_engine == 1 and job.n > 1:  # beam search: the choices are its candidates
+            self.choices = [_Choice(i, self.engine_ids[0], i, job.stop) for i in range(job.n)]
+        else:
+            self.choices = [_Choice(i, eid, None, job.stop) for i, eid in enumerate(self.engine_ids)]
+        self.num_prompt_tokens = n_prompt
+        self.verdicts: dict = {}
+        self.open = set(self.engine_ids)  # engine requests not finished
+        self.stopped: str | None = None  # why the engine stopped under us
+        self.created = int(time.time())
+
+    # ---- events ----------------------------------------------------------------------------------
+    async def wait_accepted(self) -> None:
+        try:
+            while len(self.verdicts) < len(self.engine_ids):
+                self._handle([await self.queue.get()])
+        except BaseException:
+            self.abort()
+            raise
+        rejected = [v for v in self.verdicts.values() if isinstance(v, Rejected)]
+        if rejected:
+            self.abort()
+            raise bad_request(str(rejected[0].error))
+        if self.stopped:
+            raise APIError(503, f"the engine is not running: {self.stopped}", code="engine_not_running")
+
+    async def _next(self) -> None:
+        """Wait for events, then take every event already queued (a client slower than the engine
+        gets one chunk with several tokens, not a backlog)."""
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        self._handle(items)
+
+    def _handle(self, items) -> None:
+        latest = {}
+        for it in items:
+            if isinstance(it, (Accepted, Rejected)):
+                self.verdicts[it.request_id] = it
+            elif isinstance(it, Stopped):
+                self.verdicts.setdefault(it.request_id, it)
+                self.open.discard(it.request_id)
+                self.stopped = it.reason
+            elif isinstance(it, Progress):
+                latest[it.output.request_id] = it  # outputs are cumulative: the newest says it all
+        for eid, p in latest.items():
+            self._progress(eid, p)
+        if self.stopped:
+            for c in self.choices:
+                if c.finish_reason is None:
+                    c.finish_reason, c.error = "error", f"the engine stopped: {self.stopped}"
+
+    def _progress(self, eid, p: Progress) -> None:
+        out = p.output
+        if out.finished:
+            self.open.discard(eid)
+        for c in self.choices:
+            if c.engine_id != eid or c.finish_reason is not None:
+                continue
+            if c.candidate is not None:
+                if not out.finished:
+                    continue  # running beams have no text yet
+                c.tokens = list(out.candidates[c.candidate]) if out.candidates else list(out.token_ids)
+            else:
+                c.tokens = list(out.token_ids)
+            c.pending += c.text.update(inputs.decode(self.server.tokenizer, c.tokens), out.finished)
+            if c.text.stopped:
+                c.finish_reason = "stop"
+            elif out.finished:
+                c.finish_reason = out.finish_reason
+                c.error = p.error if out.finish_reason == "error" else None
+        if eid in self.open and all(c.finish_reason for c in self.choices if c.engine_id == eid):
+            self.server.driver.abort(eid)  # every choice of it hit a stop string
+            self.open.discard(eid)
+
+    def abort(self) -> None:
+        for eid in self.open:
+            self.server.driver.abort(eid)
+        self.open.clear()
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def usage(self) -> dict:
+        done = sum(len(c.tokens) for c in self.choices)
+        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.num_prompt_tokens + done}
+
+    def _log(self, status: str) -> None:
+        u = self.usage()
+        log.info("%s %s prompt_tokens=%d completion_tokens=%d finish=%s latency=%.3fs", self.rid, status,
+                 u["prompt_tokens"], u["completion_tokens"], ",".join(str(c.finish_reason) for c in self.choices),
+                 time.monotonic() - self.t0)
+
+    # ---- a whole response ------------------------------------------------------------------------
+    async def complete(self, request: Request) -> dict:
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while not self.done:
+                nxt = asyncio.ensure_future(self._next())
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    self._log("client-disconnected")
+                    raise APIError(499, "the client disconnected")
+                nxt.result()
+        finally:
+            gone.cancel()
+            self.abort()
+        failed = [c for c in self.choices if c.finish_reason == "error"]
+        if failed:
+            self._log("500" if not self.stopped else "503")
+            raise APIError(503 if self.stopped else 500, failed[0].error or "generation failed")
+        self._log("200")
+        if self.job.kind == "chat":
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text}, "logprobs": None,
+                        "finish_reason": c.finish_reason} for c in self.choices]
+        else:
+            choices = [{"index": c.index, "text": c.text.text, "logprobs": None, "finish_reason": c.finish_reason}
+                       for c in self.choices]
+        return {"id": self.rid, "object": "chat.completion" if self.job.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.server.model_name, "choices": choices, "usage": self.usage()}
+
+    # ---- a stream --------------------------------------------------------------------------------
+    def _chunk(self, choices: list, usage=None) -> str:
+        obj = {"id": self.rid, "object": "chat.completion.chunk" if self.job.kind == "chat" else "text_completion",
+               "created": self.created, "model": self.server.model_name, "choices": choices}
+        if self.job.include_usage:
+            obj["usage"] = usage
+        return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def _piece(self, c: _Choice, delta: str, finish) -> dict:
+        if self.job.kind != "chat":
+            return {"index": c.index, "text": delta, "logprobs": None, "finish_reason": finish}
+        d = {"content": delta} if delta or finish is None else {}
+        if not c.sent_role:
+            d, c.sent_role = {"role": "assistant", **d}, True
+        return {"index": c.index, "delta": d, "logprobs": None, "finish_reason": finish}
+
+    def _pieces(self) -> list:
+        """What the stream has not sent yet: each choice's new text, and its finish once."""
+        pieces = []
+        for c in self.choices:
+            delta, c.pending = c.pending, ""
+            if c.finish_reason is None:
+                if delta:
+                    pieces.append(self._piece(c, delta, None))
+            elif not c.reported:
+                c.reported = True
+                if c.finish_reason != "error":  # errors end the stream with an error event instead
+                    pieces.append(self._piece(c, delta, c.finish_reason))
+        return pieces
+
+    async def sse(self):
+        status = "200"
+        try:
+            if self.job.kind == "chat":  # the role first, as OpenAI streams it
+                yield self._chunk([self._piece(c, "", None) for c in self.choices])
+            while True:
+                pieces = self._pieces()
+                if pieces:
+                    yield self._chunk(pieces)
+                if self.done:
+                    break
+                await self._next()
+            errors = [c.error for c in self.choices if c.finish_reason == "error"]
+            if errors:
+                status = "error"
+                err = APIError(503 if self.stopped else 500, errors[0] or "generation failed")
+                yield f"data: {json.dumps(err.body())}\n\n"
+            if self.job.include_usage:
+                yield self._chunk([], self.usage())
+            yield "data: [DONE]\n\n"
+        except BaseException:
+            status = "client-disconnected"
+            raise
+        finally:
+            self.abort()
+            self._log(status)
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
