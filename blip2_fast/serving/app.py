@@ -211,9 +211,19 @@ class _Server:
                 raise APIError(503, "the engine is not running", code="engine_not_running")
         await run.wait_accepted()
         if job.stream:
-            return StreamingResponse(run.sse(), media_type="text/event-stream",
+            return _EventStream(run.sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         return JSONResponse(await run.complete(request), headers={"X-Request-Id": rid})
+
+
+class _EventStream(StreamingResponse):
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # a server whose send() raises on a closed socket (ASGI spec 2.4) leaves the generator
+            # suspended: close it now, so its engine requests are aborted at once, not at garbage collection
+            await self.body_iterator.aclose()
 
 
 def _no_constants(name):
