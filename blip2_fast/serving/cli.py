@@ -110,17 +110,17 @@ def serve_app(app, host: str, port: int, shutdown_timeout: float, log_level: str
 
     import uvicorn
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)  # listening before we say so
-    bound = sock.getsockname()[1]
-    print(f"blip2_fast: serving {what} on http://{host}:{bound}", flush=True)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout)
     server = uvicorn.Server(config)
-    # uvicorn re-raises the signal once its graceful shutdown is done; with these no-op handlers in
-    # place underneath its own, that ends here with status 0 instead of killing the process
+    # uvicorn handles the signals while it runs and re-raises them once its graceful shutdown is done:
+    # these handlers underneath its own make that re-raise harmless (status 0, not death by signal),
+    # and make a signal that arrives before uvicorn starts end it as soon as it has started
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)  # listening before we say so
+    print(f"blip2_fast: serving {what} on http://{host}:{sock.getsockname()[1]}", flush=True)
     server.run(sockets=[sock])
     log.info("blip2_fast: shut down cleanly")
     return 0
