@@ -26,7 +26,7 @@ class ChoiceText:
             text = text.rstrip()
         else:
             text = text.rstrip().rstrip("\ufffd")
-            text = text[: len(text) - self._stop_prefix(text)]
+            text = text[: len(text) - self._stop_prefix(text)].rstrip()
         self.text = text
         if not text.startswith(self.sent):
             # a later token changed how earlier ones decode (rare; e.g. tokenizer clean-up rules):
