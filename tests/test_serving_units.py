@@ -106,7 +106,10 @@ def test_media_pixel_limit_is_checked_from_the_header_before_decoding(monkeypatc
 def test_media_byte_limits_and_schemes(tmp_path):
     p = media.MediaPolicy(max_image_bytes=1000)
     small = "data:image/png;base64," + base64.b64encode(_png(4, 4)).decode()
-    assert media.read_source(small, p, "image")[0] == "bytes"
+    assert media.read_bytes(*media.read_source(small, p, "image"), p, "image") == _png(4, 4)
+    with pytest.raises(APIError) as e:
+        media.read_bytes(*media.read_source("data:image/png;base64,@@@@", p, "image"), p, "image")
+    assert e.value.status == 400
     big = "data:image/png;base64," + base64.b64encode(b"\0" * 2000).decode()
     with pytest.raises(APIError) as e:
         media.read_source(big, p, "image")

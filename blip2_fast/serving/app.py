@@ -174,8 +174,7 @@ class _Server:
         return body
 
     def _prepare(self, source, job: Job) -> inputs.EngineInputs:
-        kind, src = source
-        data = media.read_file(src, self.policy) if kind == "file" else src
+        data = media.read_bytes(*source, self.policy, job.image_param)
         image = media.decode(data, self.policy, job.image_param)
         try:
             return inputs.prepare(self.model, self.processor, image, job.prompt)

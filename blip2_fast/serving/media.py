@@ -50,13 +50,14 @@ def too_large(what: str, limit: int, unit: str) -> APIError:
 
 
 def read_source(url: str, policy: MediaPolicy, param: str) -> tuple[str, object]:
-    """Classify `url` without reading anything: ("bytes", b) for data: URLs, ("file", path),
-    ("remote", url); raises APIError (400 refused or malformed, 413 over the byte limit)."""
+    """Check `url` without reading or decoding anything: ("base64", payload) for data: URLs,
+    ("file", path), ("remote", url); raises APIError (400 refused or malformed, 413 over the byte
+    limit). `read_bytes` then gets the bytes (off the event loop: it decodes and reads files)."""
     if not isinstance(url, str) or not url:
         raise bad_request("an image URL must be a non-empty string", param)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return "bytes", _data_url(url, policy, param)
+        return "base64", _data_url(url, policy, param)
     if scheme == "file":
         return "file", _local_path(url, policy, param)
     if scheme in ("http", "https"):
@@ -80,13 +81,23 @@ def _data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
                           f"{', '.join(sorted(_MIME))}", param)
     if len(payload) * 3 // 4 > policy.max_image_bytes + 3:  # checked before decoding a byte of it
         raise too_large("the image", policy.max_image_bytes, "bytes")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request("the data: URL's base64 payload does not decode", param) from None
-    if len(data) > policy.max_image_bytes:
-        raise too_large("the image", policy.max_image_bytes, "bytes")
-    return data
+    return payload
+
+
+def read_bytes(kind: str, src, policy: MediaPolicy, param: str) -> bytes:
+    """The encoded image named by `read_source`'s answer (or ("bytes", data) already fetched)."""
+    if kind == "file":
+        return read_file(src, policy)
+    if kind == "base64":
+        try:
+            data = base64.b64decode(src, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request("the data: URL's base64 payload does not decode", param) from None
+        if len(data) > policy.max_image_bytes:
+            raise too_large("the image", policy.max_image_bytes, "bytes")
+        return data
+    assert kind == "bytes", kind
+    return src
 
 
 def _local_path(url: str, policy: MediaPolicy, param: str) -> Path:
