@@ -181,6 +181,11 @@ class _Server:
         except (ValueError, TypeError) as e:
             raise bad_request(f"the prompt could not be processed: {e}", "messages" if job.kind == "chat" else "prompt")
 
+    def _check_queue(self, n: int) -> None:
+        if self.driver.num_waiting() + n > self.max_queue:
+            raise APIError(503, f"the server is overloaded: {self.max_queue} requests are already waiting; retry later",
+                           code="queue_full")
+
     # ---- a generation request --------------------------------------------------------------------
     async def generate(self, request: Request, kind: str):
         t0 = time.monotonic()
@@ -193,15 +198,14 @@ class _Server:
         if job.model is not None and job.model != self.model_name:
             raise APIError(404, f"the model {job.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+        self._check_queue(job.n)  # before any work is spent on a request that would be refused
         source = media.read_source(job.image_url, self.policy, job.image_param)
         if source[0] == "remote":
             source = ("bytes", await media.fetch_remote(source[1], self.policy, job.image_param))
         loop = asyncio.get_running_loop()
         ins = await loop.run_in_executor(self.pre, self._prepare, source, job)
         params = inputs.choice_params(inputs.sampling(self.model, job.options, job.n, ins.prompt_ids.numel()), job.n)
-        if self.driver.num_waiting() + len(params) > self.max_queue:
-            raise APIError(503, f"the server is overloaded: {self.max_queue} requests are already waiting; retry later",
-                           code="queue_full")
+        self._check_queue(len(params))
         run = _Run(self, rid, job, len(params), ins.num_prompt_tokens, t0)
         for i, p in enumerate(params):
             kw = {"pixel_values": ins.pixel_values, "prompt": ins.prompt_ids, "sampling": p}
@@ -210,19 +214,24 @@ class _Server:
                 raise APIError(503, "the engine is not running", code="engine_not_running")
         await run.wait_accepted()
         if job.stream:
-            return _EventStream(run.sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+            return _EventStream(run, media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         return JSONResponse(await run.complete(request), headers={"X-Request-Id": rid})
 
 
 class _EventStream(StreamingResponse):
+    def __init__(self, run, **kw):
+        super().__init__(run.sse(), **kw)
+        self.run = run
+
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
             # a server whose send() raises on a closed socket (ASGI spec 2.4) leaves the generator
-            # suspended: close it now, so its engine requests are aborted at once, not at garbage collection
+            # suspended, and one that never started it never runs its `finally`: abort here either way
             await self.body_iterator.aclose()
+            self.run.abort()
 
 
 def _no_constants(name):
