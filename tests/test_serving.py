@@ -436,3 +436,29 @@ def test_engine_thread_sleeps_when_idle(model):
         server.engine.has_unfinished = lambda: calls.append(1) or real()
         time.sleep(0.3)
         assert len(calls) <= 2, f"the idle engine thread polled has_unfinished {len(calls)} times in 0.3 s"
+
+
+def test_closing_the_server_aborts_requests_in_flight(model):
+    """What SIGTERM does once --shutdown-timeout has passed: the lifespan shutdown closes the server,
+    the engine thread aborts what is still running, and the clients are told."""
+    long = chat(data_url(images()[0]), "what is this?", max_tokens=80, min_tokens=80)
+    with serving(model) as app:
+        server = app.state.server
+
+        async def go():
+            async with client(app) as c:
+                streamed = asyncio.ensure_future(c.post("/v1/chat/completions", json={**long, "stream": True}))
+                plain = asyncio.ensure_future(c.post("/v1/chat/completions", json=long))
+                for _ in range(1000):
+                    if server.driver.stats.num_running == 2 and server.driver.stats.generation_tokens > 2:
+                        break
+                    await asyncio.sleep(0.01)
+                server.close()
+                ev = sse_events((await streamed).text)
+                assert "shutting down" in ev[-2]["error"]["message"] and ev[-1] == "[DONE]"
+                assert 0 < len(streamed_texts(ev)[0].split()) < 80
+                e = _error(await plain, 503)
+                assert "shutting down" in e["message"]
+                _error(await c.get("/health"), 503)
+        run(go())
+        assert not server.driver.alive and server.engine.num_free_blocks == server.engine.num_blocks

@@ -324,6 +324,11 @@ class _Run:
             c.pending += c.text.update(inputs.decode(self.server.tokenizer, c.tokens), out.finished)
             if c.text.stopped:
                 c.finish_reason = "stop"
+            elif out.finished and out.finish_reason == "abort":
+                # we abort only requests whose client is gone or whose choices all stopped: this
+                # one was aborted by the engine's owner stopping
+                self.stopped = "the server is shutting down"
+                c.finish_reason, c.error = "error", "the request was aborted: the server is shutting down"
             elif out.finished:
                 c.finish_reason = out.finish_reason
                 c.error = p.error if out.finish_reason == "error" else None
