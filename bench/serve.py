@@ -9,7 +9,9 @@ max_tokens) is run three ways, interleaved over --runs rounds so drift in machin
             http against engine is everything the server costs (HTTP, JSON, base64 and PNG decoding,
             preprocessing, the thread hand-offs).
 Reports requests/s, output tokens/s, TTFT p50/p90/p99, inter-token latency p50/p90 and e2e latency
-per way (medians over rounds), writes JSON and a PNG plot. The server is started as a subprocess
+per way (medians over rounds), and the CPU time each request cost (server and client processes,
+or the in-process engine: on a machine shared with other jobs this is the steadier figure), writes
+JSON and a PNG plot. The server is started as a subprocess
 (`python -m blip2_fast serve --port 0`) unless --url names a running one; the in-process engine
 loads the same checkpoint in this process. TTFT and the gaps between streamed chunks are measured by
 the client; in-process, from add_request to the first output with tokens.
@@ -194,6 +196,37 @@ def _engine_loop(engine, model, processor, work, concurrency, arrivals, max_toke
     return _summary(time.perf_counter() - t0, results)
 
 
+# ---- CPU time: robust to a crowded machine where wall time is not ---------------------------------
+def _cpu_s(pid=None) -> float | None:
+    """CPU seconds (user + system, all threads) used so far by this process, or by process `pid`."""
+    if pid is None:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _with_cpu(fn, server_pid, n_requests: int) -> dict:
+    """fn()'s summary plus the CPU time it cost: this process (the clients, or the in-process
+    engine) and the server process, per request."""
+    c0, s0 = _cpu_s(), _cpu_s(server_pid) if server_pid else None
+    res = fn()
+    here = _cpu_s() - c0
+    res["cpu_ms_per_request_here"] = round(here / n_requests * 1e3, 2)
+    if s0 is not None:
+        srv = _cpu_s(server_pid) - s0
+        res["cpu_ms_per_request_server"] = round(srv / n_requests * 1e3, 2)
+        res["cpu_ms_per_request"] = round((srv + here) / n_requests * 1e3, 2)
+    else:
+        res["cpu_ms_per_request"] = res["cpu_ms_per_request_here"]
+    return res
+
+
 # ---- the server ---------------------------------------------------------------------------------
 def _start_server(model_dir, backend, max_num_seqs, log_path):
     cmd = [sys.executable, "-m", "blip2_fast", "serve", "--port", "0", "--max-num-seqs", str(max_num_seqs),
@@ -288,12 +321,14 @@ def main(argv=None) -> dict:
         warm = work[: min(4, len(work))]  # warm-up: first-call costs (allocator, extension loading) in both processes
         asyncio.run(_http_run(url, name, warm, 2, None, 4, a.api_key))
         _engine_run(engine, model, processor, warm, 2, None, 4)
+        server_pid = proc.pid if proc is not None else None
         rounds = []
         for r in range(a.runs):
             order = list(ways) if r % 2 == 0 else list(ways)[::-1]  # alternate the order across rounds
-            rounds.append({w: ways[w]() for w in order})
+            rounds.append({w: _with_cpu(ways[w], server_pid if w != "engine" else None, a.requests) for w in order})
             print(f"round {r + 1}/{a.runs}: " + "  ".join(
-                f"{w} {rounds[-1][w]['requests_per_s']} req/s ttft p50 {rounds[-1][w]['ttft_p50_ms']} ms" for w in ways),
+                f"{w} {rounds[-1][w]['requests_per_s']} req/s ttft p50 {rounds[-1][w]['ttft_p50_ms']} ms "
+                f"cpu {rounds[-1][w]['cpu_ms_per_request']} ms/req" for w in ways),
                 flush=True)
     finally:
         if proc is not None:
@@ -310,7 +345,8 @@ def main(argv=None) -> dict:
            "versions": {"python": platform.python_version(), "torch": torch.__version__, "blip2_fast": blip2_fast.__version__},
            "rounds": rounds, "median": median,
            "http_over_engine_requests_per_s": round(http["requests_per_s"] / eng["requests_per_s"], 3),
-           "http_over_engine_ttft_p50": round(http["ttft_p50_ms"] / eng["ttft_p50_ms"], 3)}
+           "http_over_engine_ttft_p50": round(http["ttft_p50_ms"] / eng["ttft_p50_ms"], 3),
+           "http_over_engine_cpu_per_request": round(http["cpu_ms_per_request"] / eng["cpu_ms_per_request"], 3)}
     if "http-1" in median:
         res["batching_gain_requests_per_s"] = round(http["requests_per_s"] / median["http-1"]["requests_per_s"], 3)
     res["targets"] = {"requests_per_s_at_least_0.9x_engine": res["http_over_engine_requests_per_s"] >= 0.9,
