@@ -1,7 +1,8 @@
 """Serving benchmark over loopback: `python -m bench.serve`.
 
-One workload (R requests, each its own image and question, exactly T output tokens: min_tokens =
-max_tokens) is run three ways, interleaved over --runs rounds so drift in machine load hits all alike:
+One workload (R requests, each its own new image and a question, exactly T output tokens:
+min_tokens = max_tokens; new images every round, so no image comes from the engine's image cache)
+is run three ways, interleaved over --runs rounds so drift in machine load hits all alike:
   http      N concurrent streaming clients (or a Poisson arrival rate, --rate) against the server;
   http-1    the same requests one at a time (what batching gains: http over http-1);
   engine    the engine driven in-process without HTTP, with the same concurrency, its inputs
@@ -302,7 +303,6 @@ def main(argv=None) -> dict:
     from blip2_fast.generation import processor_for
 
     model_dir = Path(a.model) if a.model else demo_checkpoint()
-    work = _workload(a.requests, a.seed)
     arrivals = _arrivals(a.requests, a.rate, a.seed)
     proc = None
     if a.url is None:
@@ -314,18 +314,24 @@ def main(argv=None) -> dict:
         engine = blip2_fast.Engine(model, max_num_seqs=max(a.clients, 1))
         processor = processor_for(model)
         conc = a.clients if a.rate is None else a.requests
-        ways = {"http": lambda: asyncio.run(_http_run(url, name, work, conc, arrivals, a.max_tokens, a.api_key)),
-                "engine": lambda: _engine_run(engine, model, processor, work, conc, arrivals, a.max_tokens)}
+        ways = {"http": lambda w: asyncio.run(_http_run(url, name, w, conc, arrivals, a.max_tokens, a.api_key)),
+                "engine": lambda w: _engine_run(engine, model, processor, w, conc, arrivals, a.max_tokens)}
         if not a.no_one_at_a_time:
-            ways["http-1"] = lambda: asyncio.run(_http_run(url, name, work, 1, None, a.max_tokens, a.api_key))
-        warm = work[: min(4, len(work))]  # warm-up: first-call costs (allocator, extension loading) in both processes
+            ways["http-1"] = lambda w: asyncio.run(_http_run(url, name, w, 1, None, a.max_tokens, a.api_key))
+        warm = _workload(4, a.seed - 1)  # warm-up: first-call costs (allocator, extension loading) in both processes
         asyncio.run(_http_run(url, name, warm, 2, None, 4, a.api_key))
         _engine_run(engine, model, processor, warm, 2, None, 4)
         server_pid = proc.pid if proc is not None else None
         rounds = []
         for r in range(a.runs):
             order = list(ways) if r % 2 == 0 else list(ways)[::-1]  # alternate the order across rounds
-            rounds.append({w: _with_cpu(ways[w], server_pid if w != "engine" else None, a.requests) for w in order})
+            rd = {}
+            for k, w in enumerate(order):
+                # new images every time: a repeated image would come from the engine's image cache
+                # and skip the vision encoder, which is not what serving new requests costs
+                work = _workload(a.requests, a.seed + 1000 * r + 100 * k)
+                rd[w] = _with_cpu(lambda: ways[w](work), server_pid if w != "engine" else None, a.requests)
+            rounds.append(rd)
             print(f"round {r + 1}/{a.runs}: " + "  ".join(
                 f"{w} {rounds[-1][w]['requests_per_s']} req/s ttft p50 {rounds[-1][w]['ttft_p50_ms']} ms "
                 f"cpu {rounds[-1][w]['cpu_ms_per_request']} ms/req" for w in ways),
