@@ -3,6 +3,7 @@ exactly as model.answer does, and shut down cleanly. Every wait is bounded."""
 import asyncio
 import shutil
 import tempfile
+import threading
 
 import httpx
 import pytest
@@ -13,6 +14,25 @@ from serving_helpers import chat, data_url, free_port, images
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
+
+
+def bounded(fn, timeout_s):
+    """fn() on a thread, failing the test if it takes longer (the fixture's ray.shutdown() then ends it)."""
+    out = {}
+
+    def body():
+        try:
+            out["r"] = fn()
+        except BaseException as e:  # re-raised on the test's thread
+            out["e"] = e
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise AssertionError(f"did not finish within {timeout_s} s")
+    if "e" in out:
+        raise out["e"]
+    return out.get("r")
 
 
 @pytest.fixture
@@ -44,7 +64,7 @@ def test_two_replicas_answer_concurrent_requests(tmp_path_factory, local_ray):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = deployment(str(d), num_replicas=2, ray_actor_options={"num_cpus": 1}, load_kwargs={"backend": "reference"},
                      engine_kwargs={"max_num_seqs": 4})
-    serve.run(app, name="blip2_fast", route_prefix="/")
+    bounded(lambda: serve.run(app, name="blip2_fast", route_prefix="/"), 300)  # replicas load the model
     st = serve.status().applications["blip2_fast"]
     assert st.status == "RUNNING"
     dep = st.deployments["blip2_fast"]
@@ -63,5 +83,5 @@ def test_two_replicas_answer_concurrent_requests(tmp_path_factory, local_ray):
     got, health = asyncio.run(asyncio.wait_for(go(), 300))
     assert got == want and health == 200
 
-    serve.delete("blip2_fast")  # replicas run the app's lifespan shutdown: the engine threads stop
+    bounded(lambda: serve.delete("blip2_fast"), 120)  # replicas run the app's lifespan shutdown: engine threads stop
     assert "blip2_fast" not in serve.status().applications
