@@ -4,8 +4,8 @@
     python -m blip2_fast serve --model DIR --port 8000              # the same, under uvicorn
     python -m blip2_fast serve --ray --num-replicas 2               # on Ray Serve (the `ray` extra)
 
-One thread owns the engine (driver.py); asyncio owns the sockets (app.py, response.py); they talk through a
-command queue one way and per-request asyncio queues the other.
+One thread owns the engine (driver.py); asyncio owns the sockets (app.py, response.py); they
+talk through a command queue one way and per-request asyncio queues the other.
 """
 __all__ = ["build_app", "MediaPolicy"]
 
