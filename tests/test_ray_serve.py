@@ -71,7 +71,7 @@ def test_two_replicas_answer_concurrent_requests(tmp_path_factory, local_ray):
     assert dep.replica_states.get("RUNNING") == 2, dep.replica_states
 
     async def go():
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, trust_env=False) as c:
             async def one(i):
                 im, q, n = cases[i]
                 r = await c.post("/v1/chat/completions", json=chat(data_url(im), q, max_tokens=n))
