@@ -1,4 +1,4 @@
-"""Command line: `python -m blip2_fast {demo, caption, build-ext}`.
+"""Command line: `python -m blip2_fast {demo, caption, build-ext, serve}`.
 
 Every user error (a bad flag, a missing, corrupt or oversized image, a bad checkpoint) is one line on
 stderr, `error: ...`, and a non-zero exit: 2 for bad flags and images, 1 for the rest.
@@ -51,7 +51,10 @@ def main(argv=None) -> int:
     cap.add_argument("--device", default=None)
     cap.add_argument("--dtype", default=None)
     sub.add_parser("build-ext", help="build the C++/CUDA extension now (it is otherwise built on first use)")
+    _add_serve(sub)
     args = ap.parse_args(argv)
+    if args.cmd == "serve":
+        return _serve(args)
     if args.cmd == "demo":
         from .demo import main as demo
 
@@ -118,6 +121,28 @@ def _caption(args) -> int:
     for f, t in zip(args.images, texts):
         print(f"{f}\t{t}")
     return 0
+
+
+def _add_serve(sub) -> None:
+    from .serving.cli import add_arguments  # argparse only: the server's packages load when it runs
+
+    add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the [serve] extra)"))
+
+
+def _serve(args) -> int:
+    from .serving.cli import main as serve
+
+    try:
+        return serve(args)
+    except ModuleNotFoundError as e:
+        if e.name not in ("fastapi", "uvicorn", "prometheus_client", "httpx", "ray"):
+            raise
+        extra = "ray" if e.name == "ray" else "serve"
+        print(f"error: serving needs the [{extra}] extra (pip install 'blip2_fast[{extra}]'): {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

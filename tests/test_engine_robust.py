@@ -393,3 +393,14 @@ def test_one_staging_send_per_decode_step(opt, monkeypatch):
         eng.step()
         steps += 1
     assert steps >= 4 and len(sends) == steps
+
+
+def test_auto_pool_holds_an_explicit_max_num_seqs(opt):
+    """On a CPU the default pool holds 16 sequences of max_model_len; an explicit larger max_num_seqs
+    (the server's --max-num-seqs 256) still gets a block per sequence, while an explicit pool that is
+    too small is refused, naming both numbers."""
+    m, _ = opt
+    eng = Engine(m, max_num_seqs=300, block_size=128, max_model_len=128)
+    assert eng.max_num_seqs == 300 and eng.num_blocks >= 300
+    with pytest.raises(ValueError, match="max_num_seqs=300 exceeds num_blocks=20"):
+        Engine(m, max_num_seqs=300, block_size=128, max_model_len=128, num_blocks=20)

@@ -41,8 +41,8 @@ class Engine:
     block_size: tokens per KV block, a power of two <= 1024. num_blocks: pool size; default on a
         GPU: what `gpu_memory_utilization` of the GPU leaves after the weights and the peak of a
         profile run (an image batch, the largest prefill, the decode logits); on a CPU, enough for
-        min(max_num_seqs, 16) sequences of max_model_len. A pool larger than the memory available
-        is refused.
+        min(max_num_seqs, 16) sequences of max_model_len, and at least max_num_seqs blocks. A pool
+        larger than the memory available is refused.
     max_model_len: longest prompt + output of one sequence (default: OPT's max positions, 2048 for
         T5's decoder); a request stops there with finish_reason "length".
     max_num_batched_tokens: positions one prefill batch computes at most, padding included
@@ -87,7 +87,8 @@ class Engine:
                 num_blocks = profile_kv_blocks(model, util, per_block, self.max_model_len,
                                                self.max_num_batched_tokens, self.max_num_seqs)
             else:
-                num_blocks = per_seq * min(self.max_num_seqs, 16) + 1
+                # an explicit max_num_seqs above 16 still gets a block per sequence
+                num_blocks = max(per_seq * min(self.max_num_seqs, 16) + 1, self.max_num_seqs)
         else:
             num_blocks = check_int("num_blocks", num_blocks, 2)
         if not explicit_seqs:  # the default: no more sequences than the pool can hold

@@ -85,7 +85,8 @@ class OPT(nn.Module):
         self.final_norm = cfg.final_norm
         self.lnf = _Norm(src, d + "final_layer_norm", E, cfg.final_norm and cfg.ln_affine)
         head = p + "lm_head.weight"
-        self.lm_head = take_param(src, head, (cfg.vocab, W)) if src.has(head) else self.embed
+        # tied (transformers' default): the head is the embedding, whatever copy of it the checkpoint saved
+        self.lm_head = self.embed if cfg.tie_embeddings else take_param(src, head, (cfg.vocab, W))
 
     @property
     def num_layers(self):

@@ -134,7 +134,8 @@ class T5(nn.Module):
         self.enc_ln = take_param(src, p + "encoder.final_layer_norm.weight", (D,))
         self.dec_ln = take_param(src, p + "decoder.final_layer_norm.weight", (D,))
         head = p + "lm_head.weight"
-        self.lm_head = take_param(src, head, (cfg.vocab, D)) if src.has(head) else self.shared
+        # tied (transformers' default): the head is the embedding, whatever copy of it the checkpoint saved
+        self.lm_head = self.shared if cfg.tie_embeddings else take_param(src, head, (cfg.vocab, D))
 
     @property
     def num_layers(self):

@@ -1,0 +1,82 @@
+"""An image + prompt + generation options -> the engine's inputs, built the way `model.caption` and
+`model.answer` build them (blip2_fast/generation.py), so the server's text equals theirs exactly:
+the same processor call for the pixels and prompt ids, the same SamplingParams from the same
+checkpoint defaults, the same decode (`skip_special_tokens`, stripped).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..engine.params import SamplingParams
+from ..generation import _params as generation_params
+from .errors import bad_request
+from .protocol import GenOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInputs:
+    pixel_values: torch.Tensor  # [3, H, W] in the model's dtype and device, as generate() passes them
+    prompt_ids: torch.Tensor  # [L] int64, image tokens included where the processor lays them out
+    num_prompt_tokens: int  # LM prompt positions with the image queries (usage.prompt_tokens)
+
+
+def prepare(model, processor, image, prompt: str | None) -> EngineInputs:
+    """One RGB PIL image and a prompt (None: caption) -> EngineInputs. Runs the processor: call it
+    off the event loop, from one thread at a time (a fast tokenizer is not safe to share)."""
+    Q, img_tok = model.cfg.num_query_tokens, model.cfg.image_token_id
+    if prompt is None:  # model.caption(image): generate()'s prompt-less start
+        px = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        if model.is_encoder_decoder:
+            ids = torch.zeros(0, dtype=torch.long)
+        else:
+            bos = getattr(model, "generation_defaults", {}).get("bos_token_id")
+            ids = torch.tensor(([img_tok] * Q if img_tok is not None else []) + ([bos] if bos is not None else []),
+                               dtype=torch.long)
+    else:  # model.answer / model.caption(prompt=...): the processor lays out image tokens and text
+        enc = processor(images=[image], text=[prompt], return_tensors="pt")
+        px, ids = enc["pixel_values"], enc["input_ids"][0].long()
+    n_img = int((ids == img_tok).sum()) if img_tok is not None else 0
+    n_prompt = ids.numel() + (0 if n_img else Q)  # without image tokens the engine prepends the queries
+    return EngineInputs(px[0].to(model.device, model.dtype), ids, n_prompt)
+
+
+def sampling(model, opts: GenOptions, n: int, prompt_len: int) -> SamplingParams:
+    """GenOptions -> SamplingParams through generate()'s own defaults merge, so an omitted field
+    takes the checkpoint's default exactly as model.answer / model.caption do. temperature 0 is
+    greedy; temperature > 0 samples; omitted: the checkpoint's default (greedy for BLIP-2)."""
+    kw = {"max_new_tokens": opts.max_tokens, "min_new_tokens": opts.min_tokens, "top_p": opts.top_p,
+          "top_k": opts.top_k, "num_beams": opts.num_beams, "length_penalty": opts.length_penalty,
+          "repetition_penalty": opts.repetition_penalty, "seed": opts.seed}
+    if opts.temperature is not None:
+        kw["do_sample"] = opts.temperature > 0
+        if opts.temperature > 0:
+            kw["temperature"] = opts.temperature
+    p = generation_params(model, {k: v for k, v in kw.items() if v is not None}, prompt_len)
+    if p.num_beams > 1:
+        p.num_return_sequences = n  # several beams come back as one request's candidates
+    try:
+        p.validate()
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    return p
+
+
+def choice_params(p: SamplingParams, n: int) -> list[SamplingParams]:
+    """The engine requests behind n choices: one beam search returning n candidates, or n requests
+    (seed + i each, as generate() seeds its i-th sample)."""
+    if p.num_beams > 1:
+        return [p]
+    out = []
+    for i in range(n):
+        q = dataclasses.replace(p)
+        if p.seed is not None:
+            q.seed = (p.seed + i) % 2**63
+        out.append(q)
+    return out
+
+
+def decode(tokenizer, token_ids: list[int]) -> str:
+    """Generated ids -> text as model.caption / model.answer return it (not yet stripped)."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True)
