@@ -72,8 +72,8 @@ _REFERENCE: dict[str, Callable] = {
     "cross_attention": reference.cross_attention_ref,
     "paged_attention": reference.paged_attention_ref,
     "write_kv": reference.write_kv_ref,
-    "layer_norm": reference.layernorm_ref,
-    "rms_norm": reference.rmsnorm_ref,
+    "layer_norm": reference.layer_norm_ref,
+    "rms_norm": reference.rms_norm_ref,
     "ln_linear_gelu": reference.ln_linear_gelu_ref,
     "linear_gelu": reference.linear_gelu_ref,
     # prepared once per weight at load: ops.linear(weight, bias) -> lin, then lin(x, activation)
@@ -325,11 +325,11 @@ register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
 register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "ext", devices=("cpu",))
 register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "torch", devices=("cuda",))  # F.linear there
-for _name, _attr in (("attention", "attention"), ("layer_norm", "layernorm"), ("linear_gelu", "linear_gelu"),
+for _name, _attr in (("attention", "attention"), ("layer_norm", "layer_norm"), ("linear_gelu", "linear_gelu"),
                      ("ln_linear_gelu", "ln_linear_gelu")):
     register_fast(_name, "blip2_fast.ops_cpu", _attr, "torch", devices=("cpu",))
 # On the CPU these two run as plain PyTorch (a decode step's K/V scatter is one index_copy_, wrapped
 # as a custom op so it traces; RMSNorm is a few vector passes: the reference itself), so a default
 # CPU load binds them without a fallback warning, and never through the Triton interpreter.
 register_fast("write_kv", "blip2_fast.ops_cpu", "write_kv", "torch", devices=("cpu",))
-register_fast("rms_norm", "blip2_fast.reference", "rmsnorm_ref", "torch", devices=("cpu",))
+register_fast("rms_norm", "blip2_fast.reference", "rms_norm_ref", "torch", devices=("cpu",))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import ops_cpu, reference
 
 attention = ops_cpu.attention
-layer_norm = ops_cpu.layernorm
+layer_norm = ops_cpu.layer_norm
 linear_gelu = ops_cpu.linear_gelu
 ln_linear_gelu = ops_cpu.ln_linear_gelu
 
@@ -58,12 +58,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias
 
 
 def rms_norm(x, weight, eps, residual=None):
-    """`reference.rmsnorm_ref`'s semantics. With x and weight in one dtype, F.rms_norm (one fused
+    """`reference.rms_norm_ref`'s semantics. With x and weight in one dtype, F.rms_norm (one fused
     kernel on a GPU, float32 statistics; it rounds the product once where the spec rounds the
     normalised row to the weight's dtype first, a difference below that dtype's rounding); with
     mixed dtypes (T5's float16 scheme) the reference."""
     if weight.dtype != x.dtype:
-        return reference.rmsnorm_ref(x, weight, eps, residual)
+        return reference.rms_norm_ref(x, weight, eps, residual)
     if residual is not None:
         x = x + residual  # rounded once to x's dtype, as the spec keeps it
     y = F.rms_norm(x, x.shape[-1:], weight, eps)

@@ -2,7 +2,7 @@
 
 Rows up to 2048 wide go several to a program (`_common.norm_rows_per_program`), wider ones one each.
 
-Same semantics as `blip2_fast.reference.layernorm_ref`: float32 statistics, and with a residual
+Same semantics as `blip2_fast.reference.layer_norm_ref`: float32 statistics, and with a residual
 the sum x + residual is rounded once to x's dtype, stored, and that rounded sum is normalised.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _(x, weight, bias, residual, eps):
 
 
 def layer_norm(x, weight, bias, eps, residual=None):
-    """LayerNorm over the last dim with float32 statistics; the semantics of `layernorm_ref`.
+    """LayerNorm over the last dim with float32 statistics; the semantics of `layer_norm_ref`.
 
     x: [..., N] (float16, bfloat16 or float32; N <= 65536); weight, bias: [N] or None, any float
     dtype; residual: x's shape and dtype, or None. Returns y [..., N] in x's dtype, or

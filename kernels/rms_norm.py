@@ -1,6 +1,6 @@
 """T5's RMSNorm (no mean removal, no bias), optionally fused with the residual add before it.
 
-Same semantics as `blip2_fast.reference.rmsnorm_ref`: float32 statistics; the normalised row is cast
+Same semantics as `blip2_fast.reference.rms_norm_ref`: float32 statistics; the normalised row is cast
 to the weight's dtype before the weight multiplies it (T5 does this, and it matters in half
 precision); with a residual, x + residual is rounded once to x's dtype, stored and normalised.
 Rows up to 2048 wide go several to a program, as in kernels/layer_norm.py.
@@ -67,7 +67,7 @@ def _(x, weight, residual, eps):
 
 
 def rms_norm(x, weight, eps, residual=None):
-    """T5 RMSNorm, x / sqrt(mean(x²) + eps) · weight; the semantics of `rmsnorm_ref`.
+    """T5 RMSNorm, x / sqrt(mean(x²) + eps) · weight; the semantics of `rms_norm_ref`.
 
     x: [..., N] (float16, bfloat16 or float32; N <= 65536); weight: [N], any float dtype (required:
     its dtype sets the rounding step); residual: x's shape and dtype, or None. Returns y [..., N] in

@@ -84,7 +84,7 @@ def test_paged_attention_ref_and_write_kv_ref():
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_layernorm_ref(residual):
+def test_layer_norm_ref(residual):
     x, w, b = rnd(3, 7, 13), rnd(13), rnd(13)
     r = rnd(3, 7, 13) if residual else None
     out = ops.get("layer_norm")(x, w, b, 1e-5, r)
@@ -99,7 +99,7 @@ def test_layernorm_ref(residual):
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_rmsnorm_ref(residual):
+def test_rms_norm_ref(residual):
     x, w = rnd(4, 9), rnd(9)
     r = rnd(4, 9) if residual else None
     out = ops.get("rms_norm")(x, w, 1e-6, r)

@@ -47,7 +47,7 @@ def tuner(tmp_path, timer, label="fake-gpu | torch x | triton y"):
 
 
 def norm_candidates():
-    ours = Counting(reference.layernorm_ref)
+    ours = Counting(reference.layer_norm_ref)
     theirs = Counting(ops_torch.layer_norm)
     return ours, theirs, [("triton", ours), ("torch", theirs)]
 
@@ -63,7 +63,7 @@ def test_the_faster_candidate_is_bound_per_shape_class(tmp_path):
     op = tactics.TacticOp("layer_norm", cands, tuner(tmp_path, timer))
     x, w, b = x_w_b()
     y = op(x, w, b, 1e-5)
-    torch.testing.assert_close(y, reference.layernorm_ref(x, w, b, 1e-5))
+    torch.testing.assert_close(y, reference.layer_norm_ref(x, w, b, 1e-5))
     assert timer.calls == 1 and timer.seen[0] == ["triton", "torch"]
     n_theirs = theirs.n
     for _ in range(3):
@@ -90,7 +90,7 @@ def test_a_tie_keeps_our_kernel_and_a_failing_candidate_loses(tmp_path):
 
     timer = FakeTimer(triton=5.0, torch=1.0)
     op = tactics.TacticOp("layer_norm", [("triton", ours), ("torch", broken)], tuner(tmp_path / "b", timer))
-    torch.testing.assert_close(op(x, w, b, 1e-5), reference.layernorm_ref(x, w, b, 1e-5))
+    torch.testing.assert_close(op(x, w, b, 1e-5), reference.layer_norm_ref(x, w, b, 1e-5))
     c = next(iter(op.choices.values()))
     assert c.winner == "triton" and c.times_ms["torch"] is None and "no kernel" in c.errors["torch"]
     assert timer.calls == 0  # one runnable candidate: nothing to time
@@ -123,7 +123,7 @@ def test_the_cache_is_used_and_keyed_by_device_versions_op_and_class(tmp_path):
     data = json.loads((tmp_path / "tactics.json").read_text())
     assert set(data["entries"]) == {"GPU-A | v1", "GPU-B | v1"}
     # the same class of another op is another entry
-    op4 = tactics.TacticOp("rms_norm", [("triton", reference.rmsnorm_ref), ("torch", ops_torch.rms_norm)],
+    op4 = tactics.TacticOp("rms_norm", [("triton", reference.rms_norm_ref), ("torch", ops_torch.rms_norm)],
                            tuner(tmp_path, t2, label="GPU-A | v1"))
     op4(x, w, 1e-5)
     assert t2.calls == 2
@@ -196,7 +196,7 @@ def test_no_timing_while_tracing_or_capturing(tmp_path, monkeypatch):
     # torch.compile traces our kernel in, whatever was chosen eagerly
     f = torch.compile(lambda x: op(x, w, b, 1e-5), backend="eager", fullgraph=True)
     n = ours.n
-    torch.testing.assert_close(f(x), reference.layernorm_ref(x, w, b, 1e-5))
+    torch.testing.assert_close(f(x), reference.layer_norm_ref(x, w, b, 1e-5))
     assert ours.n > n
 
 
