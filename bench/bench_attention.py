@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, row, time_ms
+from bench.common import cli, row, time_ms, with_tactic
 
 
 def _fused_qkv(B, H, S, D, device, dtype):
@@ -52,6 +52,7 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
         r = row(f"attention/{name}", (B, H, Sq, Sk, D), dtype, ms, "F.scaled_dot_product_attention", base_ms,
                 flops=flops, device=device)
         r["causal"] = causal
+        with_tactic(r, "attention", ("triton", attention), (q, k, v), dict(causal=causal, **kw), device=device)
         r["max_abs_diff"] = (attention(q, k, v, causal=causal, **kw).float()
                              - F.scaled_dot_product_attention(q, k, v, is_causal=causal, **sdpa_kw).float()).abs().max().item()
         yield r

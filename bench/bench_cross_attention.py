@@ -1,4 +1,4 @@
-"""Q-Former cross-attention (csrc/, torch.ops.blip2_fast.cross_attention) vs eager and SDPA:
+"""Q-Former cross-attention (csrc/, torch.ops.blip2_fast.cross_attention_fwd) vs eager and SDPA:
 `python -m bench.bench_cross_attention [--device cpu]`.
 
 Cases: the Q-Former's shape (B = 64 on GPU, 8 on CPU; H = 12, Nq = 32 queries, Nk = 257 patches,
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, row, time_ms
+from bench.common import cli, row, time_ms, with_tactic
 
 H, NQ, NK, D = 12, 32, 257, 64
 VISION, HIDDEN, LAYERS = 1408, 768, 6  # EVA ViT-g width, Q-Former width, cross-attention layers
@@ -79,6 +79,9 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
             r = row(f"cross_attention/{tag}", shape, dtype, ms, name, base, nbytes=nbytes, device=device)
             r["max_abs_diff"] = diff
             r["baseline_max_abs_diff"] = (fn(qq, kk, vv).float() - ref).abs().max().item()
+            if name.startswith("F.scaled"):
+                label = "cuda" if torch.device(device).type == "cuda" else "cpp"
+                with_tactic(r, "cross_attention", (label, _ext.cross_attention), (qq, kk, vv), device=device)
             yield r
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, row, time_ms
+from bench.common import cli, row, time_ms, with_tactic
 
 
 def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
@@ -39,11 +39,12 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
         out = row(f"add_layer_norm/{name}", (M, N), dtype, ms, "x + r; F.layer_norm", base,
                   nbytes=4 * M * N * el + 2 * N * el, device=device)
         out["max_abs_diff"] = (layer_norm(x, w, b, eps, residual=r)[0].float() - eager_res()[0].float()).abs().max().item()
-        yield out
+        yield with_tactic(out, "layer_norm", ("triton", layer_norm), (x, w, b, eps), dict(residual=r), device=device)
         ms = time_ms(lambda: layer_norm(x, w, b, eps), device=device)
         base = time_ms(lambda: F.layer_norm(x, (N,), w, b, eps), device=device)
-        yield row(f"layer_norm/{name}", (M, N), dtype, ms, "F.layer_norm", base,
+        out = row(f"layer_norm/{name}", (M, N), dtype, ms, "F.layer_norm", base,
                   nbytes=2 * M * N * el + 2 * N * el, device=device)
+        yield with_tactic(out, "layer_norm", ("triton", layer_norm), (x, w, b, eps), device=device)
 
 
 def main(argv=None) -> list[dict]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, row, time_ms
+from bench.common import cli, row, time_ms, with_tactic
 
 
 def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
@@ -30,7 +30,7 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
         out = row(f"linear_gelu/{name}", (M, K, N), dtype, ms, "F.gelu(F.linear)", base,
                   flops=2 * M * N * K, device=device)
         out["max_abs_diff"] = (linear_gelu(x, w, b).float() - F.gelu(F.linear(x, w, b)).float()).abs().max().item()
-        yield out
+        yield with_tactic(out, "linear_gelu", ("triton", linear_gelu), (x, w, b), device=device)
 
 
 def main(argv=None) -> list[dict]:

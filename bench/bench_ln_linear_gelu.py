@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, row, time_ms
+from bench.common import cli, row, time_ms, with_tactic
 
 
 def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
@@ -35,7 +35,7 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
                   flops=2 * M * N * K, device=device)
         out["max_abs_diff"] = (ln_linear_gelu(x, lnw, lnb, eps, w, b).float()
                                - F.gelu(F.linear(F.layer_norm(x, (K,), lnw, lnb, eps), w, b)).float()).abs().max().item()
-        yield out
+        yield with_tactic(out, "ln_linear_gelu", ("triton", ln_linear_gelu), (x, lnw, lnb, eps, w, b), device=device)
 
 
 def main(argv=None) -> list[dict]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, row, time_ms
+from bench.common import cli, row, time_ms, with_tactic
 
 _L2_BYTES = 50 << 20
 
@@ -67,6 +67,8 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
                 base_ms, nbytes=nbytes, device=device)
         r["num_splits"] = "auto" if splits is None else splits
         r["block_size"] = bs
+        if splits is None:  # what a load binds for this class (a forced split is not a tactic candidate)
+            with_tactic(r, "paged_attention", ("triton", paged_attention), paged[0], device=device)
         del paged, dense
         yield r
 

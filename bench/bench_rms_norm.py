@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from bench.common import cli, row, time_ms
+from bench.common import cli, row, time_ms, with_tactic
 
 
 def _t5_layer_norm(x, w, eps):
@@ -39,14 +39,15 @@ def run(device="cuda", dtype=torch.bfloat16, quick=False) -> Iterator[dict]:
 
         ms = time_ms(lambda: rms_norm(x, w, eps), device=device)
         base = time_ms(lambda: _t5_layer_norm(x, w, eps), device=device)
-        yield row(f"rms_norm/{name}", (M, N), dtype, ms, "T5LayerNorm eager", base,
+        out = row(f"rms_norm/{name}", (M, N), dtype, ms, "T5LayerNorm eager", base,
                   nbytes=2 * M * N * el + N * el, device=device)
+        yield with_tactic(out, "rms_norm", ("triton", rms_norm), (x, w, eps), device=device)
         ms = time_ms(lambda: rms_norm(x, w, eps, residual=r), device=device)
         base = time_ms(eager_res, device=device)
         out = row(f"add_rms_norm/{name}", (M, N), dtype, ms, "x + r; T5LayerNorm eager", base,
                   nbytes=4 * M * N * el + N * el, device=device)
         out["max_abs_diff"] = (rms_norm(x, w, eps, residual=r)[0].float() - eager_res()[0].float()).abs().max().item()
-        yield out
+        yield with_tactic(out, "rms_norm", ("triton", rms_norm), (x, w, eps), dict(residual=r), device=device)
 
 
 def main(argv=None) -> list[dict]:

@@ -10,6 +10,10 @@ at least the keys
     (= baseline_ms / ms, > 1 means we are faster), fraction_of_ceiling (achieved / ceiling, 0..1),
     achieved (e.g. "812 GB/s" or "301 TFLOP/s").
 `quick=True` runs toy sizes (the `--dry-run` of bench/gpu_check.sh, and CPU smoke tests).
+
+Rows of an op with a tactic choice (blip2_fast/tactics.py) also carry, from `with_tactic`,
+    candidates_ms ({candidate: median ms}, timed as a model load would time them), tactic (the
+    candidate a load would bind for this shape class), tactic_errors (candidates that raised).
 """
 from __future__ import annotations
 
@@ -93,7 +97,38 @@ def row(op, shape, dtype, ms, baseline, baseline_ms, *, flops=None, nbytes=None,
     return r
 
 
-_COLUMNS = ["op", "shape", "dtype", "ms", "baseline", "baseline_ms", "ratio", "achieved", "fraction_of_ceiling"]
+_TACTIC_CACHE = None
+
+
+def with_tactic(r: dict, op: str, ours: tuple[str, Callable], args: tuple, kwargs: dict | None = None,
+                *, device="cuda") -> dict:
+    """Add to row `r` what tactic choice makes of this call: every candidate (ours, then PyTorch's
+    path from blip2_fast.ops_torch) timed by `blip2_fast.tactics` exactly as at a model's first call
+    of the shape class, and the winner it would bind. Nothing is read from or written to the user's
+    tactic cache. On a CPU (the dry run) the timing is a short perf_counter median."""
+    import tempfile
+
+    from blip2_fast import ops_torch, tactics
+
+    global _TACTIC_CACHE
+    if _TACTIC_CACHE is None:
+        _TACTIC_CACHE = tempfile.mkdtemp(prefix="blip2_fast_bench_tactics_")
+    dev = torch.device(device)
+    timer = None if dev.type == "cuda" else (lambda fns: tactics.time_candidates(fns, dev, warmup=1, reps=3))
+    tuner = tactics.Tuner(dev, timer=timer, device_label="bench",
+                          cache=tactics.TacticCache(f"{_TACTIC_CACHE}/{len(r)}-{id(r)}.json"))
+    top = tactics.TacticOp(op, [ours, ("torch", getattr(ops_torch, op))], tuner)
+    top(*args, **(kwargs or {}))
+    (choice,) = top.choices.values()
+    r["candidates_ms"] = {n: (round(t, 4) if t is not None else None) for n, t in choice.times_ms.items()}
+    r["tactic"] = choice.winner
+    if choice.errors:
+        r["tactic_errors"] = choice.errors
+    return r
+
+
+_COLUMNS = ["op", "shape", "dtype", "ms", "baseline", "baseline_ms", "ratio", "achieved", "fraction_of_ceiling",
+            "tactic"]
 
 
 def _fmt(v) -> str:

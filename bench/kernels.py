@@ -1,7 +1,8 @@
 """Run every kernel micro-benchmark: `python -m bench.kernels [--quick] [--json F] [--results F] [--device D] [--dtype T]`.
 
 Imports each `bench/bench_<op>.py` and iterates its `run(device, dtype, quick)` (see bench/common.py
-for the row format). Each op ends "ok" (every case ran) or "failed" with its reason (a module that is
+for the row format). Every row of an op with a tactic choice also records each candidate's time
+(ours and PyTorch's path, `candidates_ms`) and the one a model load would bind (`tactic`). Each op ends "ok" (every case ran) or "failed" with its reason (a module that is
 missing or fails to import, or a case that raised: the rows it finished are kept); never a silent
 skip. With --results, the shared results JSON (bench/results_file.py) is rewritten after every row,
 so a run cut short keeps every finished row and says which op was running. Exit status 1 if any op
@@ -69,12 +70,17 @@ def run_all(device, dtype, quick: bool, ops=OPS, results=None) -> tuple[list[dic
 
 
 def print_table(rows, file=sys.stdout):
-    print(f"{'op':18s}{'shape':34s}{'dtype':>9s}{'ms':>10s}{'base ms':>10s}{'ratio':>8s}{'ceiling':>9s}  achieved", file=file)
+    """One line per row; `bound` is the candidate tactic choice binds for the row's shape class, with
+    every candidate's time (blip2_fast/tactics.py)."""
+    print(f"{'op':18s}{'shape':34s}{'dtype':>9s}{'ms':>10s}{'base ms':>10s}{'ratio':>8s}{'ceiling':>9s}  "
+          f"{'achieved':16s}bound (candidates ms)", file=file)
     for r in rows:
         f = r.get("fraction_of_ceiling")
+        cands = ", ".join(f"{n} {t:.4g}" if t is not None else f"{n} failed" for n, t in (r.get("candidates_ms") or {}).items())
+        bound = f"{r['tactic']} ({cands})" if r.get("tactic") else "-"
         print(f"{r['op'][:18]:18s}{str(r.get('shape'))[:33]:34s}{r.get('dtype', ''):>9s}{r.get('ms', float('nan')):10.4f}"
               f"{r.get('baseline_ms', float('nan')):10.4f}{r.get('ratio', float('nan')):8.2f}"
-              f"{'-' if f is None else f'{f:.2f}':>9s}  {r.get('achieved', '')}", file=file)
+              f"{'-' if f is None else f'{f:.2f}':>9s}  {r.get('achieved', ''):16s}{bound}", file=file)
 
 
 def main(argv=None) -> dict:

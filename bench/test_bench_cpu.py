@@ -30,9 +30,9 @@ def test_attention_ref(benchmark, shape):
 
 
 @pytest.mark.parametrize("M,N", [(257, 384), (33, 1408)])
-def test_layernorm_ref(benchmark, M, N):
+def test_layer_norm_ref(benchmark, M, N):
     x, w, b = _rand(M, N, seed=1), 1 + 0.1 * _rand(N, seed=2), _rand(N, seed=3)
-    out = benchmark.pedantic(reference.layernorm_ref, (x, w, b, 1e-6), rounds=ROUNDS, warmup_rounds=1)
+    out = benchmark.pedantic(reference.layer_norm_ref, (x, w, b, 1e-6), rounds=ROUNDS, warmup_rounds=1)
     y = out[0] if isinstance(out, tuple) else out
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (N,), w, b, 1e-6), atol=1e-5, rtol=1e-5)
 

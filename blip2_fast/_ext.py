@@ -3,7 +3,7 @@
     from blip2_fast import _ext
     _ext.build(verbose=True)                 # `python -m blip2_fast build-ext`: None, or why it failed
     _ext.unavailable_reason("cuda")          # None, or why the registry must bind the reference
-    out = _ext.cross_attention(q, k, v)      # torch.ops.blip2_fast.cross_attention
+    out = _ext.cross_attention(q, k, v)      # torch.ops.blip2_fast.cross_attention_fwd
     out = _ext.paged_attention(q, kc, vc, tables, lens, scale)  # CPU decode attention
     packed = _ext.linear_pack(w, torch.float32); y = _ext.linear(x, packed, b, N, "relu")  # CPU small-M linear
 
@@ -217,12 +217,12 @@ def _build_variant(cuda: bool, openmp: bool, force: bool, verbose: bool, note: s
 
 
 def _register_fake() -> None:
-    @torch.library.register_fake("blip2_fast::cross_attention")
+    @torch.library.register_fake("blip2_fast::cross_attention_fwd")
     def _(q, k, v, key_padding_mask, scale):
         torch._check(q.dim() == 4, lambda: f"cross_attention: q must have shape [B, H, Nq, D], got {tuple(q.shape)}")
         return q.new_empty(q.shape)  # contiguous [B, H, Nq, D], like the kernels' output
 
-    @torch.library.register_fake("blip2_fast::paged_attention_cpu")
+    @torch.library.register_fake("blip2_fast::paged_attention_cpu_fwd")
     def _(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias):
         torch._check(q.dim() == 3, lambda: f"paged_attention: q must have shape [N, H, D], got {tuple(q.shape)}")
         return q.new_empty(q.shape)
@@ -319,7 +319,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 
 def cross_attention(q, k, v, *, key_padding_mask=None, scale=None):
-    """Q-Former cross-attention, `torch.ops.blip2_fast.cross_attention`; spec: `reference.cross_attention_ref`.
+    """Q-Former cross-attention, `torch.ops.blip2_fast.cross_attention_fwd`; spec: `reference.cross_attention_ref`.
 
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides; float32, float16 or bfloat16; D <= 128 on
     CUDA). key_padding_mask: [B, Nk], nonzero/True = keep. scale defaults to D ** -0.5. Returns a
@@ -329,7 +329,7 @@ def cross_attention(q, k, v, *, key_padding_mask=None, scale=None):
         _load()
         if _loaded is None:
             raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
-    return torch.ops.blip2_fast.cross_attention(q, k, v, key_padding_mask, scale)
+    return torch.ops.blip2_fast.cross_attention_fwd(q, k, v, key_padding_mask, scale)
 
 
 def _require_loaded() -> None:
@@ -369,7 +369,7 @@ def linear_isa(isa="auto") -> str:
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias=None):
-    """Decode attention over the paged KV cache on the CPU, `torch.ops.blip2_fast.paged_attention_cpu`;
+    """Decode attention over the paged KV cache on the CPU, `torch.ops.blip2_fast.paged_attention_cpu_fwd`;
     spec: `reference.paged_attention_ref` (same arguments). The GPU runs the Triton kernel instead.
 
     q: [N, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D] (contiguous along D); block_tables:
@@ -380,4 +380,4 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias
         _load()
         if _loaded is None:
             raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
-    return torch.ops.blip2_fast.paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias)
+    return torch.ops.blip2_fast.paged_attention_cpu_fwd(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias)

@@ -8,6 +8,15 @@ An op may have one fast implementation per device type (Triton or CUDA on the GP
 extension or torch's own fused kernels on the CPU); `bind` picks the device's native one, and Triton
 interpreted on the CPU only where there is no native one.
 
+On a GPU, "fast" means the faster of our kernel and PyTorch's best path (`blip2_fast.ops_torch`):
+`bind` wraps both in a `tactics.TacticOp`, which times them at the first call of each shape class
+and binds the winner (cached on disk; see blip2_fast/tactics.py). `ops={name: "fast"}` forces our
+kernel; BLIP2_FAST_TACTICS=off takes our kernels everywhere. `BoundOps.impls[name].why` says what
+was bound and why.
+
+Names: `layer_norm` and `rms_norm` (as their kernels, tests and benchmarks are named); the old
+registry names `layernorm` / `rmsnorm` are accepted for one release with a DeprecationWarning.
+
 `get` never touches global state, so tests call implementations directly. Models never look ops up
 per call: `bind(...)` resolves the choice once (at `load()` time) into a frozen `BoundOps` whose
 attributes are plain callables, which the modules keep. That keeps CUDA graphs and torch.compile
@@ -28,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import reference, tactics
 from .kernels.interpret import interpreting
 
 OP_NAMES = (
@@ -36,21 +45,35 @@ OP_NAMES = (
     "cross_attention",
     "paged_attention",
     "write_kv",
-    "layernorm",
-    "rmsnorm",
+    "layer_norm",
+    "rms_norm",
     "ln_linear_gelu",
     "linear_gelu",
     "linear",
 )
 IMPLS = ("reference", "fast")
+# Deprecated registry names (until 0.2): accepted by get / bind / overrides / BoundOps attributes.
+ALIASES = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
+_alias_warned: set[str] = set()
+
+
+def canonical(name: str) -> str:
+    """`name`, or the op a deprecated alias stands for (warned about once per alias)."""
+    if name in ALIASES:
+        new = ALIASES[name]
+        if name not in _alias_warned:
+            _alias_warned.add(name)
+            warnings.warn(f"blip2_fast: op name {name!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
+        return new
+    return name
 
 _REFERENCE: dict[str, Callable] = {
     "attention": reference.attention_ref,
     "cross_attention": reference.cross_attention_ref,
     "paged_attention": reference.paged_attention_ref,
     "write_kv": reference.write_kv_ref,
-    "layernorm": reference.layernorm_ref,
-    "rmsnorm": reference.rmsnorm_ref,
+    "layer_norm": reference.layer_norm_ref,
+    "rms_norm": reference.rms_norm_ref,
     "ln_linear_gelu": reference.ln_linear_gelu_ref,
     "linear_gelu": reference.linear_gelu_ref,
     # prepared once per weight at load: ops.linear(weight, bias) -> lin, then lin(x, activation)
@@ -78,6 +101,7 @@ def register_fast(name: str, module: str, attr: str, kind: str, devices: tuple[s
     for the extension. An op may have one implementation per device type (paged_attention: Triton on
     the GPU, the extension on the CPU); the first registered is the one `get(name, "fast")` returns.
     """
+    name = canonical(name)
     if name not in _REFERENCE:
         raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_NAMES)}")
     if kind not in ("triton", "ext", "torch"):
@@ -88,15 +112,18 @@ def register_fast(name: str, module: str, attr: str, kind: str, devices: tuple[s
     _FAST.setdefault(name, []).append(_Fast(module, attr, kind, tuple(devices)))
 
 
-def _check(name: str, impl: str) -> None:
+def _check(name: str, impl: str) -> str:
+    """The op's canonical name, after checking it and `impl`."""
+    name = canonical(name)
     if name not in _REFERENCE:
         raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_NAMES)}")
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r} for op {name!r}; expected one of {IMPLS}")
+    return name
 
 
 def has_fast(name: str) -> bool:
-    _check(name, "fast")
+    name = _check(name, "fast")
     return name in _FAST
 
 
@@ -113,7 +140,7 @@ def get(name: str, impl: str = "reference", device: torch.device | str | None = 
     With `device`, the fast implementation that `bind` would pick for it (e.g. paged_attention: the
     Triton kernel on cuda, the C++ kernel on cpu); without, the first registered one.
     """
-    _check(name, impl)
+    name = _check(name, impl)
     if impl == "reference" or name not in _FAST:
         return _REFERENCE[name]
     if device is None:
@@ -156,7 +183,7 @@ def _reason(f: _Fast, device: torch.device) -> str | None:
 
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     """Why none of op `name`'s fast implementations can run on `device`, or None if one can."""
-    _check(name, "fast")
+    name = _check(name, "fast")
     if name not in _FAST:
         return None
     device = torch.device(device)
@@ -179,21 +206,38 @@ def _pick(name: str, device: torch.device) -> tuple[_Fast | None, list[str]]:
 
 @dataclasses.dataclass(frozen=True)
 class BoundOps:
-    """Op callables resolved once for one model; `impls` records what each name resolved to."""
+    """Op callables resolved once for one model; `impls` records what each name resolved to
+    ("fast" or "reference", each a `tactics.Impl` whose `.why` says why and, for an op chosen per
+    shape class by timing, `.choices` what each class got)."""
 
     attention: Callable
     cross_attention: Callable
     paged_attention: Callable
     write_kv: Callable
-    layernorm: Callable
-    rmsnorm: Callable
+    layer_norm: Callable
+    rms_norm: Callable
     ln_linear_gelu: Callable
     linear_gelu: Callable
     linear: Callable
     impls: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def layernorm(self) -> Callable:
+        """Deprecated: `layer_norm`."""
+        return getattr(self, canonical("layernorm"))
+
+    @property
+    def rmsnorm(self) -> Callable:
+        """Deprecated: `rms_norm`."""
+        return getattr(self, canonical("rmsnorm"))
+
 
 _warned: set[tuple[str, str]] = set()
+
+# The PyTorch path each op with a GPU kernel of ours is timed against (blip2_fast/ops_torch.py).
+# write_kv has none: a scatter into the cache is one index_copy_ either way, and it mutates.
+TORCH_PATHS = {name: ("blip2_fast.ops_torch", name) for name in
+               ("attention", "cross_attention", "paged_attention", "layer_norm", "rms_norm", "ln_linear_gelu", "linear_gelu")}
 
 
 def default_backend() -> str:
@@ -203,52 +247,89 @@ def default_backend() -> str:
     return backend
 
 
-def bind(backend: str | None = None, overrides: dict | None = None, device="cpu") -> BoundOps:
+_TUNER_DEFAULT = object()
+
+
+def bind(backend: str | None = None, overrides: dict | None = None, device="cpu", *,
+         tuner: tactics.Tuner | None = _TUNER_DEFAULT) -> BoundOps:
     """Resolve every op for `device`: `backend` for all, `overrides` ({"attention": "reference"}) per op.
 
     An op that falls back from "fast" to the reference warns once per (op, reason). An op named in
-    `overrides` as "fast" that cannot run raises RuntimeError instead: it was asked for explicitly.
+    `overrides` as "fast" that cannot run raises RuntimeError instead: it was asked for explicitly,
+    and it is our kernel, never PyTorch's path.
+
+    tuner: how ops with a kernel of ours choose between it and PyTorch's path (`blip2_fast.tactics`);
+    default `tactics.default_tuner(device)`: on CUDA devices unless BLIP2_FAST_TACTICS=off, none on
+    the CPU (which keeps its own fast implementations). None: no choice, our kernels.
     """
     backend = default_backend() if backend is None else backend
     if backend not in IMPLS:
         raise ValueError(f"backend must be one of {IMPLS}, got {backend!r}")
-    overrides = dict(overrides or {})
-    for name, impl in overrides.items():
-        _check(name, impl)
+    given = dict(overrides or {})
+    overrides = {}
+    for name, impl in given.items():
+        overrides[_check(name, impl)] = impl
+    device = torch.device(device)
+    if tuner is _TUNER_DEFAULT:
+        tuner = tactics.default_tuner(device)
     fns, impls = {}, {}
     for name in OP_NAMES:
         impl = overrides.get(name, backend)
+        asked = name in overrides
+        why = "asked for with ops=" if asked else f"backend {backend!r}"
         if impl == "fast" and name in _FAST:
             reason = unavailable_reason(name, device)
             if reason is not None:
-                if name in overrides:
-                    raise RuntimeError(f"op {name!r} was asked for with impl 'fast' but cannot run: {reason}")
+                if asked:
+                    alias = [a for a, n in ALIASES.items() if n == name and a in given]
+                    named = f"op {name!r}" + (f" (asked for as {alias[0]!r})" if alias else "")
+                    raise RuntimeError(f"{named} was asked for with impl 'fast' but cannot run: {reason}")
                 if (name, reason) not in _warned:
                     _warned.add((name, reason))
                     warnings.warn(f"blip2_fast: op {name!r} falls back to the reference: {reason}", RuntimeWarning, stacklevel=3)
-                impl = "reference"
+                impl, why = "reference", f"fell back to the reference: {reason}"
         elif impl == "fast":
-            impl = "reference"  # no fast implementation exists yet; nothing to warn about
-        fns[name] = get(name, impl, device)
-        impls[name] = impl
+            impl, why = "reference", "no fast implementation exists"  # nothing to warn about
+        fn = get(name, impl, device)
+        tactic = None
+        if impl == "fast":
+            f, _ = _pick(name, device)
+            mine = f is not None and f.kind in ("triton", "ext")
+            label = "triton" if f is not None and f.kind == "triton" else (device.type if device.type != "cpu" else "cpp")
+            if not mine:
+                why = f"{f.module}.{f.attr}: the {device.type.upper()}'s fast implementation"
+            elif asked:
+                why = f"our {label} kernel, asked for with ops=: no tactic choice"
+            elif name not in TORCH_PATHS:
+                why = f"our {label} kernel"
+            elif tuner is None:
+                why = f"our {label} kernel: " + (f"{tactics.ENV}=off" if device.type == "cuda" else
+                                                 "tactic choice times candidates on CUDA devices only")
+            else:
+                torch_fn = getattr(importlib.import_module(TORCH_PATHS[name][0]), TORCH_PATHS[name][1])
+                fn = tactic = tactics.TacticOp(name, [(label, fn), ("torch", torch_fn)], tuner)
+                why = f"per shape class, the faster of our {label} kernel and torch (timed at first use)"
+        fns[name] = fn
+        impls[name] = tactics.Impl(impl, why, tactic)
     return BoundOps(**fns, impls=impls)
 
 
 register_fast("attention", "blip2_fast.kernels.attention", "attention", "triton")
 register_fast("paged_attention", "blip2_fast.kernels.paged_attention", "paged_attention", "triton")
 register_fast("write_kv", "blip2_fast.kernels.write_kv", "write_kv", "triton")
-register_fast("layernorm", "blip2_fast.kernels.layer_norm", "layer_norm", "triton")
-register_fast("rmsnorm", "blip2_fast.kernels.rms_norm", "rms_norm", "triton")
+register_fast("layer_norm", "blip2_fast.kernels.layer_norm", "layer_norm", "triton")
+register_fast("rms_norm", "blip2_fast.kernels.rms_norm", "rms_norm", "triton")
 register_fast("ln_linear_gelu", "blip2_fast.kernels.ln_linear_gelu", "ln_linear_gelu", "triton")
 register_fast("linear_gelu", "blip2_fast.kernels.linear_gelu", "linear_gelu", "triton")
 register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
 register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "ext", devices=("cpu",))
 register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "torch", devices=("cuda",))  # F.linear there
-for _name in ("attention", "layernorm", "linear_gelu", "ln_linear_gelu"):
-    register_fast(_name, "blip2_fast.ops_cpu", _name, "torch", devices=("cpu",))
+for _name, _attr in (("attention", "attention"), ("layer_norm", "layer_norm"), ("linear_gelu", "linear_gelu"),
+                     ("ln_linear_gelu", "ln_linear_gelu")):
+    register_fast(_name, "blip2_fast.ops_cpu", _attr, "torch", devices=("cpu",))
 # On the CPU these two run as plain PyTorch (a decode step's K/V scatter is one index_copy_, wrapped
 # as a custom op so it traces; RMSNorm is a few vector passes: the reference itself), so a default
 # CPU load binds them without a fallback warning, and never through the Triton interpreter.
 register_fast("write_kv", "blip2_fast.ops_cpu", "write_kv", "torch", devices=("cpu",))
-register_fast("rmsnorm", "blip2_fast.reference", "rmsnorm_ref", "torch", devices=("cpu",))
+register_fast("rms_norm", "blip2_fast.reference", "rms_norm_ref", "torch", devices=("cpu",))

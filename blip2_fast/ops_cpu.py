@@ -5,7 +5,7 @@
         cores: ViT-g's 8 x 16 heads x 257 x 88 takes 22 ms instead of 57, the 6-head D=64 encoder of
         the CPU benchmark 7 ms instead of 10, a causal 8 x 8 x 40 x 64 prefill 0.4 ms instead of 0.8.
 
-    layernorm, linear_gelu, ln_linear_gelu: torch's own CPU kernels in the input's dtype. The
+    layer_norm, linear_gelu, ln_linear_gelu: torch's own CPU kernels in the input's dtype. The
         references compute in float32 (weights upcast on every call), which in bfloat16 costs a
         weight copy per call and keeps the GEMM off the bf16 matrix units; here a bf16 GEMM
         accumulates in fp32 and rounds once, then GELU rounds again, as eager bf16 does. In
@@ -13,7 +13,7 @@
 
     write_kv: the reference's scatter (index_copy_) as one custom op, so a decode step still traces
         with torch.compile(fullgraph=True): the reference's "any padding slots?" check is
-        data-dependent. (rmsnorm binds `reference.rmsnorm_ref` itself: plain vector passes.)
+        data-dependent. (rms_norm binds `reference.rms_norm_ref` itself: plain vector passes.)
 
 The GPU runs the Triton kernels (kernels/); the specs are in `blip2_fast.reference`.
 """
@@ -66,8 +66,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=
     return out
 
 
-def layernorm(x, weight, bias, eps, residual=None):
-    """`reference.layernorm_ref`'s semantics (statistics in fp32: torch's CPU kernel accumulates
+def layer_norm(x, weight, bias, eps, residual=None):
+    """`reference.layer_norm_ref`'s semantics (statistics in fp32: torch's CPU kernel accumulates
     half-precision rows in fp32); with `residual`, returns (LayerNorm(x + residual), x + residual)."""
     if residual is not None:
         x = x + residual  # rounded once to x's dtype, as the spec keeps it

@@ -96,7 +96,7 @@ def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     v_cache.view(num_blocks * block_size, H, D).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def layernorm_ref(x, weight, bias, eps, residual=None):
+def layer_norm_ref(x, weight, bias, eps, residual=None):
     """LayerNorm over the last dim with float32 statistics.
 
     With `residual`, returns (LayerNorm(x + residual), x + residual); the sum is kept in x's dtype
@@ -109,7 +109,7 @@ def layernorm_ref(x, weight, bias, eps, residual=None):
     return (y, x) if residual is not None else y
 
 
-def rmsnorm_ref(x, weight, eps, residual=None):
+def rms_norm_ref(x, weight, eps, residual=None):
     """T5-style RMSNorm: x / sqrt(mean(x²) + eps) * weight, statistics in float32, no mean removal.
 
     With `residual`, returns (RMSNorm(x + residual), x + residual).

@@ -1,4 +1,4 @@
-// Argument checks at the C++ door of blip2_fast::cross_attention, shared by the CPU and CUDA bindings.
+// Argument checks at the C++ door of blip2_fast::cross_attention_fwd, shared by the CPU and CUDA bindings.
 // Every message names the argument and the shape it should have, so a caller can fix the call from
 // the message alone.
 #pragma once

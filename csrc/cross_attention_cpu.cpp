@@ -1,4 +1,4 @@
-// CPU kernel of blip2_fast::cross_attention (schema in ops.cpp, spec: reference.cross_attention_ref).
+// CPU kernel of blip2_fast::cross_attention_fwd (schema in ops.cpp, spec: reference.cross_attention_ref).
 //
 // Work item = (batch, head, block of queries), spread over threads with at::parallel_for. Keys come in
 // tiles of kKB = 64: each tile is brought to fp32 once per work item, K transposed so that the scores
@@ -300,6 +300,6 @@ at::Tensor cross_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(blip2_fast, CPU, m) { m.impl("cross_attention", &cross_attention_cpu); }
+TORCH_LIBRARY_IMPL(blip2_fast, CPU, m) { m.impl("cross_attention_fwd", &cross_attention_cpu); }
 
 }  // namespace blip2_fast

@@ -1,4 +1,4 @@
-// CUDA binding of blip2_fast::cross_attention: checks the tensors, fills CrossAttnParams and launches
+// CUDA binding of blip2_fast::cross_attention_fwd: checks the tensors, fills CrossAttnParams and launches
 // cross_attention.cu's kernel on the current stream (so it composes with CUDA graphs and streams).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -54,6 +54,6 @@ at::Tensor cross_attention_cuda(const at::Tensor& q, const at::Tensor& k, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(blip2_fast, CUDA, m) { m.impl("cross_attention", &cross_attention_cuda); }
+TORCH_LIBRARY_IMPL(blip2_fast, CUDA, m) { m.impl("cross_attention_fwd", &cross_attention_cuda); }
 
 }  // namespace blip2_fast

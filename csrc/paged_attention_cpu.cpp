@@ -1,4 +1,4 @@
-// CPU kernel of blip2_fast::paged_attention_cpu (schema in ops.cpp, spec: reference.paged_attention_ref).
+// CPU kernel of blip2_fast::paged_attention_cpu_fwd (schema in ops.cpp, spec: reference.paged_attention_ref).
 //
 // One decode query per sequence over its paged KV cache. Work item = (sequence, head), spread over
 // threads with at::parallel_for. A decode step's context is short next to a prefill (tens to a few
@@ -173,6 +173,6 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(blip2_fast, CPU, m) { m.impl("paged_attention_cpu", &paged_attention_cpu); }
+TORCH_LIBRARY_IMPL(blip2_fast, CPU, m) { m.impl("paged_attention_cpu_fwd", &paged_attention_cpu); }
 
 }  // namespace blip2_fast

@@ -1,14 +1,10 @@
-"""Helpers shared by the Triton kernels: interpreter detection, GELU epilogues, small launch pickers."""
+"""Helpers shared by the Triton kernels: interpreter detection, argument checks, alignment hints,
+GELU epilogues, small launch pickers."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover - a Triton without the interpreter never interprets
-    InterpretedFunction = type(None)
 
 from .interpret import autotuning, interpreting  # noqa: F401  (re-exported: the kernels ask _common)
 
@@ -40,17 +36,6 @@ def _interpreter_index_fix() -> None:
 _interpreter_index_fix()
 
 
-# Tests set this (monkeypatch) so every output is NaN-filled before a kernel writes it: an element a
-# kernel forgets to write then fails the comparison instead of passing on leftover memory.
-POISON_OUTPUTS = False
-
-
-def new_empty(shape, dtype, device) -> torch.Tensor:
-    """torch.empty for kernel outputs (NaN-filled when POISON_OUTPUTS is set)."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if POISON_OUTPUTS else t
-
-
 def check_device(name: str, t: torch.Tensor) -> None:
     if t.device.type != "cuda" and not interpreting():
         raise ValueError(f"{name} is on {t.device}; Triton kernels need a CUDA tensor "
@@ -66,6 +51,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     # float32 operands get full-precision products: tf32 (Triton's default) errs ~3e-4 relative,
     # far above eager float32, and the float32 path is the accuracy path, not the fast one.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_dim_split(D: int) -> tuple[int, int]:
+    """(BLOCK_D1, BLOCK_D2): a head dim as Triton's power-of-two blocks. One block (BLOCK_D2 = 0) for
+    a power of two (at least 16, tl.dot's minimum) or where two would cover no less; else the largest
+    power of two below D plus the next power of two (at least 16) covering the rest, which is
+    narrower than padding to the next power of two: 80 = 64 + 16 (not 128), 88 -> 64 + 32 = 96,
+    40 -> 32 + 16 = 48; 59 -> 64 (32 + 32 would be no narrower)."""
+    full = max(16, triton.next_power_of_2(D))
+    if D >= full:
+        return full, 0
+    d1 = full // 2
+    d2 = max(16, triton.next_power_of_2(D - d1))
+    return (d1, d2) if d1 + d2 < full else (full, 0)
 
 
 def bucket(n: int, lo: int = 16, hi: int = 1 << 16) -> int:
@@ -115,41 +114,58 @@ def norm_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
 
 
+# Rows of at most this many (padded) elements are normalised several to a program: one 1408-wide
+# ViT-g row is 2.8 KB of bf16, too little work to amortise a program's start and its cross-warp
+# reductions. Compiled for sm_90 (Triton 3.6, bf16, 1408 wide): see bench/results/sm90-compile-*.json.
+NORM_MULTI_ROW_MAX_N = 2048
+NORM_ROW_ELEMENTS = 4096  # target elements (rows x padded width) per program for narrow rows
+
+
+def norm_rows_per_program(block_n: int, n_rows: int) -> int:
+    """Power-of-two rows per program: 1 for wide rows, else ~NORM_ROW_ELEMENTS elements' worth, never
+    more than the rows there are (rounded up to a power of two)."""
+    if block_n > NORM_MULTI_ROW_MAX_N:
+        return 1
+    return max(1, min(NORM_ROW_ELEMENTS // block_n, triton.next_power_of_2(max(n_rows, 1)), 64))
+
+
 def norm_launch(x: torch.Tensor, residual: torch.Tensor | None):
-    """What the norm kernels' host functions share: (x2, r2, y, s, block_n) with x and residual as
-    [rows, n] (r2 is x2 without a residual), outputs y (x's shape) and s (the sum, or empty), and
-    the row's power-of-two block. rows == x2.shape[0] may be 0: then there is nothing to launch."""
+    """What the norm kernels' host functions share: (x2, r2, y, s, block_n, rows_per_program) with x
+    and residual as [rows, n] (r2 is x2 without a residual), outputs y (x's shape) and s (the sum, or
+    empty), the row's power-of-two block and the rows each program takes. rows == x2.shape[0] may be
+    0: then there is nothing to launch."""
     n = x.shape[-1]
     x2 = norm_rows(x, n)
-    y = new_empty(x.shape, x.dtype, x.device)
-    s = new_empty(x.shape if residual is not None else (0,), x.dtype, x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape if residual is not None else (0,), dtype=x.dtype, device=x.device)
     r2 = norm_rows(residual, n) if residual is not None else x2
-    return x2, r2, y, s, triton.next_power_of_2(n)
+    block_n = triton.next_power_of_2(n)
+    return x2, r2, y, s, block_n, norm_rows_per_program(block_n, x2.shape[0])
 
 
 @triton.jit
-def load_row_add_residual(
-    X, R, S,  # input row base, residual row base, sum output base (as the norm kernels describe them)
-    row, stride_x, stride_r, n_cols, cols, mask,
+def load_rows_add_residual(
+    X, R, S,  # input rows base, residual rows base, sum output base (as the norm kernels describe them)
+    rows, stride_x, stride_r, n_cols, cols, mask,  # rows (ROWS,) int64; cols (BLOCK_N,); mask (ROWS, BLOCK_N)
     HAS_RESIDUAL: tl.constexpr,
 ):
-    """One row of X as float32; with a residual, X + R rounded once to X's dtype, stored to S (the
-    next block's residual must match an unfused model bit for bit) and returned."""
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    """A (ROWS, BLOCK_N) tile of X as float32; with a residual, X + R rounded once to X's dtype, stored
+    to S (the next block's residual must match an unfused model bit for bit) and returned."""
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
-        tl.store(S + row * n_cols + cols, x, mask=mask)
+        tl.store(S + rows[:, None] * n_cols + cols[None, :], x, mask=mask)
     return x.to(tl.float32)
 
 
-def norm_num_warps(block_n: int) -> int:
-    # One row per program; enough warps that each thread holds ~8-16 elements of the row.
-    if block_n >= 32768:
+def norm_num_warps(elements: int) -> int:
+    # enough warps that each thread holds ~8-16 elements of the program's tile
+    if elements >= 32768:
         return 32
-    if block_n >= 8192:
+    if elements >= 8192:
         return 16
-    if block_n >= 2048:
+    if elements >= 2048:
         return 8
     return 4
 
@@ -168,25 +184,19 @@ def gelu_tanh(x):
     return x / (1.0 + tl.exp2(-2.8853900817779268 * u))  # -2·log2(e)·u
 
 
-_INTERPRETED: dict = {}
-
-
-def runnable(kernel):
-    """`kernel` as TRITON_INTERPRET says now. @triton.jit picks compiler or interpreter when this
-    module is imported; if that happened before a test set TRITON_INTERPRET=1, re-wrap it."""
-    if interpreting() and not isinstance(kernel, InterpretedFunction):
-        if kernel not in _INTERPRETED:
-            _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
-        return _INTERPRETED[kernel]
-    return kernel
-
-
-def row_alignment(t: torch.Tensor) -> int:
-    """Largest power of two, at most 16 bytes' worth of elements, dividing every stride of t but the
-    last: every row t[i, j, k, :] then starts that many elements apart. 1 if rows are strided."""
-    if t.stride(-1) != 1:
-        return 1
-    align = max(1, 16 // t.element_size())
-    while align > 1 and any(s % align for s in t.stride()[:-1]):
-        align //= 2
-    return align
+def alignment(*tensors: torch.Tensor) -> int:
+    """Largest power of two, at most 16 bytes' worth of elements, dividing every stride but the last of
+    every tensor (dims of size 1 ignored: their stride never moves a pointer): every row t[..., :] of
+    each then starts a multiple of it elements after the tensor's first. 1 if a tensor is strided
+    along its last dim. The kernels pass it as a constexpr so Triton can use 16-byte vector loads and
+    cp.async on rows whose stride is not a multiple of 16 elements (D = 80, 88), which it cannot
+    prove from integer arguments alone."""
+    a = max(1, 16 // tensors[0].element_size())
+    for t in tensors:
+        if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            return 1
+        for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+            if size > 1:
+                while stride % a:
+                    a //= 2
+    return a

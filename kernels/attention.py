@@ -3,6 +3,12 @@
 One program owns a BLOCK_M tile of queries of one (batch, head); K and V stream through in BLOCK_N
 tiles with an online softmax in the exp2 domain and float32 accumulation, so the Sq×Sk score matrix
 never reaches memory. Same semantics as `blip2_fast.reference.attention_ref`.
+
+Head dims that are not a power of two run as two power-of-two blocks (`_common.head_dim_split`):
+ViT-g's 88 as 64 + 32 (96 wide: 25% fewer multiply-adds than padding to 128), OPT's 80 as 64 + 16
+(exact), each product a sum of two dots. Without causality the key loop is one pipelined loop;
+when Sk is not a multiple of BLOCK_N (ViT-g's 257) its tail is masked inside that loop instead of
+running as a separate, unpipelined iteration after it.
 """
 from __future__ import annotations
 
@@ -12,39 +18,48 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import autotuning, bucket, check_device, check_float, dot_precision, interpreting
+from ._common import (alignment, autotuning, bucket, check_device, check_float, dot_precision, head_dim_split,
+                      interpreting)
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attn_fwd_block(
-    acc, l_i, m_i,  # running output (BLOCK_M, BLOCK_D) f32, row sums and row maxima (BLOCK_M,) f32
-    q,  # the query tile, (BLOCK_M, BLOCK_D), in the input dtype
+    acc1, acc2, l_i, m_i,  # running output halves (BLOCK_M, BLOCK_D1/2) f32, row sums and row maxima (BLOCK_M,) f32
+    q1, q2,  # the query tile's head-dim blocks, (BLOCK_M, BLOCK_D1/2), in the input dtype (q2 unused unless SPLIT_D)
     k_base, v_base,  # K and V of this (batch, head): pointers to element (0, 0) of a (Sk, D) matrix
     kpm_base,  # key padding mask row of this batch, (Sk,); unused unless HAS_KPM
     bias_base,  # bias of this (batch, head) at query row 0, (Sq, Sk); unused unless HAS_BIAS
-    start_n, offs_m, offs_n0, offs_d,
+    start_n, offs_m, offs_n0, offs_d1, offs_d2,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn,
     Sq, Sk, qk_scale,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLIT_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr,  # apply the bottom-right causal mask in this block
     MASK_N: tl.constexpr,  # the block may run past Sk
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     offs_n = start_n + offs_n0
-    d_ok = offs_d < HEAD_DIM
     n_ok = offs_n < Sk
+    d1_ok = offs_d1 < HEAD_DIM
+    d2_ok = offs_d2 < HEAD_DIM
     if MASK_N:
-        kt_mask = d_ok[:, None] & n_ok[None, :]
-        v_mask = n_ok[:, None] & d_ok[None, :]
+        kt1_mask = d1_ok[:, None] & n_ok[None, :]
+        v1_mask = n_ok[:, None] & d1_ok[None, :]
+        kt2_mask = d2_ok[:, None] & n_ok[None, :]
+        v2_mask = n_ok[:, None] & d2_ok[None, :]
     else:
-        kt_mask = d_ok[:, None]
-        v_mask = d_ok[None, :]
-    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kt_mask, other=0.0)
-    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        kt1_mask = d1_ok[:, None]
+        v1_mask = d1_ok[None, :]
+        kt2_mask = d2_ok[:, None]
+        v2_mask = d2_ok[None, :]
+    kt1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd, mask=kt1_mask, other=0.0)
+    s = tl.dot(q1, kt1, input_precision=DOT_PREC)
+    if SPLIT_D:
+        kt2 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d2[:, None] * stride_kd, mask=kt2_mask, other=0.0)
+        s = tl.dot(q2, kt2, s, input_precision=DOT_PREC)
+    s = s * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
     if HAS_BIAS:
         b_mask = (offs_m[:, None] < Sq) & n_ok[None, :]
         b = tl.load(bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=b_mask, other=0.0)
@@ -62,10 +77,13 @@ def _attn_fwd_block(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_mask, other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, l_i, m_new
+    v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd, mask=v1_mask, other=0.0)
+    p = p.to(v1.dtype)
+    acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+    if SPLIT_D:
+        v2 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d2[None, :] * stride_vd, mask=v2_mask, other=0.0)
+        acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PREC)
+    return acc1, acc2, l_i, m_new
 
 
 @triton.jit
@@ -90,8 +108,11 @@ def _attn_fwd_kernel(
     DOT_PREC: tl.constexpr,  # "ieee" for float32 inputs, else "tf32" (ignored for 16-bit operands)
     ALIGN: tl.constexpr,  # elements (<= 16 bytes) dividing every q/k/v/o batch/head offset and row stride
     BIAS_ALIGN: tl.constexpr,  # the same for the bias' offsets and row stride
+    EVEN_N: tl.constexpr,  # Sk % BLOCK_N == 0: no key tile runs past Sk
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # next power of two >= D; the tail is masked
+    BLOCK_D1: tl.constexpr,  # head dims [0, BLOCK_D1): a power of two; masked past D when it is the only block
+    BLOCK_D2: tl.constexpr,  # head dims [BLOCK_D1, BLOCK_D1 + BLOCK_D2) when SPLIT_D, the tail masked past D
+    SPLIT_D: tl.constexpr,  # the head dim runs as two blocks (D = 80: 64 + 16, 88: 64 + 32)
 ):
     # One flat grid axis, query tiles fastest: the tiles of one head run together (K/V stay in L2)
     # and B·H is not limited to the 65535 of grid axes 1 and 2.
@@ -104,7 +125,8 @@ def _attn_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d1 = tl.arange(0, BLOCK_D1)
+    offs_d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
     q_off = off_b * stride_qb + off_h * stride_qh
     k_off = off_b * stride_kb + off_h * stride_kh
     v_off = off_b * stride_vb + off_h * stride_vh
@@ -133,73 +155,62 @@ def _attn_fwd_kernel(
     kpm_base = KPM + off_b * stride_mb
     bias_base = BIAS + bias_off
 
-    q_mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-
+    m_ok = offs_m < Sq
+    q1 = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd,
+                 mask=m_ok[:, None] & (offs_d1 < HEAD_DIM)[None, :], other=0.0)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    if SPLIT_D:
+        q2 = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d2[None, :] * stride_qd,
+                     mask=m_ok[:, None] & (offs_d2 < HEAD_DIM)[None, :], other=0.0)
+    else:
+        q2 = acc2.to(q1.dtype)  # never read
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Keys [0, full_end) are in bounds and visible to every row of the tile: no per-element masks
-    # there. Keys [full_end, hi) need the bounds and causal masks; past hi nothing is visible.
     if IS_CAUSAL:
+        # Keys [0, full_end) are in bounds and visible to every row of the tile: no per-element
+        # masks there. Keys [full_end, hi) need the bounds and causal masks; past hi nothing is visible.
         hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M + (Sk - Sq))
         hi = tl.maximum(hi, 0)
         full_end = tl.minimum(tl.maximum(pid_m * BLOCK_M + (Sk - Sq) + 1, 0), hi)
+        full_end = (full_end // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc1, acc2, l_i, m_i = _attn_fwd_block(
+                acc1, acc2, l_i, m_i, q1, q2, k_base, v_base, kpm_base, bias_base, start_n, offs_m, offs_n0,
+                offs_d1, offs_d2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn,
+                Sq, Sk, qk_scale, HEAD_DIM, SPLIT_D, False, False, HAS_KPM, HAS_BIAS, DOT_PREC, BLOCK_N)
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc1, acc2, l_i, m_i = _attn_fwd_block(
+                acc1, acc2, l_i, m_i, q1, q2, k_base, v_base, kpm_base, bias_base, start_n, offs_m, offs_n0,
+                offs_d1, offs_d2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn,
+                Sq, Sk, qk_scale, HEAD_DIM, SPLIT_D, True, True, HAS_KPM, HAS_BIAS, DOT_PREC, BLOCK_N)
     else:
-        hi = Sk
-        full_end = Sk
-    full_end = (full_end // BLOCK_N) * BLOCK_N
-
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, start_n, offs_m, offs_n0, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn, Sq, Sk, qk_scale,
-            HEAD_DIM, False, False, HAS_KPM, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_D)
-    for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, start_n, offs_m, offs_n0, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn, Sq, Sk, qk_scale,
-            HEAD_DIM, IS_CAUSAL, True, HAS_KPM, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_D)
+        # One loop over every key tile, the ragged last one masked in place: it is then pipelined
+        # with the rest (its loads issued while the tile before it is reduced).
+        for start_n in range(0, Sk, BLOCK_N):
+            acc1, acc2, l_i, m_i = _attn_fwd_block(
+                acc1, acc2, l_i, m_i, q1, q2, k_base, v_base, kpm_base, bias_base, start_n, offs_m, offs_n0,
+                offs_d1, offs_d2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_bm, stride_bn,
+                Sq, Sk, qk_scale, HEAD_DIM, SPLIT_D, False, not EVEN_N, HAS_KPM, HAS_BIAS, DOT_PREC, BLOCK_N)
 
     # A row that saw no key has l = 0 and acc = 0: it outputs zeros, as the reference does.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    o_ptrs = O + o_off + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
+    o_rows = O + o_off + offs_m[:, None] * stride_om
+    tl.store(o_rows + offs_d1[None, :], (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d1 < HEAD_DIM)[None, :])
+    if SPLIT_D:
+        tl.store(o_rows + offs_d2[None, :], (acc2 / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_d2 < HEAD_DIM)[None, :])
 
 
-def _align(t: torch.Tensor, dims, *more: torch.Tensor) -> int:
-    """Largest power of two (elements, at most 16 bytes) dividing t's strides over `dims` of size > 1."""
-    a = max(1, 16 // t.element_size())
-    for x in (t, *more):
-        for d in dims:
-            if x.shape[d] > 1:
-                while x.stride(d) % a:
-                    a //= 2
-    return a
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    q_bucket, block_d = args["q_bucket"], args["BLOCK_D"]
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm > max(q_bucket, 32):  # a tile mostly past Sq (Q-Former's 32 queries, decode)
-            continue
-        if block_d >= 256 and bm * bn > 64 * 64:  # (128, 256) fp32 accumulators spill
-            continue
-        keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-# sm_90 candidates. BLOCK_M=64 may win when Sq is just past a multiple of 128 (ViT-g's 257 queries:
-# 5 tiles of 64 waste 20% of rows, 3 of 128 waste 33%); 128×64 with 8 warps is the FA2 default.
-# Compiled for sm_90 (Triton 3.9) at D=88 bf16, none of these spills except at D=256; 128×64 with
-# 4 warps was dropped (296 bytes of spills). The 2-stage 128×64 is the one that does not spill
-# with causal + padding mask + bias (T5's decoder).
-_CONFIGS = [
+# sm_90 candidates, each kept only where the compile sweep (bench/sm90_compile.py, Triton 3.6 and
+# 3.9, bf16) found it spill-free. BLOCK_M=64 may win when Sq is just past a multiple of 128 (ViT-g's
+# 257 queries: 5 tiles of 64 waste 20% of rows, 3 of 128 waste 33%); 128×64 with 8 warps is the FA2
+# default. 32-row tiles are for the Q-Former's 32 queries: 32×64 only up to 64-wide heads (at D=80
+# causal it needs 255 registers and spilled 8 bytes), 32×32 above. Past 128-wide heads only 64×64
+# with 8 warps and 32×32 stay out of spills.
+_CONFIGS_16 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
@@ -207,23 +218,74 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
 ]
+# float32 inputs take full-precision (FMA, not tensor-core) products, whose operand layouts need far
+# more registers: every 16-bit config above spilled kilobytes at D=88. These do not: 32×32 with 4
+# warps up to 128-wide heads (144 registers), 16×32 with 8 warps past them.
+_CONFIGS_32 = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+]
+_CONFIGS = _CONFIGS_16 + _CONFIGS_32
+_WIDE_OK = (_CONFIGS_16[5], _CONFIGS_16[7])  # the 16-bit configs kept past 128-wide heads
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    q_bucket = args["q_bucket"]
+    block_d = args["BLOCK_D"] if "BLOCK_D" in args else args["BLOCK_D1"] + args["BLOCK_D2"] * bool(args["SPLIT_D"])
+    dtype = args["dtype"] if "dtype" in args else (args["Q"].dtype if "Q" in args else torch.bfloat16)
+    fp32 = dtype == torch.float32
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if any(c is x for x in _CONFIGS_32) != fp32:  # identity: Configs compare equal by value
+            continue
+        if bm > max(q_bucket, 32):  # a tile mostly past Sq (Q-Former's 32 queries, decode)
+            continue
+        if fp32:
+            if (block_d > 128) != (bm == 16):  # 16×32 spilled 8 bytes at D=88; 32×32 spills past 128
+                continue
+        elif block_d > 128:
+            if not any(c is w for w in _WIDE_OK):
+                continue
+        elif bm == 32 and (bn == 64) != (block_d <= 64):
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
 _attn_fwd_tuned = triton.autotune(
     _CONFIGS, key=["q_bucket", "k_bucket", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune_configs},
-)(_attn_fwd_kernel)
+)(triton.heuristics({"EVEN_N": lambda a: a["Sk"] % a["BLOCK_N"] == 0})(_attn_fwd_kernel))
 
 # Under TRITON_INTERPRET=1 (numpy, one program at a time) fewer, larger numpy ops are faster and
 # autotuning would be pointless: one fixed small configuration.
 _INTERP_BLOCKS = (32, 32)
 
 
-def _attention_impl(q, k, v, key_padding_mask, bias, causal, scale, block_m=None, block_n=None):
+def untuned_config(q_dtype: torch.dtype, Sq: int, D: int, causal: bool, has_kpm: bool, has_bias: bool):
+    """The config launched without autotuning (BLIP2_FAST_AUTOTUNE=0, the tests): of the candidates
+    the pruning keeps for the shape class, the first with the fewest padded query rows (ViT-g's 257
+    queries: five 64-row tiles, 320 rows, not three 128-row ones, 384), among tiles of at least 64
+    rows past 32 queries (a warpgroup's wgmma takes 64; 32-row tiles fall back to mma.sync)."""
+    d1, d2 = head_dim_split(D)
+    kept = _prune_configs(_CONFIGS, {"q_bucket": bucket(Sq), "BLOCK_D": d1 + d2, "HEAD_DIM": D,
+                                     "IS_CAUSAL": causal, "HAS_KPM": has_kpm, "HAS_BIAS": has_bias,
+                                     "dtype": q_dtype})
+    wide = [c for c in kept if c.kwargs["BLOCK_M"] >= 64]
+    kept = wide if Sq > 32 and wide else kept
+    return min(kept, key=lambda c: triton.cdiv(Sq, c.kwargs["BLOCK_M"]) * c.kwargs["BLOCK_M"])
+
+
+def launch_args(q, k, v, key_padding_mask, bias, causal, scale):
+    """(o, args, meta): the output and `_attn_fwd_kernel`'s runtime arguments and constexprs bar the
+    config's (EVEN_N, BLOCK_M, BLOCK_N); also what bench/sm90_compile.py compiles."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    o = _common.new_empty((B, H, Sq, D), q.dtype, q.device)
-    if o.numel() == 0:
-        return o
+    o = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
     if key_padding_mask is not None:
         kpm, s_mb, s_mn = key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
     else:
@@ -233,26 +295,37 @@ def _attention_impl(q, k, v, key_padding_mask, bias, causal, scale, block_m=None
         bias_strides = bias_e.stride()
     else:
         bias_e, bias_strides = q, (0, 0, 0, 0)
-    block_d = max(16, triton.next_power_of_2(D))
+    d1, d2 = head_dim_split(D)
     args = (
         q, k, v, o, kpm, bias_e,
         *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3], s_mb, s_mn, *bias_strides,
         H, Sq, Sk, scale * LOG2E, bucket(Sq), bucket(Sk),
     )
     meta = dict(HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
-                HAS_BIAS=bias is not None, DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d,
-                ALIGN=_align(q, (0, 1, 2), k, v, o), BIAS_ALIGN=_align(bias_e, (0, 1, 2)) if bias is not None else 1)
+                HAS_BIAS=bias is not None, DOT_PREC=dot_precision(q.dtype),
+                ALIGN=alignment(q, k, v, o), BIAS_ALIGN=alignment(bias_e) if bias is not None else 1,
+                BLOCK_D1=d1, BLOCK_D2=max(d2, 16), SPLIT_D=d2 > 0)
+    return o, args, meta
+
+
+def _attention_impl(q, k, v, key_padding_mask, bias, causal, scale, block_m=None, block_n=None):
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    o, args, meta = launch_args(q, k, v, key_padding_mask, bias, causal, scale)
+    if o.numel() == 0:
+        return o
     if block_m is not None or interpreting() or not autotuning():
         warps, stages = 4, 2
         if block_m is not None:
             bm, bn = block_m, block_n
         elif interpreting():
             bm, bn = _INTERP_BLOCKS
-        else:  # no autotuning: the first candidate the pruning keeps for this shape class
-            c = _prune_configs(_CONFIGS, {"q_bucket": bucket(Sq), "BLOCK_D": block_d})[0]
+        else:
+            c = untuned_config(q.dtype, Sq, D, bool(causal), key_padding_mask is not None, bias is not None)
             bm, bn, warps, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
         grid = (triton.cdiv(Sq, bm) * B * H,)
-        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        _attn_fwd_kernel[grid](*args, **meta, EVEN_N=Sk % bn == 0, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                               num_stages=stages)
     else:
         grid = lambda META: (triton.cdiv(Sq, META["BLOCK_M"]) * B * H,)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **meta)

@@ -16,8 +16,8 @@ def interpreting() -> bool:
     """True when TRITON_INTERPRET is set to a value Triton treats as on.
 
     Triton reads the variable when a function is decorated with @triton.jit, i.e. when a kernel
-    module is imported, so it must be set before `blip2_fast.kernels.<op>` is imported (kernels
-    imported earlier are re-wrapped by `_common.runnable`).
+    module is imported, so it must be set before `blip2_fast.kernels.<op>` is imported (the test
+    suite's conftest.py sets it first thing).
     """
     return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
 

@@ -1,6 +1,8 @@
 """LayerNorm over the last dim, optionally fused with the residual add before it (one pass over HBM).
 
-Same semantics as `blip2_fast.reference.layernorm_ref`: float32 statistics, and with a residual
+Rows up to 2048 wide go several to a program (`_common.norm_rows_per_program`), wider ones one each.
+
+Same semantics as `blip2_fast.reference.layer_norm_ref`: float32 statistics, and with a residual
 the sum x + residual is rounded once to x's dtype, stored, and that rounded sum is normalised.
 """
 from __future__ import annotations
@@ -9,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_norm_args, load_row_add_residual, norm_launch, norm_num_warps
+from ._common import check_norm_args, load_rows_add_residual, norm_launch, norm_num_warps
 
 
 @triton.jit
@@ -19,38 +21,45 @@ def _layer_norm_fwd_kernel(
     Y,  # output, (n_rows, n_cols), contiguous, X's dtype
     S,  # output sum X + R, (n_rows, n_cols), contiguous, X's dtype; unused unless HAS_RESIDUAL
     W, B,  # weight and bias, (n_cols,); unused unless HAS_WEIGHT / HAS_BIAS
-    stride_x, stride_r, n_cols, eps,
+    stride_x, stride_r, n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program (power of two): several for narrow rows
     BLOCK_N: tl.constexpr,  # next power of two >= n_cols; the tail is masked
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
-    x = load_row_add_residual(X, R, S, row, stride_x, stride_r, n_cols, cols, mask, HAS_RESIDUAL)
-    mean = tl.sum(x, axis=0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / n_cols
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    x = load_rows_add_residual(X, R, S, rows, stride_x, stride_r, n_cols, cols, mask, HAS_RESIDUAL)
+    mean = tl.sum(x, axis=1) / n_cols
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / n_cols
     rstd = tl.math.rsqrt(var + eps)
-    y = xc * rstd
+    y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+def launch_args(x, weight, bias, residual, eps):
+    """(y, s, grid, args, meta): outputs, and `_layer_norm_fwd_kernel`'s launch; also what
+    bench/sm90_compile.py compiles."""
+    x2, r2, y, s, block_n, rows = norm_launch(x, residual)
+    n, n_rows = x.shape[-1], x2.shape[0]
+    args = (x2, r2, y, s if residual is not None else y,
+            weight if weight is not None else x2, bias if bias is not None else x2,
+            x2.stride(0), r2.stride(0), n_rows, n, eps)
+    meta = dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                ROWS=rows, BLOCK_N=block_n, num_warps=norm_num_warps(rows * block_n))
+    return y, s, (triton.cdiv(n_rows, rows),), args, meta
 
 
 def _layer_norm_impl(x, weight, bias, residual, eps):
-    x2, r2, y, s, block_n = norm_launch(x, residual)
-    n, n_rows = x.shape[-1], x2.shape[0]
-    if n_rows == 0:
-        return y, s
-    _layer_norm_fwd_kernel[(n_rows,)](
-        x2, r2, y, s if residual is not None else y,
-        weight if weight is not None else x2, bias if bias is not None else x2,
-        x2.stride(0), r2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, num_warps=norm_num_warps(block_n),
-    )
+    y, s, grid, args, meta = launch_args(x, weight, bias, residual, eps)
+    if grid[0] > 0:
+        _layer_norm_fwd_kernel[grid](*args, **meta)
     return y, s
 
 
@@ -67,7 +76,7 @@ def _(x, weight, bias, residual, eps):
 
 
 def layer_norm(x, weight, bias, eps, residual=None):
-    """LayerNorm over the last dim with float32 statistics; the semantics of `layernorm_ref`.
+    """LayerNorm over the last dim with float32 statistics; the semantics of `layer_norm_ref`.
 
     x: [..., N] (float16, bfloat16 or float32; N <= 65536); weight, bias: [N] or None, any float
     dtype; residual: x's shape and dtype, or None. Returns y [..., N] in x's dtype, or

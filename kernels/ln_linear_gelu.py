@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import NORM_MAX_N, check_float, norm_num_warps
+from ._common import NORM_MAX_N, check_float, norm_num_warps, norm_rows_per_program
 from .linear_gelu import as_rows, check_gemm_args, launch_gemm_gelu
 
 
@@ -21,29 +20,40 @@ def _row_stats_kernel(
     X,  # input rows, (M, K), strides stride_xm, stride_xk
     MEAN,  # output row means, (M,), float32
     RSTD,  # output row 1/sqrt(var + eps), (M,), float32
-    stride_xm, stride_xk, K, eps,
+    stride_xm, stride_xk, M, K, eps,
+    ROWS: tl.constexpr,  # rows per program (power of two): several for narrow rows
     BLOCK_K: tl.constexpr,  # next power of two >= K; the tail is masked
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
-    mask = cols < K
-    x = tl.load(X + row * stride_xm + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / K
-    xc = tl.where(mask, x - mean, 0.0)  # two-pass variance: no cancellation for rows with a large mean
-    var = tl.sum(xc * xc, axis=0) / K
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, tl.math.rsqrt(var + eps))
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / K
+    xc = tl.where(mask, x - mean[:, None], 0.0)  # two-pass variance: no cancellation for rows with a large mean
+    var = tl.sum(xc * xc, axis=1) / K
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, tl.math.rsqrt(var + eps), mask=row_ok)
+
+
+def row_stats_launch(x2, eps):
+    """(mean, rstd, grid, args, meta): the LayerNorm statistics pre-pass' launch; also what
+    bench/sm90_compile.py compiles."""
+    M, K = x2.shape
+    mean = torch.empty((M,), dtype=torch.float32, device=x2.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x2.device)
+    block_k = triton.next_power_of_2(K)
+    rows = norm_rows_per_program(block_k, M)
+    args = (x2, mean, rstd, x2.stride(0), x2.stride(1), M, K, eps)
+    return mean, rstd, (triton.cdiv(M, rows),), args, dict(ROWS=rows, BLOCK_K=block_k,
+                                                            num_warps=norm_num_warps(rows * block_k))
 
 
 def _ln_linear_gelu_impl(x, ln_weight, ln_bias, eps, weight, bias, approximate, config=None):
     x2 = as_rows(x)
-    M, K = x2.shape
-    mean = _common.new_empty((M,), torch.float32, x.device)
-    rstd = _common.new_empty((M,), torch.float32, x.device)
-    if M > 0:
-        block_k = triton.next_power_of_2(K)
-        _row_stats_kernel[(M,)](x2, mean, rstd, x2.stride(0), x2.stride(1), K, eps,
-                                BLOCK_K=block_k, num_warps=norm_num_warps(block_k))
+    mean, rstd, grid, args, meta = row_stats_launch(x2, eps)
+    if grid[0] > 0:
+        _row_stats_kernel[grid](*args, **meta)
     y = launch_gemm_gelu(x2, weight, bias, approximate, mean=mean, rstd=rstd,
                          ln_weight=ln_weight, ln_bias=ln_bias, config=config)
     return y.view(*x.shape[:-1], weight.shape[0])

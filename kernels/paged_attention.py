@@ -7,9 +7,15 @@ Spec: `blip2_fast.reference.paged_attention_ref`. Two kernels:
      writes an unnormalised partial output plus its running max and sum (the log-sum-exp).
   2. `_paged_attention_merge_kernel`, grid (N, H): rescales the partials to a common max and sums them.
 Decode reads K and V once and does ~2 FLOPs per byte, so the kernel is bandwidth-bound: splitting the
-context exists only to give a small batch (N·H programs < a few waves) enough programs to fill the
-GPU. Scores are sum(q * k) reductions rather than `tl.dot`: with one query row a dot would pad
-M to 16 and waste the tensor cores anyway.
+context exists only to give a small batch (N·H programs < a wave) enough programs to fill the GPU.
+Scores are sum(q * k) reductions rather than `tl.dot`: with one query row a dot would pad M to 16
+and waste the tensor cores anyway.
+
+Triton software-pipelines only loads that feed `tl.dot`, so this kernel double-buffers by hand: the
+next tile's block ids, keys and values are loaded before the current tile is reduced (on sm_90 the
+loads of tile i+1 are issued ahead of tile i's arithmetic). Head dims that are not a power of two run
+as two power-of-two blocks (80 = 64 + 16, 88 -> 64 + 32; `_common.head_dim_split`), so the tiles
+hold 80 of 80 lanes instead of 80 of 128.
 
 The op is registered as `torch.ops.blip2_fast.paged_attention_fwd` with a fake implementation, so
 torch.compile traces through it as one opaque node.
@@ -22,35 +28,50 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import FLOAT_DTYPES, check_device, interpreting, row_alignment, runnable
-
-# The kernels reduce with tl.reduce and these combiners instead of tl.sum / tl.max, and build
-# constants with tl.full instead of tl.zeros: tl.sum, tl.max and tl.zeros are themselves @jit
-# functions, compiled-only if triton.language was imported before TRITON_INTERPRET=1 was set (another
-# test module importing triton first), and then the interpreter cannot call them. Its reduce still
-# recognises these two combiners and runs them as numpy sum / max; the compiled code is identical.
-# They are private to Triton: a release without them falls back to our own combiners (the same
-# arithmetic; only the mixed-import-order interpreter case above loses its workaround).
-
-
-@triton.jit
-def _sum_fallback(a, b):
-    return a + b
-
-
-@triton.jit
-def _max_fallback(a, b):
-    return tl.maximum(a, b)
-
-
-_SUM = getattr(tl.standard, "_sum_combine", None) or _sum_fallback
-_MAX = getattr(tl.standard, "_elementwise_max", None) or _max_fallback
+from ._common import FLOAT_DTYPES, alignment, check_device, head_dim_split, interpreting
 
 _MAX_HEAD_DIM = 256
 _MAX_SPLITS = 64
 # A split shorter than this costs more in its partial write and the merge than it saves.
 _MIN_TOKENS_PER_SPLIT = 256
+# Split programs one SM keeps resident at once (8 warps at ~128 registers a thread, the compile
+# report's figures for D <= 128: 2 of them fill the register file) and a split's fixed cost in
+# tokens' worth of work (its prologue, the partial it writes, its share of the merge): the inputs
+# of choose_num_splits' wave model.
+_PROGRAMS_PER_SM = 2
+_SPLIT_COST_TOKENS = 64
+
+
+@triton.jit
+def _load_kv_tile(
+    K_CACHE, V_CACHE, bt_row,  # the caches, and this sequence's block-table row
+    tok0, end, h, d1, d2,  # the tile's first token, the partition's end, the head, the dims' offsets
+    stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr, KV_ALIGN: tl.constexpr,
+):
+    """Tokens [tok0, tok0 + BLOCK_N) of the partition ending at `end`: K and V as (BLOCK_N, BLOCK_D1)
+    and (BLOCK_N, BLOCK_D2) tiles in the cache's dtype (the second pair zeros unless SPLIT_D); lanes
+    past `end` are masked off, so a tile wholly past it moves no memory."""
+    tok = tok0 + tl.arange(0, BLOCK_N)
+    t_mask = tok < end
+    blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+    slot = (tok % BLOCK_SIZE).to(tl.int64)
+    # Triton only learns 16-divisibility of integer arguments; the hint lets rows whose stride is not
+    # a multiple of 16 elements (D=88: stride_kh = 88) still load in 16-byte vectors.
+    k_row = tl.multiple_of(blk * stride_kb + slot * stride_ks + h * stride_kh, KV_ALIGN)
+    v_row = tl.multiple_of(blk * stride_vb + slot * stride_vs + h * stride_vh, KV_ALIGN)
+    m1 = t_mask[:, None] & (d1 < HEAD_DIM)[None, :]
+    k1 = tl.load(K_CACHE + k_row[:, None] + d1[None, :] * stride_kd, mask=m1, other=0.0)
+    v1 = tl.load(V_CACHE + v_row[:, None] + d1[None, :] * stride_vd, mask=m1, other=0.0)
+    if SPLIT_D:
+        m2 = t_mask[:, None] & (d2 < HEAD_DIM)[None, :]
+        k2 = tl.load(K_CACHE + k_row[:, None] + d2[None, :] * stride_kd, mask=m2, other=0.0)
+        v2 = tl.load(V_CACHE + v_row[:, None] + d2[None, :] * stride_vd, mask=m2, other=0.0)
+    else:
+        k2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=k1.dtype)  # never read
+        v2 = k2
+    return k1, k2, v1, v2
 
 
 @triton.jit
@@ -74,7 +95,9 @@ def _paged_attention_split_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block (power of two)
     BLOCK_N: tl.constexpr,  # tokens per loop iteration; may span several cache blocks
     HEAD_DIM: tl.constexpr,  # D; constexpr so the d-mask is known constant over 16-byte vectors (D=80, 88)
-    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; the tail is masked
+    BLOCK_D1: tl.constexpr,  # head dims [0, BLOCK_D1): a power of two, masked past D when it is the only block
+    BLOCK_D2: tl.constexpr,  # head dims [BLOCK_D1, BLOCK_D1 + BLOCK_D2) when SPLIT_D, masked past D
+    SPLIT_D: tl.constexpr,  # the head dim runs as two blocks
     KV_ALIGN: tl.constexpr,  # a power of two dividing every cache row offset, in elements (16 bytes' worth when possible)
     SINGLE_SPLIT: tl.constexpr,  # num_splits == 1: normalise and write OUT directly
     HAS_BIAS: tl.constexpr,  # add REL_BIAS[h, seq_len - 1 - t] to the score of key t (T5's decoder)
@@ -88,49 +111,61 @@ def _paged_attention_split_kernel(
     # max_seq_len hint costs speed, never correctness.
     end = tl.where(split == num_splits - 1, seq_len, tl.minimum(start + tokens_per_split, seq_len))
 
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    q = tl.load(Q + n * stride_qn + h * stride_qh + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-    q = q * qk_scale
+    d1 = tl.arange(0, BLOCK_D1)
+    d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+    q_row = Q + n * stride_qn + h * stride_qh
+    q1 = tl.load(q_row + d1 * stride_qd, mask=d1 < HEAD_DIM, other=0.0).to(tl.float32) * qk_scale
+    if SPLIT_D:
+        q2 = tl.load(q_row + d2 * stride_qd, mask=d2 < HEAD_DIM, other=0.0).to(tl.float32) * qk_scale
+    else:
+        q2 = tl.zeros([BLOCK_D2], tl.float32)  # never read
 
     # fp32 scalars (not Python floats), so the loop-carried types match from the first iteration.
-    m_i = tl.reduce(tl.full([BLOCK_N], float("-inf"), tl.float32), 0, _MAX)
-    l_i = tl.reduce(tl.full([BLOCK_N], 0.0, tl.float32), 0, _SUM)
-    acc = tl.full([BLOCK_D], 0.0, tl.float32)
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    acc1 = tl.zeros([BLOCK_D1], tl.float32)
+    acc2 = tl.zeros([BLOCK_D2], tl.float32)
     bt_row = BLOCK_TABLES + n.to(tl.int64) * stride_bt
+    k1, k2, v1, v2 = _load_kv_tile(K_CACHE, V_CACHE, bt_row, start, end, h, d1, d2, stride_kb, stride_ks, stride_kh,
+                                   stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                                   BLOCK_SIZE, BLOCK_N, HEAD_DIM, SPLIT_D, BLOCK_D2, KV_ALIGN)
     for tok0 in range(start, end, BLOCK_N):
+        # Double buffering: the next tile's loads go out before this tile's arithmetic.
+        nk1, nk2, nv1, nv2 = _load_kv_tile(K_CACHE, V_CACHE, bt_row, tok0 + BLOCK_N, end, h, d1, d2, stride_kb,
+                                           stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh,
+                                           stride_vd, BLOCK_SIZE, BLOCK_N, HEAD_DIM, SPLIT_D, BLOCK_D2, KV_ALIGN)
         tok = tok0 + tl.arange(0, BLOCK_N)
         t_mask = tok < end
-        blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        slot = (tok % BLOCK_SIZE).to(tl.int64)
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        # Triton only learns 16-divisibility of integer arguments; the hint lets rows whose stride is
-        # not a multiple of 16 elements (D=88: stride_kh = 88) still load in 16-byte vectors.
-        k_row = tl.multiple_of(blk * stride_kb + slot * stride_ks + h * stride_kh, KV_ALIGN)
-        v_row = tl.multiple_of(blk * stride_vb + slot * stride_vs + h * stride_vh, KV_ALIGN)
-        k = tl.load(K_CACHE + k_row[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.reduce(q[None, :] * k, 1, _SUM)  # (BLOCK_N,)
+        s = tl.sum(q1[None, :] * k1.to(tl.float32), 1)  # (BLOCK_N,)
+        if SPLIT_D:
+            s += tl.sum(q2[None, :] * k2.to(tl.float32), 1)
         if HAS_BIAS:
             rb = tl.load(REL_BIAS + h * stride_rh + (seq_len - 1 - tok) * stride_rd, mask=t_mask, other=0.0)
             s += rb.to(tl.float32) * 1.4426950408889634  # log2(e): scores are in log2 units
         s = tl.where(t_mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 0, _MAX))  # finite: every iteration has at least one valid token
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every iteration has at least one valid token
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
-        v = tl.load(V_CACHE + v_row[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(tl.float32)
-        l_i = l_i * alpha + tl.reduce(p, 0, _SUM)
-        acc = acc * alpha + tl.reduce(p[:, None] * v, 0, _SUM)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), 0)
+        if SPLIT_D:
+            acc2 = acc2 * alpha + tl.sum(p[:, None] * v2.to(tl.float32), 0)
         m_i = m_new
+        k1, k2, v1, v2 = nk1, nk2, nv1, nv2
 
     if SINGLE_SPLIT:
         # An empty context (seq_len 0, a padded batch row) gives zeros, like the reference.
-        out = acc / tl.where(l_i > 0, l_i, 1.0)
-        o_ptr = OUT + (n * tl.num_programs(1) + h).to(tl.int64) * HEAD_DIM + d
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=d_mask)
+        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        o_row = OUT + (n * tl.num_programs(1) + h).to(tl.int64) * HEAD_DIM
+        tl.store(o_row + d1, (acc1 * inv).to(OUT.dtype.element_ty), mask=d1 < HEAD_DIM)
+        if SPLIT_D:
+            tl.store(o_row + d2, (acc2 * inv).to(OUT.dtype.element_ty), mask=d2 < HEAD_DIM)
     else:
         # Empty partitions still write (-inf, 0, zeros) so the merge never reads unwritten memory.
         row = (n * tl.num_programs(1) + h).to(tl.int64) * num_splits + split
-        tl.store(OUT + row * HEAD_DIM + d, acc, mask=d_mask)
+        tl.store(OUT + row * HEAD_DIM + d1, acc1, mask=d1 < HEAD_DIM)
+        if SPLIT_D:
+            tl.store(OUT + row * HEAD_DIM + d2, acc2, mask=d2 < HEAD_DIM)
         tl.store(PART_M + row, m_i)
         tl.store(PART_L + row, l_i)
 
@@ -153,13 +188,13 @@ def _paged_attention_merge_kernel(
     d_mask = d < HEAD_DIM
     m = tl.load(PART_M + row * num_splits + s, mask=s_mask, other=float("-inf"))
     l = tl.load(PART_L + row * num_splits + s, mask=s_mask, other=0.0)
-    m_max = tl.reduce(m, 0, _MAX)
+    m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all partitions empty: weights become 0
     w = tl.exp2(m - m_max)  # (BLOCK_S,), 0 for empty partitions
     o = tl.load(PART_O + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :],
                 mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    denom = tl.reduce(w * l, 0, _SUM)
-    out = tl.reduce(w[:, None] * o, 0, _SUM) / tl.where(denom > 0, denom, 1.0)
+    denom = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(OUT + row * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
@@ -175,40 +210,50 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def choose_num_splits(num_seqs: int, num_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Context partitions per (sequence, head): 1 unless N·H programs leave the GPU under ~4 waves.
-
-    Each split must keep at least `_MIN_TOKENS_PER_SPLIT` tokens, so short contexts never split.
+def choose_num_splits(num_seqs: int, num_heads: int, max_seq_len: int, num_sms: int, block_n: int = 64) -> int:
+    """Context partitions per (sequence, head), from a wave model of the GPU: `num_sms` SMs each run
+    `_PROGRAMS_PER_SM` split programs at once; s splits give N·H·s programs of ~L/s tokens (whole
+    BLOCK_N tiles) plus a fixed cost each, in ceil(N·H·s / slots) waves. The s with the least
+    (waves × tokens per program) wins, the smallest on a tie: enough programs to fill every SM, and
+    no nearly empty last wave (N·H = 32 on 132 SMs x 2: 8 splits fill 256 of 264 slots in one wave,
+    9 would need a second). Each split keeps at least `_MIN_TOKENS_PER_SPLIT` tokens, so short
+    contexts never split.
     """
     programs = max(1, num_seqs * num_heads)
     most = min(_MAX_SPLITS, max(1, max_seq_len // _MIN_TOKENS_PER_SPLIT))
-    return max(1, min(most, triton.cdiv(4 * num_sms, programs)))
+    slots = max(1, num_sms * _PROGRAMS_PER_SM)
+    best, best_cost = 1, None
+    for s in range(1, most + 1):
+        tokens = triton.cdiv(triton.cdiv(max(max_seq_len, 1), s), block_n) * block_n
+        cost = triton.cdiv(programs * s, slots) * (tokens + _SPLIT_COST_TOKENS)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
 
 
-def _config(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for the split kernel."""
+def _config(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for the split kernel."""
     if interpreting():
-        return 32, 1, 1  # one fixed small config: the interpreter is numpy-backed and its cost is per op
-    # 64 tokens x 128 dims of fp32 is 64 registers per thread per operand at 4 warps; D=256 halves
-    # the tokens to stay out of spills. Two stages keep the next block-table gather in flight.
-    return (64 if head_dim <= 128 else 32), 4, 2
+        return 32, 1  # one fixed small config: the interpreter is numpy-backed and its cost is per op
+    # Two tiles of K and V live in registers (double buffering). Compiled for sm_90 (bf16): 64 tokens
+    # with 8 warps take 80-146 registers at D = 64..128 (4 warps: 170-237, half the programs per SM;
+    # 32 tokens with 4 warps spilled at D = 80 and 88 under Triton 3.6); D = 256 halves the tokens.
+    return (64 if head_dim <= 128 else 32), 8
 
 
-@torch.library.custom_op("blip2_fast::paged_attention_fwd", mutates_args=())
-def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                         rel_bias: torch.Tensor | None, num_splits: int, max_seq_len: int) -> torch.Tensor:
+def launch_args(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias, num_splits, max_seq_len):
+    """(out, grid, split_args, split_meta, merge): what `_paged_attention_fwd` launches (merge is None
+    for one split, else (grid, args, meta) of the merge kernel); also what bench/sm90_compile.py
+    compiles."""
     N, H, D = q.shape
     block_size = k_cache.shape[1]
-    out = _common.new_empty((N, H, D), q.dtype, q.device)
-    if N == 0 or H == 0:
-        return out
+    out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)
     if max_seq_len <= 0:
         max_seq_len = block_tables.shape[1] * block_size  # a bound that needs no device sync
+    BLOCK_N, num_warps = _config(D)
     if num_splits <= 0:
-        num_splits = choose_num_splits(N, H, max_seq_len, _num_sms(q.device))
-    BLOCK_N, num_warps, num_stages = _config(D)
-    BLOCK_D = triton.next_power_of_2(D)
+        num_splits = choose_num_splits(N, H, max_seq_len, _num_sms(q.device), BLOCK_N)
+    d1, d2 = head_dim_split(D)
     # Splits are whole BLOCK_N tiles; rounding up may leave fewer splits than asked for.
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), BLOCK_N) * BLOCK_N
     num_splits = max(1, min(num_splits, triton.cdiv(max_seq_len, tokens_per_split)))
@@ -216,25 +261,37 @@ def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if single:
         part_o, part_m, part_l = out, out, out  # PART_M / PART_L are never touched
     else:
-        part_o = _common.new_empty((N, H, num_splits, D), torch.float32, q.device)
-        part_m = _common.new_empty((N, H, num_splits), torch.float32, q.device)
-        part_l = _common.new_empty((N, H, num_splits), torch.float32, q.device)
+        part_o = torch.empty((N, H, num_splits, D), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((N, H, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((N, H, num_splits), dtype=torch.float32, device=q.device)
     has_bias = rel_bias is not None
-    runnable(_paged_attention_split_kernel)[(N, H, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, rel_bias if has_bias else q, part_o, part_m, part_l,
-        scale * math.log2(math.e), num_splits, tokens_per_split,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        *(rel_bias.stride() if has_bias else (0, 0)),
-        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=BLOCK_D,
-        KV_ALIGN=min(row_alignment(k_cache), row_alignment(v_cache)), SINGLE_SPLIT=single, HAS_BIAS=has_bias,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    args = (q, k_cache, v_cache, block_tables, seq_lens, rel_bias if has_bias else q, part_o, part_m, part_l,
+            scale * math.log2(math.e), num_splits, tokens_per_split,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+            *(rel_bias.stride() if has_bias else (0, 0)))
+    meta = dict(BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D1=d1, BLOCK_D2=max(d2, 16),
+                SPLIT_D=d2 > 0, KV_ALIGN=alignment(k_cache, v_cache), SINGLE_SPLIT=single, HAS_BIAS=has_bias,
+                num_warps=num_warps)
+    merge = None
     if not single:
-        runnable(_paged_attention_merge_kernel)[(N, H)](
-            out, part_o, part_m, part_l, num_splits,
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
-            num_warps=1 if interpreting() else 4,
-        )
+        merge = ((N, H), (out, part_o, part_m, part_l, num_splits),
+                 dict(HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(D),
+                      num_warps=1 if interpreting() else 4))
+    return out, (N, H, num_splits), args, meta, merge
+
+
+@torch.library.custom_op("blip2_fast::paged_attention_fwd", mutates_args=())
+def _paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                         rel_bias: torch.Tensor | None, num_splits: int, max_seq_len: int) -> torch.Tensor:
+    N, H, D = q.shape
+    if N == 0 or H == 0:
+        return torch.empty((N, H, D), dtype=q.dtype, device=q.device)
+    out, grid, args, meta, merge = launch_args(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias,
+                                               num_splits, max_seq_len)
+    _paged_attention_split_kernel[grid](*args, **meta)
+    if merge is not None:
+        _paged_attention_merge_kernel[merge[0]](*merge[1], **merge[2])
     return out
 
 

@@ -1,8 +1,9 @@
 """T5's RMSNorm (no mean removal, no bias), optionally fused with the residual add before it.
 
-Same semantics as `blip2_fast.reference.rmsnorm_ref`: float32 statistics; the normalised row is cast
+Same semantics as `blip2_fast.reference.rms_norm_ref`: float32 statistics; the normalised row is cast
 to the weight's dtype before the weight multiplies it (T5 does this, and it matters in half
 precision); with a residual, x + residual is rounded once to x's dtype, stored and normalised.
+Rows up to 2048 wide go several to a program, as in kernels/layer_norm.py.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_norm_args, load_row_add_residual, norm_launch, norm_num_warps
+from ._common import check_norm_args, load_rows_add_residual, norm_launch, norm_num_warps
 
 
 @triton.jit
@@ -20,30 +21,36 @@ def _rms_norm_fwd_kernel(
     Y,  # output, (n_rows, n_cols), contiguous, X's dtype
     S,  # output sum X + R, (n_rows, n_cols), contiguous, X's dtype; unused unless HAS_RESIDUAL
     W,  # weight, (n_cols,)
-    stride_x, stride_r, n_cols, eps,
+    stride_x, stride_r, n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program (power of two): several for narrow rows
     BLOCK_N: tl.constexpr,  # next power of two >= n_cols; the tail is masked
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
-    x = load_row_add_residual(X, R, S, row, stride_x, stride_r, n_cols, cols, mask, HAS_RESIDUAL)
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0)
-    y = (x * rstd).to(w.dtype).to(tl.float32) * w.to(tl.float32)
-    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    x = load_rows_add_residual(X, R, S, rows, stride_x, stride_r, n_cols, cols, mask, HAS_RESIDUAL)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=col_ok, other=0.0)
+    y = (x * rstd[:, None]).to(w.dtype).to(tl.float32) * w.to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+def launch_args(x, weight, residual, eps):
+    """(y, s, grid, args, meta): outputs, and `_rms_norm_fwd_kernel`'s launch; also what
+    bench/sm90_compile.py compiles."""
+    x2, r2, y, s, block_n, rows = norm_launch(x, residual)
+    n, n_rows = x.shape[-1], x2.shape[0]
+    args = (x2, r2, y, s if residual is not None else y, weight, x2.stride(0), r2.stride(0), n_rows, n, eps)
+    meta = dict(HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=norm_num_warps(rows * block_n))
+    return y, s, (triton.cdiv(n_rows, rows),), args, meta
 
 
 def _rms_norm_impl(x, weight, residual, eps):
-    x2, r2, y, s, block_n = norm_launch(x, residual)
-    n, n_rows = x.shape[-1], x2.shape[0]
-    if n_rows == 0:
-        return y, s
-    _rms_norm_fwd_kernel[(n_rows,)](
-        x2, r2, y, s if residual is not None else y, weight,
-        x2.stride(0), r2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=norm_num_warps(block_n),
-    )
+    y, s, grid, args, meta = launch_args(x, weight, residual, eps)
+    if grid[0] > 0:
+        _rms_norm_fwd_kernel[grid](*args, **meta)
     return y, s
 
 
@@ -60,7 +67,7 @@ def _(x, weight, residual, eps):
 
 
 def rms_norm(x, weight, eps, residual=None):
-    """T5 RMSNorm, x / sqrt(mean(x²) + eps) · weight; the semantics of `rmsnorm_ref`.
+    """T5 RMSNorm, x / sqrt(mean(x²) + eps) · weight; the semantics of `rms_norm_ref`.
 
     x: [..., N] (float16, bfloat16 or float32; N <= 65536); weight: [N], any float dtype (required:
     its dtype sets the rounding step); residual: x's shape and dtype, or None. Returns y [..., N] in

@@ -3,7 +3,7 @@
 One launch writes K and V together: program (t, j) moves token t's heads [j·BLOCK_H, (j+1)·BLOCK_H)
 of both tensors to flat slot slot_mapping[t] (block = slot // block_size, offset = slot % block_size).
 A negative slot skips the token (padding) with every load and store masked off. Registered as
-`torch.ops.blip2_fast.write_kv` (mutates k_cache and v_cache) with a fake implementation.
+`torch.ops.blip2_fast.write_kv_fwd` (mutates k_cache and v_cache) with a fake implementation.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_device, interpreting, row_alignment, runnable
+from ._common import FLOAT_DTYPES, alignment, check_device, interpreting
 
 _MAX_HEAD_DIM = 256
 
@@ -58,26 +58,29 @@ def _write_kv_kernel(
     tl.store(cv, v.to(V_CACHE.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("blip2_fast::write_kv", mutates_args=("k_cache", "v_cache"))
-def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slot_mapping: torch.Tensor) -> None:
+def launch_args(k, v, k_cache, v_cache, slot_mapping):
+    """(grid, args, meta): `_write_kv_kernel`'s launch; also what bench/sm90_compile.py compiles."""
     T, H, D = k.shape
-    if T == 0 or H == 0:
-        return
     BLOCK_D = triton.next_power_of_2(D)
     if interpreting():
         BLOCK_H, num_warps = triton.next_power_of_2(H), 1  # one fixed config: one program per token
     else:
         # <= 4096 elements per tensor per program: a [32, 128] fp16 tile is 8 KB each of K and V.
         BLOCK_H, num_warps = min(triton.next_power_of_2(H), max(1, 4096 // BLOCK_D)), 4
-    grid = (T, triton.cdiv(H, BLOCK_H))
-    runnable(_write_kv_kernel)[grid](
-        k, v, k_cache, v_cache, slot_mapping, H,
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_D=BLOCK_D,
-        IN_ALIGN=min(row_alignment(k), row_alignment(v)),
-        CACHE_ALIGN=min(row_alignment(k_cache), row_alignment(v_cache)), num_warps=num_warps,
-    )
+    args = (k, v, k_cache, v_cache, slot_mapping, H, *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride())
+    meta = dict(BLOCK_SIZE=k_cache.shape[1], BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_D=BLOCK_D,
+                IN_ALIGN=alignment(k, v), CACHE_ALIGN=alignment(k_cache, v_cache), num_warps=num_warps)
+    return (T, triton.cdiv(H, BLOCK_H)), args, meta
+
+
+@torch.library.custom_op("blip2_fast::write_kv_fwd", mutates_args=("k_cache", "v_cache"))
+def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    T, H, D = k.shape
+    if T == 0 or H == 0:
+        return
+    grid, args, meta = launch_args(k, v, k_cache, v_cache, slot_mapping)
+    _write_kv_kernel[grid](*args, **meta)
 
 
 @_write_kv.register_fake

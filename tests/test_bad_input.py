@@ -170,7 +170,7 @@ def test_explicit_fast_op_that_cannot_run_raises(ckpt, monkeypatch):
     d, _ = ckpt("opt")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     # every op has a CPU implementation now: leave rmsnorm only its Triton kernel, which needs a GPU
-    monkeypatch.setitem(ops._FAST, "rmsnorm", [f for f in ops._FAST["rmsnorm"] if f.kind == "triton"])
+    monkeypatch.setitem(ops._FAST, "rms_norm", [f for f in ops._FAST["rms_norm"] if f.kind == "triton"])
     with pytest.raises(RuntimeError, match="rmsnorm"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the other ops' expected fallbacks
         blip2_fast.load(d, ops={"rmsnorm": "fast"})

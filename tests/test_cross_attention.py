@@ -1,11 +1,13 @@
-"""blip2_fast::cross_attention, the C++/CUDA extension (csrc/): CPU kernel, CUDA kernel, build, registry.
+"""blip2_fast::cross_attention_fwd, the C++/CUDA extension (csrc/): CPU kernel, CUDA kernels, build, registry.
 
 The CPU kernel is compared with a float64 run of `cross_attention_ref`; its error may be at most twice
-that of eager PyTorch in the same dtype, plus a small floor. Without a GPU the CUDA kernel is checked
-twice: `csrc/check_nvcc.sh` compiles it for sm_80/sm_90a, and an emulation harness compiles the same
-kernel source as C++ and runs it on CPU threads (one std::thread per CUDA thread, a barrier for
-__syncthreads, NaN-poisoned shared memory and output), which catches indexing, masking and missing
-barrier bugs. Tests marked `gpu` run the real kernel.
+that of eager PyTorch in the same dtype, plus a small floor. Without a GPU the CUDA kernels are
+checked twice: `csrc/check_nvcc.sh` compiles them for sm_80/sm_90a, and an emulation harness compiles
+the same kernel source as C++ and runs it on CPU threads (one std::thread per CUDA thread, a barrier
+for __syncthreads, NaN-poisoned shared memory and output; mma.sync emulated warp-wide from the PTX
+manual's fragment layouts, cp.async copies deferred until the wait that retires them), which catches
+indexing, fragment-layout, masking and missing barrier / wait bugs. Tests marked `gpu` run the real
+kernels.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def via_registry(q, k, v, mask=None, scale=None):
 
 
 def via_torch_ops(q, k, v, mask=None, scale=None):
-    return torch.ops.blip2_fast.cross_attention(q, k, v, mask, scale)
+    return torch.ops.blip2_fast.cross_attention_fwd(q, k, v, mask, scale)
 
 
 ENTRIES = {"registry": via_registry, "torch.ops": via_torch_ops}
@@ -171,8 +173,8 @@ def test_cpu_independent_of_thread_count(ext):
 def test_opcheck(ext, with_mask):
     q, k, v = make(2, 3, 5, 7, 32, torch.float32)
     mask = make_mask(2, 7) if with_mask else None
-    torch.library.opcheck(torch.ops.blip2_fast.cross_attention.default, (q, k, v, mask, None))
-    torch.library.opcheck(torch.ops.blip2_fast.cross_attention.default, (q, k, v, mask, 0.25))
+    torch.library.opcheck(torch.ops.blip2_fast.cross_attention_fwd.default, (q, k, v, mask, None))
+    torch.library.opcheck(torch.ops.blip2_fast.cross_attention_fwd.default, (q, k, v, mask, 0.25))
 
 
 def test_torch_compile_traces_the_op(ext):
@@ -198,7 +200,7 @@ def test_bad_arguments_name_the_argument(ext, match, bad):
     q, k, v = make(2, 3, 5, 7, 32, torch.float32)
     args = bad(q, k, v, make_mask(2, 7))
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.blip2_fast.cross_attention(*args, None)
+        torch.ops.blip2_fast.cross_attention_fwd(*args, None)
 
 
 def test_registry_binds_the_extension(ext):
@@ -229,7 +231,7 @@ def test_loads_next_to_python_custom_ops_in_the_same_namespace(ext):
         _ext.build()
         define("dummy_after")
         q = torch.randn(1, 2, 3, 8)
-        out = torch.ops.blip2_fast.cross_attention(q, q, q, None, None)
+        out = torch.ops.blip2_fast.cross_attention_fwd(q, q, q, None, None)
         assert out.shape == q.shape and torch.ops.blip2_fast.dummy_after(q).shape == q.shape
         print("ok")
     """
@@ -292,7 +294,7 @@ def test_openmp_build_failure_falls_back_to_a_serial_build(tmp_path):
         assert reason is None, reason
         assert os.path.exists(_ext._path) and _ext._path.endswith("_serial.so") and _ext._openmp is False, _ext._path
         q = torch.randn(1, 2, 3, 8)
-        assert torch.ops.blip2_fast.cross_attention(q, q, q, None, None).shape == q.shape
+        assert torch.ops.blip2_fast.cross_attention_fwd(q, q, q, None, None).shape == q.shape
         print("ok")
     """
     env = {"BLIP2_FAST_CACHE": str(tmp_path)}
@@ -349,11 +351,12 @@ def test_cuda_kernel_compiles_with_nvcc():
 # ------------------------------------------------------------- CUDA kernel, emulated on CPU threads
 
 _HARNESS = r"""
-// cross_attention.cu's kernel on CPU threads; see tests/test_cross_attention.py.
+// cross_attention.cu's kernels on CPU threads; see tests/test_cross_attention.py.
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <memory>
 #include <thread>
@@ -384,6 +387,63 @@ inline float shfl_xor(float v, int off) {
   warp_bar[w]->arrive_and_wait();
   return r;
 }
+
+// mma.sync.m16n8k16.row.col with fp32 accumulation, from the PTX ISA's fragment layouts (lane =
+// 4 * groupID + threadID_in_group): A (16 x 16) reg i holds rows {g, g+8, g, g+8}[i], columns
+// 2t + {0, 8, 0, 8}[i] (+1 in the high half); B (16 x 8) reg i holds rows 2t + 8i (+1), column g;
+// C (16 x 8) elements 0-3 are rows g, g, g+8, g+8 and columns 2t, 2t+1, 2t, 2t+1. Warp-collective.
+uint32_t xa[32][32][4], xb[32][32][2];
+inline float half_bits(uint16_t b, __half*) { __half x; std::memcpy(static_cast<void*>(&x), &b, 2); return __half2float(x); }
+inline float half_bits(uint16_t b, __nv_bfloat16*) {
+  __nv_bfloat16 x;
+  std::memcpy(static_cast<void*>(&x), &b, 2);
+  return __bfloat162float(x);
+}
+template <typename T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned w = tid.x / 32, lane = tid.x % 32;
+  for (int i = 0; i < 4; ++i) xa[w][lane][i] = a[i];
+  xb[w][lane][0] = b[0], xb[w][lane][1] = b[1];
+  warp_bar[w]->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int L = 0; L < 32; ++L) {
+    const int g = L / 4, t = L % 4;
+    const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+    for (int i = 0; i < 4; ++i) {
+      A[rows[i]][cols[i]] = half_bits(xa[w][L][i] & 0xffffu, (T*)nullptr);
+      A[rows[i]][cols[i] + 1] = half_bits(xa[w][L][i] >> 16, (T*)nullptr);
+    }
+    for (int i = 0; i < 2; ++i) {
+      B[2 * t + 8 * i][g] = half_bits(xb[w][L][i] & 0xffffu, (T*)nullptr);
+      B[2 * t + 8 * i + 1][g] = half_bits(xb[w][L][i] >> 16, (T*)nullptr);
+    }
+  }
+  warp_bar[w]->arrive_and_wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float acc = d[e];
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    d[e] = acc;
+  }
+}
+
+// cp.async: a copy is performed only when a wait retires its group, so a read of shared memory
+// before the right wait sees the poison, as it would see stale data on a GPU.
+struct Copy { void* dst; const void* src; int n; };
+thread_local std::vector<Copy> pending;
+thread_local std::deque<std::vector<Copy>> groups;
+inline void cp_async_16(void* dst, const void* src, int n) { pending.push_back({dst, src, n}); }
+inline void cp_async_commit() { groups.push_back(std::move(pending)); pending.clear(); }
+inline void cp_async_wait(int n) {
+  while (static_cast<int>(groups.size()) > n) {
+    for (const Copy& c : groups.front()) {
+      std::memcpy(c.dst, c.src, c.n);
+      std::memset(static_cast<char*>(c.dst) + c.n, 0, 16 - c.n);
+    }
+    groups.pop_front();
+  }
+}
 }  // namespace emu
 #define threadIdx emu::tid
 #define blockIdx emu::bid
@@ -392,7 +452,7 @@ inline float shfl_xor(float v, int off) {
 
 namespace blip2_fast {
 namespace {
-alignas(16) float4 smem4[(160 * 128 + 64 * 36) / 4];  // >= smem_floats<128>(), checked below
+alignas(16) float4 smem4[96 * 1024 / 16];  // >= both kernels' shared memory at D = 128, checked below
 }
 }  // namespace blip2_fast
 
@@ -402,49 +462,67 @@ alignas(16) float4 smem4[(160 * 128 + 64 * 36) / 4];  // >= smem_floats<128>(), 
 namespace blip2_fast {
 namespace {
 static_assert(sizeof(smem4) >= smem_floats<128>() * sizeof(float), "emulated shared memory too small");
+static_assert(sizeof(smem4) >= mma_smem_bytes<128>(), "emulated shared memory too small");
 
-template <typename T, int DM>
-void run(const CrossAttnParams& p) {
-  const int n_qtiles = static_cast<int>((p.Nq + kQT - 1) / kQT);
-  const int64_t blocks = n_qtiles * p.B * p.H, elem = sizeof(T);
-  const bool qv = can_vectorize(p.q, p.q_stride, p, elem), kv = can_vectorize(p.k, p.k_stride, p, elem),
-             vv = can_vectorize(p.v, p.v_stride, p, elem);
+// One block at a time, one std::thread per CUDA thread; shared memory poisoned (all-ones bytes:
+// NaN as fp32, fp16 and bf16) before each block.
+template <typename F>
+void run_blocks(int64_t blocks, int threads, size_t smem_bytes, F kernel) {
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    float* sm = reinterpret_cast<float*>(smem4);
-    for (int i = 0; i < smem_floats<DM>(); ++i) sm[i] = std::numeric_limits<float>::quiet_NaN();
-    std::barrier<> bar(kThreads);
+    std::memset(static_cast<void*>(smem4), 0xff, smem_bytes);
+    std::barrier<> bar(threads);
     emu::block_bar = &bar;
     std::vector<std::unique_ptr<std::barrier<>>> wb;
-    for (int w = 0; w < kThreads / 32; ++w) {
+    for (int w = 0; w < threads / 32; ++w) {
       wb.push_back(std::make_unique<std::barrier<>>(32));
       emu::warp_bar[w] = wb.back().get();
     }
-    std::vector<std::thread> threads;
-    for (int t = 0; t < kThreads; ++t)
-      threads.emplace_back([&, t] {
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t)
+      ts.emplace_back([&, t] {
         emu::tid = make_uint3(t, 0, 0);
         emu::bid = make_uint3(static_cast<unsigned>(blk), 0, 0);
-        cross_attention_kernel<T, DM>(p, n_qtiles, qv, kv, vv);
+        kernel();
+        if (!emu::pending.empty() || !emu::groups.empty()) std::abort();  // a copy never waited for
       });
-    for (auto& th : threads) th.join();
+    for (auto& th : ts) th.join();
   }
 }
 
+template <typename T, int DM>
+void run(const CrossAttnParams& p, bool mma) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (mma) {
+      const int n_qtiles = static_cast<int>((p.Nq + kMmaQT - 1) / kMmaQT);
+      run_blocks(n_qtiles * p.B * p.H, kMmaThreads, mma_smem_bytes<DM>(),
+                 [&] { cross_attention_mma_kernel<T, DM>(p, n_qtiles); });
+      return;
+    }
+  }
+  const int n_qtiles = static_cast<int>((p.Nq + kQT - 1) / kQT);
+  const int64_t elem = sizeof(T);
+  const bool qv = can_vectorize(p.q, p.q_stride, p, elem), kv = can_vectorize(p.k, p.k_stride, p, elem),
+             vv = can_vectorize(p.v, p.v_stride, p, elem);
+  run_blocks(n_qtiles * p.B * p.H, kThreads, smem_floats<DM>() * sizeof(float),
+             [&] { cross_attention_kernel<T, DM>(p, n_qtiles, qv, kv, vv); });
+}
+
 template <typename T>
-int run_dtype(const CrossAttnParams& p) {
-  if (p.D <= 32) run<T, 32>(p);
-  else if (p.D <= 64) run<T, 64>(p);
-  else if (p.D <= 128) run<T, 128>(p);
+int run_dtype(const CrossAttnParams& p, bool mma) {
+  if (p.D <= 32) run<T, 32>(p, mma);
+  else if (p.D <= 64) run<T, 64>(p, mma);
+  else if (p.D <= 128) run<T, 128>(p, mma);
   else return 1;
   return 0;
 }
 }  // namespace
 }  // namespace blip2_fast
 
-// Flags: bit 0 = q, 1 = k, 2 = v could be read in 16-byte chunks (reported back to the test).
+// Flags: bit 0 = q, 1 = k, 2 = v could be read in 16-byte chunks, bit 3 = the tensor-core kernel ran
+// (as the launcher picks it; force_fma = 1 runs the FMA kernel regardless).
 extern "C" int emu_cross_attention(const void* q, const void* k, const void* v, const uint8_t* mask, void* out,
                                    const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* ms,
-                                   const int64_t* shape, float scale, int dtype, int* vec_flags) {
+                                   const int64_t* shape, float scale, int dtype, int force_fma, int* vec_flags) {
   using namespace blip2_fast;
   CrossAttnParams p{};
   p.q = q, p.k = k, p.v = v, p.mask = mask, p.out = out;
@@ -454,11 +532,12 @@ extern "C" int emu_cross_attention(const void* q, const void* k, const void* v, 
   p.scale = scale;
   p.dtype = static_cast<CrossAttnDtype>(dtype);
   const int64_t elem = dtype == 0 ? 4 : 2;
+  const bool mma = !force_fma && mma_ok(p);
   *vec_flags = can_vectorize(q, p.q_stride, p, elem) | can_vectorize(k, p.k_stride, p, elem) << 1 |
-               can_vectorize(v, p.v_stride, p, elem) << 2;
-  if (dtype == 0) return run_dtype<float>(p);
-  if (dtype == 1) return run_dtype<__half>(p);
-  return run_dtype<__nv_bfloat16>(p);
+               can_vectorize(v, p.v_stride, p, elem) << 2 | static_cast<int>(mma) << 3;
+  if (dtype == 0) return run_dtype<float>(p, false);
+  if (dtype == 1) return run_dtype<__half>(p, mma);
+  return run_dtype<__nv_bfloat16>(p, mma);
 }
 """
 
@@ -484,7 +563,7 @@ def emulator(tmp_path_factory):
     lib = ctypes.CDLL(str(d / "emu.so"))
     code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-    def run(q, k, v, mask=None, scale=None):
+    def run(q, k, v, mask=None, scale=None, force_fma=False):
         B, H, Nq, D = q.shape
         out = torch.full((B, H, Nq, D), float("nan"), dtype=q.dtype)  # poisoned: an unwritten element fails
         keep = None if mask is None else mask.bool()
@@ -495,7 +574,7 @@ def emulator(tmp_path_factory):
             ctypes.c_void_p(keep.data_ptr() if keep is not None else 0), ctypes.c_void_p(out.data_ptr()),
             arr(q.stride()), arr(k.stride()), arr(v.stride()), arr(keep.stride() if keep is not None else (0, 0)),
             arr([B, H, Nq, k.shape[2], D]), ctypes.c_float(D ** -0.5 if scale is None else scale), code[q.dtype],
-            ctypes.byref(flags))
+            int(force_fma), ctypes.byref(flags))
         assert rc == 0
         run.vec_flags = flags.value
         return out
@@ -504,17 +583,38 @@ def emulator(tmp_path_factory):
 
 
 EMU_SHAPES = [(1, 2, 32, 257, 64), (1, 1, 1, 1, 64), (2, 1, 33, 70, 59), (1, 1, 5, 300, 128), (2, 2, 3, 65, 32),
-              (1, 1, 4, 10, 16)]
+              (1, 1, 4, 10, 16), (1, 1, 40, 129, 40)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", EMU_SHAPES, ids=_ids(EMU_SHAPES))
 def test_cuda_kernel_emulated(emulator, shape, dtype):
+    """fp16 / bf16 with D % 8 == 0 run the tensor-core kernel (and, forced, the FMA one too); fp32
+    and odd D the FMA kernel."""
     B, H, Nq, Nk, D = shape
     q, k, v = make(*shape, dtype)
     check(emulator(q, k, v), q, k, v)
+    assert bool(emulator.vec_flags & 0b1000) == (dtype != torch.float32 and D % 8 == 0)
     mask = make_mask(B, Nk)
     check(emulator(q, k, v, mask), q, k, v, mask)
+    if emulator.vec_flags & 0b1000:
+        check(emulator(q, k, v, mask, force_fma=True), q, k, v, mask)
+        assert not emulator.vec_flags & 0b1000
+
+
+def test_cuda_mma_kernel_on_the_qformer_layout(emulator):
+    """The Q-Former's real operands: q a view of a [B, 32, 768] projection, K and V views of the one
+    GEMM that projects the image for every cross-attention layer ([B, 257, 6 * 2 * 768], row stride
+    9216): the tensor-core kernel reads them in place, for every layer's slice."""
+    B, Nk, L, H, D = 2, 257, 3, 4, 64
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, 32, H * D, generator=g).to(torch.bfloat16).view(B, 32, H, D).transpose(1, 2)
+    kv = torch.randn(B, Nk, L * 2 * H * D, generator=g).to(torch.bfloat16).view(B, Nk, L, 2, H, D)
+    for layer in range(L):
+        k, v = kv[:, :, layer, 0].transpose(1, 2), kv[:, :, layer, 1].transpose(1, 2)  # (B, H, Nk, D)
+        assert k.stride(2) == L * 2 * H * D
+        check(emulator(q, k, v), q, k, v)
+        assert emulator.vec_flags == 0b1111
 
 
 def test_cuda_kernel_emulated_strided(emulator):
@@ -525,11 +625,11 @@ def test_cuda_kernel_emulated_strided(emulator):
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     mask = (torch.rand(B, 2 * Nk, generator=g) > 0.2)[:, ::2]
     check(emulator(q, k, v, mask), q, k, v, mask)
-    assert emulator.vec_flags == 0b111  # all three read in 16-byte chunks
+    assert emulator.vec_flags == 0b1111  # all three read in 16-byte chunks: the tensor-core kernel
     q2 = torch.randn(B, H, Nq, 2 * D, generator=g).to(torch.bfloat16)[..., ::2]  # stride 2 along D
     k2 = torch.randn(B * H * Nk * D + 1, generator=g).to(torch.bfloat16)[1:].view(B, H, Nk, D)  # misaligned
     check(emulator(q2, k2, v, None, 0.3), q2, k2, v, None, 0.3)
-    assert emulator.vec_flags == 0b100  # q and k fall back to element loads
+    assert emulator.vec_flags == 0b100  # q and k fall back to element loads, in the FMA kernel
 
 
 # ---------------------------------------------------------------------------------- CUDA, on a GPU
@@ -572,7 +672,7 @@ def test_gpu_strided_bad_arguments_and_graphs():
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     mask = make_mask(B, Nk, device="cuda")
     check(via_torch_ops(q, k, v, mask), q, k, v, mask)
-    torch.library.opcheck(torch.ops.blip2_fast.cross_attention.default, (q, k, v, mask, None))
+    torch.library.opcheck(torch.ops.blip2_fast.cross_attention_fwd.default, (q, k, v, mask, None))
     big = torch.randn(1, 1, 2, 160, device="cuda")
     with pytest.raises(RuntimeError, match="D <= 128"):
         via_torch_ops(big, big, big)

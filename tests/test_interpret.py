@@ -63,11 +63,14 @@ def test_runtime_bounded_loops_run_interpreted(monkeypatch):
 
 def test_default_cpu_load_is_silent(ckpt, tmp_path):
     """A default CPU load (no TRITON_INTERPRET) binds a CPU implementation for every op and prints no
-    warning; so does the CLI failing on a checkpoint that does not exist."""
+    warning, nor does generating with it (the models call every op by its current name, never a
+    deprecated alias); so does the CLI failing on a checkpoint that does not exist."""
     d, _ = ckpt("opt")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import warnings, blip2_fast; warnings.simplefilter('error');"
-            f"m = blip2_fast.load({str(d)!r}); print(sorted(set(m.impls.values())))")
+            f"m = blip2_fast.load({str(d)!r}); print(sorted(set(m.impls.values())));"
+            "import torch; s = m.cfg.vision.image_size;"
+            "m.generate(pixel_values=torch.rand(1, 3, s, s), input_ids=torch.tensor([[2, 5]]), max_new_tokens=2)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "['fast']" and "Warning" not in r.stderr, (r.stdout, r.stderr[-2000:])

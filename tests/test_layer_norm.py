@@ -1,4 +1,4 @@
-"""LayerNorm (+ fused residual add), kernels/layer_norm.py, against a float64 run of `layernorm_ref`.
+"""LayerNorm (+ fused residual add), kernels/layer_norm.py, against a float64 run of `layer_norm_ref`.
 
 Rule: the kernel's max error vs float64 is at most twice eager PyTorch's (the reference run in the
 same dtype) plus a small floor; the residual sum must equal eager `x + residual` exactly. Runs
@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from blip2_fast.kernels import layer_norm as LN  # noqa: E402
-from blip2_fast.reference import layernorm_ref  # noqa: E402
+from blip2_fast.reference import layer_norm_ref  # noqa: E402
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # bfloat16 runs on the GPU only: the interpreter truncates float32 -> bfloat16 instead of rounding.
@@ -29,9 +29,9 @@ def check(x, weight, bias, eps=1e-6, residual=None):
         y = out
     assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
     assert not y.isnan().any(), "NaN in output (unwritten element?)"
-    ref = layernorm_ref(x.double(), _d(weight), _d(bias), eps)
+    ref = layer_norm_ref(x.double(), _d(weight), _d(bias), eps)
     err = (y.double() - ref).abs().max().item()
-    err_eager = (layernorm_ref(x, weight, bias, eps).double() - ref).abs().max().item()
+    err_eager = (layer_norm_ref(x, weight, bias, eps).double() - ref).abs().max().item()
     tol = 2 * err_eager + FLOOR[x.dtype]
     assert err <= tol, f"fast err {err:.3g} > 2 x eager err {err_eager:.3g} + {FLOOR[x.dtype]:.0e} ({x.dtype}, x {tuple(x.shape)})"
     return out
@@ -87,6 +87,17 @@ def test_mixed_param_dtype_and_strided_input():
     xt = torch.randn(n, 6, device=DEVICE, dtype=torch.float16).t()  # column-major: copied to rows
     check(xt, w, b)
     check(x, w, b, eps=1e-2, residual=torch.randn(4, 9, n, device=DEVICE, dtype=torch.float16))
+
+
+def test_several_rows_per_program():
+    # rows up to 2048 wide go several to a program; the last program here has a spare row slot
+    from blip2_fast.kernels._common import norm_rows_per_program
+    assert norm_rows_per_program(2048, 16448) == 2 and norm_rows_per_program(1024, 7) == 4
+    assert norm_rows_per_program(4096, 99) == 1 and norm_rows_per_program(64, 3) == 4
+    torch.manual_seed(11)
+    for rows, n in ((7, 768), (3, 1408), (5, 40)):
+        big = torch.randn(rows, n + 24, device=DEVICE, dtype=torch.float16)
+        check(big[:, :n], *params(n, torch.float16), residual=torch.randn(rows, n, device=DEVICE, dtype=torch.float16))
 
 
 def test_large_mean_rows():

@@ -99,6 +99,18 @@ def test_launch_order_groups(group_m):
     check(x, w, b, fast=lambda x, w, b, a: LG.launch_gemm_gelu(x, w, b, a, config=cfg))
 
 
+@pytest.mark.parametrize("tma,persistent", [(False, True), (True, False), (True, True)])
+def test_persistent_and_tma_configs(tma, persistent):
+    # the sm_90 candidates: tiles through tensor descriptors (zero-filled past M, N, K: no masks),
+    # and persistent programs that each walk several tiles (the interpreter's notional 3 SMs)
+    torch.manual_seed(8)
+    x, w, b = make(100, 72, 150, torch.float32)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "USE_TMA": tma, "NUM_PROGS": 3 if persistent else 0}
+    check(x, w, b, fast=lambda x, w, b, a: LG.launch_gemm_gelu(x, w, b, a, config=cfg))
+    assert LG._prune_configs(LG._CONFIGS, {"m_bucket": 4096, "N": 6144, "tma_ok": 0})  # pointer configs remain
+    assert all(not c.kwargs["USE_TMA"] for c in LG._prune_configs(LG._CONFIGS, {"m_bucket": 4096, "N": 6144, "tma_ok": 0}))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's exp2 -> inf is intended
 def test_gelu_saturation():
     # large |pre-activation|: the exp2-based tanh form must give x and -0, not NaN

@@ -130,21 +130,21 @@ def test_ln_linear_gelu_and_linear_gelu(shape, dtype, approx):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N", [1408, 768, 59])
-def test_layernorm_with_and_without_residual(N, dtype):
-    from blip2_fast.reference import layernorm_ref
+def test_layer_norm_with_and_without_residual(N, dtype):
+    from blip2_fast.reference import layer_norm_ref
 
     x, lw, lb, _, _ = _norm_gemm_inputs(9, N, 1, dtype)
     r = torch.randn(9, N, generator=torch.Generator().manual_seed(3)).to(dtype)
-    want = layernorm_ref(x.double(), lw.double(), lb.double(), 1e-5)
-    assert _rel(ops_cpu.layernorm(x, lw, lb, 1e-5), want) <= 2 * _rel(layernorm_ref(x, lw, lb, 1e-5), want) + 1e-6
-    y, s = ops_cpu.layernorm(x, lw, lb, 1e-5, r)
-    y_ref, s_ref = layernorm_ref(x, lw, lb, 1e-5, r)
+    want = layer_norm_ref(x.double(), lw.double(), lb.double(), 1e-5)
+    assert _rel(ops_cpu.layer_norm(x, lw, lb, 1e-5), want) <= 2 * _rel(layer_norm_ref(x, lw, lb, 1e-5), want) + 1e-6
+    y, s = ops_cpu.layer_norm(x, lw, lb, 1e-5, r)
+    y_ref, s_ref = layer_norm_ref(x, lw, lb, 1e-5, r)
     assert torch.equal(s, s_ref)  # the residual sum is rounded once, in x's dtype, as the spec says
-    want = layernorm_ref((x + r).double(), lw.double(), lb.double(), 1e-5)
+    want = layer_norm_ref((x + r).double(), lw.double(), lb.double(), 1e-5)
     assert _rel(y, want) <= 2 * _rel(y_ref, want) + 1e-6
-    assert ops_cpu.layernorm(x, None, None, 1e-5).shape == x.shape  # non-affine (OPT's option)
+    assert ops_cpu.layer_norm(x, None, None, 1e-5).shape == x.shape  # non-affine (OPT's option)
     if dtype == torch.float32:  # the same ops as the reference: identical in fp32
-        assert torch.equal(ops_cpu.layernorm(x, lw, lb, 1e-5), layernorm_ref(x, lw, lb, 1e-5))
+        assert torch.equal(ops_cpu.layer_norm(x, lw, lb, 1e-5), layer_norm_ref(x, lw, lb, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""blip2_fast::paged_attention_cpu, the extension's CPU decode attention (csrc/paged_attention_cpu.cpp):
+"""blip2_fast::paged_attention_cpu_fwd, the extension's CPU decode attention (csrc/paged_attention_cpu.cpp):
 against a float64 run of `paged_attention_ref`, error at most twice the reference's own in the same
 dtype plus a floor; T5's relative bias; strided q; the registry binding it on the CPU; bad input."""
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_registry_binds_it_on_cpu_and_triton_on_cuda(ext):
 def test_opcheck(ext):
     q, kc, vc, bt, sl, rel = make(4, 64, 4, [5, 9], torch.float32, bias=True)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # opcheck compares whole outputs across runs
-    torch.library.opcheck(torch.ops.blip2_fast.paged_attention_cpu.default, (q, kc, vc, bt, sl, 0.125, rel))
+    torch.library.opcheck(torch.ops.blip2_fast.paged_attention_cpu_fwd.default, (q, kc, vc, bt, sl, 0.125, rel))
 
 
 @pytest.mark.parametrize("mutate,match", [

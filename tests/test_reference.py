@@ -84,10 +84,10 @@ def test_paged_attention_ref_and_write_kv_ref():
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_layernorm_ref(residual):
+def test_layer_norm_ref(residual):
     x, w, b = rnd(3, 7, 13), rnd(13), rnd(13)
     r = rnd(3, 7, 13) if residual else None
-    out = ops.get("layernorm")(x, w, b, 1e-5, r)
+    out = ops.get("layer_norm")(x, w, b, 1e-5, r)
     s = x.double() + (r.double() if residual else 0)
     mu = s.mean(-1, keepdim=True)
     var = ((s - mu) ** 2).mean(-1, keepdim=True)
@@ -99,10 +99,10 @@ def test_layernorm_ref(residual):
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_rmsnorm_ref(residual):
+def test_rms_norm_ref(residual):
     x, w = rnd(4, 9), rnd(9)
     r = rnd(4, 9) if residual else None
-    out = ops.get("rmsnorm")(x, w, 1e-6, r)
+    out = ops.get("rms_norm")(x, w, 1e-6, r)
     s = x.double() + (r.double() if residual else 0)
     want = s / torch.sqrt((s ** 2).mean(-1, keepdim=True) + 1e-6) * w.double()
     y = out[0] if residual else out
@@ -128,8 +128,8 @@ def test_linear_gelu_refs(approx):
 
 
 def test_registry():
-    assert set(ops.OP_NAMES) == {"attention", "cross_attention", "paged_attention", "write_kv", "layernorm",
-                                 "rmsnorm", "ln_linear_gelu", "linear_gelu", "linear"}
+    assert set(ops.OP_NAMES) == {"attention", "cross_attention", "paged_attention", "write_kv", "layer_norm",
+                                 "rms_norm", "ln_linear_gelu", "linear_gelu", "linear"}
     with pytest.raises(ValueError, match="unknown op"):
         ops.get("softmax")
     with pytest.raises(ValueError, match="unknown implementation"):

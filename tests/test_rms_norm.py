@@ -1,4 +1,4 @@
-"""T5 RMSNorm (+ fused residual add), kernels/rms_norm.py, against a float64 run of `rmsnorm_ref`.
+"""T5 RMSNorm (+ fused residual add), kernels/rms_norm.py, against a float64 run of `rms_norm_ref`.
 
 Rule: the kernel's max error vs float64 is at most twice eager PyTorch's (the reference run in the
 same dtypes) plus a small floor; the residual sum must equal eager `x + residual` exactly. The
@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from blip2_fast.kernels import rms_norm as RMS  # noqa: E402
-from blip2_fast.reference import rmsnorm_ref  # noqa: E402
+from blip2_fast.reference import rms_norm_ref  # noqa: E402
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # bfloat16 runs on the GPU only: the interpreter truncates float32 -> bfloat16 instead of rounding.
@@ -19,7 +19,7 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
 
 
 def oracle(x, weight, eps):
-    """rmsnorm_ref in float64, keeping the cast of the normalised row to the weight's dtype."""
+    """rms_norm_ref in float64, keeping the cast of the normalised row to the weight's dtype."""
     x64 = x.double()
     y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
     return weight.double() * y.to(weight.dtype).double()
@@ -39,7 +39,7 @@ def check(x, weight, eps=1e-6, residual=None):
     assert not y.isnan().any(), "NaN in output (unwritten element?)"
     ref = oracle(x, weight, eps)
     err = (y.double() - ref).abs().max().item()
-    err_eager = (rmsnorm_ref(x, weight, eps).double() - ref).abs().max().item()
+    err_eager = (rms_norm_ref(x, weight, eps).double() - ref).abs().max().item()
     tol = 2 * err_eager + FLOOR[x.dtype]
     assert err <= tol, f"fast err {err:.3g} > 2 x eager err {err_eager:.3g} + {FLOOR[x.dtype]:.0e} ({x.dtype}, w {weight.dtype}, x {tuple(x.shape)})"
     return out

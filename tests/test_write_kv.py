@@ -79,7 +79,7 @@ def test_validation_names_the_argument():
 
 def test_opcheck_and_compile():
     k, v, kc, vc, slots = make_case(3, 1, 64, 16, 1, torch.float32, torch.float32)
-    torch.library.opcheck(torch.ops.blip2_fast.write_kv.default, (k, v, kc, vc, slots),
+    torch.library.opcheck(torch.ops.blip2_fast.write_kv_fwd.default, (k, v, kc, vc, slots),
                           test_utils=("test_schema", "test_faketensor"))
 
     def step(k, v, kc, vc, slots):

@@ -58,7 +58,7 @@ class OPTBlock(nn.Module):
         return self.fc2(h)
 
     def forward(self, x, meta, cache, eps):
-        ln = self.ops.layernorm
+        ln = self.ops.layer_norm
         n1, n2 = self.ln1, self.ln2
         if self.pre_norm:
             x = x + self.attn(ln(x, n1.weight, n1.bias, eps), meta, cache)
@@ -107,7 +107,7 @@ class OPT(nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk(x, meta, None if caches is None else caches[i], self.EPS)
         if self.final_norm:
-            x = self.ops.layernorm(x, self.lnf.weight, self.lnf.bias, self.EPS)
+            x = self.ops.layer_norm(x, self.lnf.weight, self.lnf.bias, self.EPS)
         return x
 
     def head_input(self, hidden):

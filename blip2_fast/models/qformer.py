@@ -25,7 +25,7 @@ class _AttnOut(nn.Module):
         self.ln_b = take_param(src, p + ".LayerNorm.bias", (cfg.hidden,))
 
     def forward(self, h, residual):
-        return self.ops.layernorm(self.dense(h), self.ln_w, self.ln_b, self.eps, residual)[0]
+        return self.ops.layer_norm(self.dense(h), self.ln_w, self.ln_b, self.eps, residual)[0]
 
 
 class _FFN(nn.Module):
@@ -110,7 +110,7 @@ class QFormer(nn.Module):
         # per layer: K and V as (B, H, N, D) strided views of the one output
         return [(kv[:, :, i, 0].transpose(1, 2), kv[:, :, i, 1].transpose(1, 2)) for i in range(self.n_cross)]
     def forward(self, query_embeds, *, n_query: int, attention_mask=None, image_embeds=None):
-        x = self.ops.layernorm(query_embeds.to(self.ln_w.dtype), self.ln_w, self.ln_b, self.cfg.eps)
+        x = self.ops.layer_norm(query_embeds.to(self.ln_w.dtype), self.ln_w, self.ln_b, self.cfg.eps)
         kvs = self.image_kv(image_embeds) if (image_embeds is not None and n_query > 0 and self.n_cross) else []
         j = 0
         for layer in self.layers:

@@ -167,7 +167,7 @@ class T5(nn.Module):
         Float32 and bfloat16: the fused op. Float16: transformers' mixed precision (module docstring):
         the sum in the wider dtype of the two, clamped if it is float16, normalised, rounded to w's dtype.
         """
-        rms = self.ops.rmsnorm
+        rms = self.ops.rms_norm
         if self.shared.dtype != torch.float16:
             return rms
 

@@ -42,7 +42,7 @@ class VisionBlock(nn.Module):
         B, S, E = x.shape
         H = self.heads
         n1, n2 = self.layer_norm1, self.layer_norm2
-        h = self.ops.layernorm(x, n1.weight, n1.bias, self.eps)
+        h = self.ops.layer_norm(x, n1.weight, n1.bias, self.eps)
         qkv = self.qkv(h).view(B, S, 3, H, E // H)
         # strided views of the fused projection, (B, H, S, D) each: no copies
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
@@ -106,6 +106,6 @@ class VisionEncoder(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         post = self.post_layernorm
-        last = self.ops.layernorm(x, post.weight, post.bias, self.cfg.eps)
-        pooled = self.ops.layernorm(last[:, 0], post.weight, post.bias, self.cfg.eps)
+        last = self.ops.layer_norm(x, post.weight, post.bias, self.cfg.eps)
+        pooled = self.ops.layer_norm(last[:, 0], post.weight, post.bias, self.cfg.eps)
         return last, pooled
