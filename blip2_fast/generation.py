@@ -271,7 +271,10 @@ def load_processor(path):
 
     from transformers import Blip2Processor
 
+    from .files import check_directory_files
+
     path = Path(path)
+    check_directory_files(path)  # transformers would block reading a FIFO named like a tokenizer file
     if not (path / "preprocessor_config.json").exists() and not (path / "processor_config.json").exists():
         raise ValueError(f"{path} has no processor files (preprocessor_config.json, tokenizer files): captioning "
                          "needs the checkpoint's Blip2Processor; save one with processor.save_pretrained(dir)")

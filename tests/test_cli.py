@@ -243,3 +243,46 @@ def test_request_output_copies_carry_text_not_the_tokenizer():
     assert json.loads(json.dumps(dataclasses.asdict(out)))["text"] == "1 2"
     assert RequestOutput("b", [3], [3], True, "stop", "given", None).text == "given"  # constructor unchanged
     assert RequestOutput("b", [3], [3], True).text is None
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_library_processor_load_refuses_a_fifo_without_hanging(demo_dir, tmp_path):
+    """The library's own processor loading (caption() after a load, the server) checks the directory
+    as the CLI does: a FIFO named like a tokenizer file is a CheckpointError, not a hang."""
+    import os
+    import subprocess
+    import sys
+
+    d = tmp_path / "fifo-ckpt"
+    d.mkdir()
+    for f in demo_dir.iterdir():
+        (d / f.name).symlink_to(f)
+    tok = next(f.name for f in demo_dir.iterdir() if f.name.startswith("tokenizer"))
+    (d / tok).unlink()
+    os.mkfifo(d / tok)
+    code = ("import blip2_fast\nfrom blip2_fast.demo import sample_image\n"
+            f"m = blip2_fast.load({str(d)!r}, backend='reference')\n"
+            "try:\n    m.caption(sample_image(), max_new_tokens=2)\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("CheckpointError") and tok in r.stdout and "FIFO" in r.stdout, r.stdout
+
+
+def test_engine_image_requests_apply_the_pixel_limit(demo_dir, monkeypatch):
+    """Engine.add_request(image=...) refuses an image over the pixel limit (from its header, before
+    decoding) and one not in an 8-bit mode, as caption() does."""
+    from PIL import Image
+
+    from blip2_fast import images
+    from blip2_fast.engine import Engine
+
+    m = blip2_fast.load(demo_dir, backend="reference")
+    eng = Engine(m, max_num_seqs=2)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(ValueError, match="pixel"):
+        eng.add_request("big", image=Image.new("RGB", (101, 100)), prompt="a photo of")
+    with pytest.raises(ValueError, match="mode 'F'"):
+        eng.add_request("float", image=Image.new("F", (8, 8)), prompt="a photo of")
+    eng.add_request("ok", image=Image.new("RGB", (100, 100)), prompt="a photo of")  # at the limit: admitted
+    assert not eng.stats().num_running and eng.has_unfinished()

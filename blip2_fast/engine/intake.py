@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ..images import check_image
 from .limits import to_pixels
 from .params import SamplingParams, check_bool, check_ids
 from .runner import image_digest
@@ -34,6 +35,7 @@ def new_request(eng, request_id, pixel_values, image, prompt, sampling, interp, 
     if (pixel_values is None) == (image is None):
         raise ValueError("give exactly one of pixel_values (a [3, H, W] tensor) or image (a PIL image)")
     if image is not None:
+        check_image(image)  # over the pixel limit, empty, or not 8-bit: refused before it is decoded
         pixel_values = model.processor().image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
     px = to_pixels(model, pixel_values, batched=False, device=None, interpolate=interp)  # our own copy
     prompt_ids = _prompt_ids(eng, prompt)
