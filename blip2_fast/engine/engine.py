@@ -87,8 +87,14 @@ class Engine:
                 num_blocks = profile_kv_blocks(model, util, per_block, self.max_model_len,
                                                self.max_num_batched_tokens, self.max_num_seqs)
             else:
-                # an explicit max_num_seqs above 16 still gets a block per sequence
-                num_blocks = max(per_seq * min(self.max_num_seqs, 16) + 1, self.max_num_seqs)
+                num_blocks = per_seq * min(self.max_num_seqs, 16) + 1
+                if self.max_num_seqs > num_blocks:  # an explicit max_num_seqs still gets a block per sequence
+                    num_blocks = self.max_num_seqs
+                    if num_blocks * per_block > available_memory(model.device):
+                        raise ValueError(
+                            f"max_num_seqs={self.max_num_seqs} needs a KV pool of at least {num_blocks} blocks "
+                            f"({format_bytes(num_blocks * per_block)}): more than the "
+                            f"{format_bytes(available_memory(model.device))} of memory available on {model.device}")
         else:
             num_blocks = check_int("num_blocks", num_blocks, 2)
         if not explicit_seqs:  # the default: no more sequences than the pool can hold
