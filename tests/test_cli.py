@@ -125,19 +125,26 @@ def test_cli_user_errors_are_one_line(demo_dir, tmp_path):
     assert "layer_norm_eps" in line and "config.json" in line
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs (POSIX)")
-def test_cli_fifo_in_the_checkpoint_is_one_line_not_a_hang(demo_dir, tmp_path):
+def _fifo_checkpoint(demo_dir, tmp_path):
+    """The demo checkpoint (linked file by file) with one tokenizer file replaced by a FIFO that no
+    writer ever opens: transformers reads the processor's files unchecked and would block on it."""
     import os
 
-    good = tmp_path / "x.png"
-    sample_image().save(good)
     d = tmp_path / "fifo-ckpt"
     d.mkdir()
     for f in demo_dir.iterdir():
         (d / f.name).symlink_to(f)
     tok = next(f.name for f in demo_dir.iterdir() if f.name.startswith("tokenizer"))
     (d / tok).unlink()
-    os.mkfifo(d / tok)  # the processor's files are read by transformers, which would block on it
+    os.mkfifo(d / tok)
+    return d, tok
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_cli_fifo_in_the_checkpoint_is_one_line_not_a_hang(demo_dir, tmp_path):
+    good = tmp_path / "x.png"
+    sample_image().save(good)
+    d, tok = _fifo_checkpoint(demo_dir, tmp_path)
     line = _one_line_error(_cli("caption", good, "--model", d, timeout=120), 1)
     assert tok in line and "FIFO" in line
 
@@ -253,13 +260,7 @@ def test_library_processor_load_refuses_a_fifo_without_hanging(demo_dir, tmp_pat
     import subprocess
     import sys
 
-    d = tmp_path / "fifo-ckpt"
-    d.mkdir()
-    for f in demo_dir.iterdir():
-        (d / f.name).symlink_to(f)
-    tok = next(f.name for f in demo_dir.iterdir() if f.name.startswith("tokenizer"))
-    (d / tok).unlink()
-    os.mkfifo(d / tok)
+    d, tok = _fifo_checkpoint(demo_dir, tmp_path)
     code = ("import blip2_fast\nfrom blip2_fast.demo import sample_image\n"
             f"m = blip2_fast.load({str(d)!r}, backend='reference')\n"
             "try:\n    m.caption(sample_image(), max_new_tokens=2)\n"
