@@ -256,7 +256,6 @@ def test_request_output_copies_carry_text_not_the_tokenizer():
 def test_library_processor_load_refuses_a_fifo_without_hanging(demo_dir, tmp_path):
     """The library's own processor loading (caption() after a load, the server) checks the directory
     as the CLI does: a FIFO named like a tokenizer file is a CheckpointError, not a hang."""
-    import os
     import subprocess
     import sys
 
