@@ -139,11 +139,12 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
     _warn_unused(src, cfg)
     if getattr(src, "progress", None) is not None:
         src.progress.close()
-    model.generation_defaults = _generation_defaults(source, source_dir, cfg)
+    model.generation_defaults, model._generation_file = _generation_defaults(source, source_dir, cfg, with_file=True)
+    model._hf_config_source = source.config if source_dir is None else read_json(source_dir / "config.json", "config.json")
     return model
 
 
-def _generation_defaults(source, source_dir, cfg) -> dict:
+def _generation_defaults(source, source_dir, cfg, with_file: bool = False):
     """eos/pad/bos ids and length defaults from generation_config.json or the text config; the file's
     values are checked here, where the file can be named, not later in every generate() call."""
     d = {}
@@ -168,7 +169,27 @@ def _generation_defaults(source, source_dir, cfg) -> dict:
             d[k] = _check_gen_field(where, k, gen[k], None if lm is None else lm.vocab)
     if d.get("do_sample") and "temperature" in d and not d["temperature"] > 0:
         raise CheckpointError(f"{where}: temperature must be > 0 with do_sample=true, got {d['temperature']!r}")
-    return d
+    if not with_file:
+        return d
+    gen = dict(gen or {})
+    _warn_unimplemented(where, gen)
+    return d, gen
+
+
+def _warn_unimplemented(where, gen: dict) -> None:
+    """generation_config.json fields generate() does not implement are ignored, said once here
+    (transformers would apply them)."""
+    import warnings
+
+    from .generation import _GEN_KEYS, _META_KEYS, _global_defaults
+
+    defaults = _global_defaults()
+    odd = [k for k, v in gen.items() if k not in _GEN_KEYS and k not in _META_KEYS and v is not None
+           and not (k in defaults and defaults[k] == v) and k not in ("output_scores", "return_dict_in_generate",
+                                                                      "output_logits")]
+    if odd:
+        warnings.warn(f"blip2_fast: {where} sets {', '.join(sorted(odd))}, which generate() does not implement; "
+                      "ignored", UserWarning, stacklevel=4)
 
 
 # field -> (kind, lower bound): what transformers' GenerationConfig documents for each

@@ -89,6 +89,59 @@ class Blip2(nn.Module):
         self.itm_head = Linear.load(src, "itm_head", 2, Hq) if src.has("itm_head.weight") else None
         self._processor = None
         self._generate_engines = None  # generate()'s idle engines (blip2_fast.generation.EnginePool), made on first use
+        self._hf_config = None  # transformers' Blip2Config, made on first read of `config` ...
+        self._hf_config_source = None  # ... from this: a config.json dict, or a live model's config (set by load())
+        self._generation_config = None
+        self._generation_file: dict = {}  # generation_config.json as read (load()), every field
+        self.generation_defaults: dict = {}  # eos/pad/bos ids and the checkpoint's generation_config.json values (load())
+
+    @property
+    def config(self):
+        """The checkpoint's transformers `Blip2Config` (as `Blip2ForConditionalGeneration.config`), made
+        on first read. blip2_fast itself runs on its own checked config (`model.cfg`)."""
+        if self._hf_config is None:
+            import copy
+
+            from transformers import Blip2Config, PretrainedConfig
+
+            src = self._hf_config_source
+            if isinstance(src, PretrainedConfig):
+                self._hf_config = copy.deepcopy(src)
+            elif isinstance(src, dict):
+                self._hf_config = Blip2Config.from_dict(copy.deepcopy(src))
+            else:
+                raise AttributeError("this model was not loaded from a checkpoint, so it has no transformers config")
+        return self._hf_config
+
+    @property
+    def generation_config(self):
+        """The checkpoint's generation_config.json as a transformers `GenerationConfig` (or one made
+        from the text config's token ids when there is none), as on transformers' models: generate()
+        starts from it, and changes made to it apply to later calls."""
+        if self._generation_config is None:
+            from transformers import GenerationConfig
+
+            d = {k: v for k, v in self._generation_file.items() if k not in ("transformers_version", "_from_model_config")}
+            d.update(self.generation_defaults)
+            self._generation_config = GenerationConfig.from_dict(d)
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value):
+        from transformers import GenerationConfig
+
+        if not isinstance(value, GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(value).__name__}")
+        self._generation_config = value
+
+    def eval(self):
+        """A no-op returning the model (it is always in inference mode), as transformers code calls it."""
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise TypeError("a blip2_fast model runs inference only: it cannot be put in training mode")
+        return self
 
     def processor(self):
         """The checkpoint's Blip2Processor (tokenizer + image processor), loaded once."""
