@@ -294,7 +294,9 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
     eng = pool.acquire(n_seqs, n_blocks, max_len)
     try:
         if streamer is not None:
-            first = out_prefix if out_prefix is not None else torch.tensor([[defaults.get("decoder_start_token_id", 0)]])
+            # transformers first hands over the decoder's input: the prompt (OPT) or the start token (T5)
+            t5 = model.is_encoder_decoder
+            first = torch.tensor([[defaults.get("decoder_start_token_id", 0)]]) if t5 else out_prefix
             streamer.put(first.cpu())
         final = _run(eng, px, rows, p, n_ret, interp, streamer)
     finally:
