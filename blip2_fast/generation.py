@@ -428,8 +428,10 @@ def caption(model, images, prompt=None, **gen):
 def answer(model, images, questions, **gen):
     images = _images(images)
     questions = [questions] if isinstance(questions, str) else _texts(questions, "questions")
+    if len(questions) == 1:  # one question about every image
+        questions = questions * len(images)
     if len(questions) != len(images):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        raise ValueError(f"{len(images)} images but {len(questions)} questions (give one question, or one per image)")
     proc = processor_for(model)
     prompts = [q if q.strip().startswith("Question:") else f"Question: {q} Answer:" for q in questions]
     return _run_prompts(model, proc, images, prompts, gen)

@@ -367,13 +367,16 @@ class Blip2(nn.Module):
         return generate(self, pixel_values, input_ids, attention_mask, interpolate_pos_encoding, **kwargs)
 
     def caption(self, images, prompt=None, **gen):
-        """Caption PIL images (one or a list) with the checkpoint's processor; returns a list of strings."""
+        """Caption images with the checkpoint's processor; returns a list of strings. images: one or a
+        list of PIL images, paths (str / Path), HWC uint8 arrays or CHW tensors (uint8, or float in [0, 1])."""
         from .generation import caption
 
         return caption(self, images, prompt, **gen)
 
     def answer(self, images, questions, **gen):
-        """Answer a question about each image ("Question: ... Answer:" prompts); returns strings."""
+        """Answer a question about each image ("Question: ... Answer:" prompts); returns strings.
+        images: as caption(); questions: one string (or a one-element list), asked of every image, or
+        one per image."""
         from .generation import answer
 
         return answer(self, images, questions, **gen)

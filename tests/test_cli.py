@@ -31,8 +31,12 @@ def test_caption_and_answer(demo_dir):
     assert m.caption(img, prompt="a photo of", max_new_tokens=5) == [want]
     ans = m.answer([img], ["what is this?"], max_new_tokens=4)
     assert len(ans) == 1
+    # one question is asked of every image (the README's `model.answer(pil_images, ["what is shown?"])`)
+    two = m.answer([img, img.resize((100, 60))], ["what is this?"], max_new_tokens=4)
+    assert two == m.answer([img, img.resize((100, 60))], ["what is this?"] * 2, max_new_tokens=4)
+    assert two == m.answer([img, img.resize((100, 60))], "what is this?", max_new_tokens=4)
     with pytest.raises(ValueError, match="questions"):
-        m.answer([img, img], ["one question"])
+        m.answer([img, img, img], ["one question", "two"])
     with pytest.raises(TypeError, match="PIL image, a path"):
         m.caption({"image": img})
     with pytest.raises(ValueError, match="C = 1, 3 or 4"):
