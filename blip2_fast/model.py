@@ -357,10 +357,15 @@ class Blip2(nn.Module):
 
         Accepts transformers' arguments: max_new_tokens, max_length, min_new_tokens, do_sample,
         temperature, top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping,
-        eos_token_id, pad_token_id, num_return_sequences (best beams, or independent samples), and
-        `generator` / `seed` for reproducible sampling. Returns token
-        ids [B, L] like transformers: for OPT the prompt ids followed by the new tokens, for T5 the
-        decoder start token followed by the new tokens; rows are padded with pad_token_id.
+        eos_token_id, pad_token_id, num_return_sequences (best beams, or independent samples),
+        no_repeat_ngram_size, bad_words_ids, suppress_tokens, `generator` / `seed` for reproducible
+        sampling; `generation_config=` (merged as transformers merges it, over
+        `model.generation_config`), `streamer=`, `logits_processor=` / `stopping_criteria=` lists
+        (run on the host: slower), and `return_dict_in_generate` with `output_scores` /
+        `output_logits` (transformers' output classes). Another transformers argument set to
+        anything but its default is a ValueError naming it. Returns token ids [B, L] like
+        transformers: for OPT the prompt ids followed by the new tokens, for T5 the decoder start
+        token followed by the new tokens; rows are padded with pad_token_id.
         """
         from .generation import generate
 
