@@ -201,7 +201,8 @@ def merged_arguments(model, generation_config, kw: dict) -> dict:
                              f"{', '.join(sorted((_GEN_KEYS | _CALL_KEYS) - {'seed', 'generator'}))}); "
                              f"remove it{' from model.generation_config' if k not in kw else ''}")
         else:
-            raise TypeError(f"generate() got an unexpected keyword argument {k!r}")
+            raise TypeError(f"generate() got an unsupported keyword argument {k!r} (not a transformers generation "
+                            "argument either)")
     return out
 
 
