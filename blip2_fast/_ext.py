@@ -177,6 +177,35 @@ def _build_one(cuda: bool, force: bool, verbose: bool) -> str:
     raise AssertionError("unreachable")
 
 
+build_seconds = 0.0  # wall time this process spent building the extension (the demo reports it apart from load time)
+
+
+class _Progress:
+    """While a build runs: its elapsed time and the sources compiled so far (ninja's object files
+    in the build directory), on stderr: one line rewritten in place on a terminal, else a line
+    every 10 s."""
+
+    def __init__(self, d: Path, n_sources: int):
+        self.d, self.n, self.t0 = d, n_sources, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        every = 1.0 if self.tty else 10.0
+        while not self.done.wait(every):
+            n = min(sum(1 for _ in self.d.glob("*.o")), self.n)
+            line = f"blip2_fast:   compiling {n}/{self.n} sources, {time.perf_counter() - self.t0:.0f} s"
+            print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        if self.tty and time.perf_counter() - self.t0 >= 1.0:
+            print(file=sys.stderr, flush=True)
+
+
 def _build_variant(cuda: bool, openmp: bool, force: bool, verbose: bool, note: str | None = None) -> str:
     name, sources, cflags, cuda_cflags, ldflags = _config(cuda, openmp)
     d = _build_dir(name, sources, cflags, cuda_cflags, ldflags)
@@ -202,6 +231,7 @@ def _build_variant(cuda: bool, openmp: bool, force: bool, verbose: bool, note: s
             # marked failed until it succeeds: a build killed midway (a timeout, Ctrl-C) is then reported
             # once instead of being retried by every later process; `build-ext` retries it
             failed.write_text(_INTERRUPTED)
+            ticker = _Progress(d, len(sources))
             try:
                 cpp_extension.load(name, sources, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
                                    extra_ldflags=ldflags,
@@ -209,7 +239,13 @@ def _build_variant(cuda: bool, openmp: bool, force: bool, verbose: bool, note: s
             except Exception as e:
                 failed.write_text(f"{type(e).__name__}: {e}")
                 raise _BuildError(failed.read_text(), d) from e
-            ok.write_text(f"built in {time.perf_counter() - t0:.1f} s with torch {torch.__version__}\n")
+            finally:
+                ticker.stop()
+                global build_seconds
+                build_seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            ok.write_text(f"built in {took:.1f} s with torch {torch.__version__}\n")
+            print(f"blip2_fast: extension built in {took:.1f} s", file=sys.stderr, flush=True)
             failed.unlink(missing_ok=True)
             return str(lib)
     torch.ops.load_library(str(lib))

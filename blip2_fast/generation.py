@@ -22,7 +22,12 @@ from .engine.runner import ModelRunner
 _GEN_KEYS = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_beams", "length_penalty", "early_stopping", "eos_token_id",
              "pad_token_id", "seed", "generator", "num_return_sequences", "use_cache", "bos_token_id",
-             "decoder_start_token_id"}
+             "decoder_start_token_id", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens"}
+# generate()'s own arguments beyond the sampling ones (popped before `_params`)
+_CALL_KEYS = {"generation_config", "streamer", "logits_processor", "stopping_criteria", "return_dict_in_generate",
+              "output_scores", "output_logits"}
+# GenerationConfig bookkeeping, never a generation setting
+_META_KEYS = {"transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash"}
 _BLOCK_SIZE = 16  # the engine's default
 
 
@@ -94,12 +99,17 @@ def _params(model, kw: dict, prompt_len: int) -> SamplingParams:
     if not min_new and given.get("min_length"):
         min_new = max(given["min_length"] - dec_prompt, 0)
     eos = d.get("eos_token_id")
+    for k in ("bad_words_ids", "suppress_tokens"):  # ids in the vocabulary, checked by name
+        if given.get(k) is not None:
+            SamplingParams(**{k: given[k]}).validate(vocab)
     p = SamplingParams(
         max_new_tokens=max_new, min_new_tokens=min(min_new, max_new), do_sample=d.get("do_sample", False),
         temperature=d.get("temperature", 1.0), top_k=d.get("top_k", 50), top_p=d.get("top_p", 1.0),
         repetition_penalty=d.get("repetition_penalty", 1.0), num_beams=d.get("num_beams", 1),
         length_penalty=d.get("length_penalty", 1.0), early_stopping=d.get("early_stopping", False),
-        seed=given.get("seed"), stop_token_ids=None if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+        seed=given.get("seed"), stop_token_ids=None if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        no_repeat_ngram_size=d.get("no_repeat_ngram_size") or 0, bad_words_ids=d.get("bad_words_ids"),
+        suppress_tokens=d.get("suppress_tokens"))
     p.validate(vocab if "eos_token_id" in given else None)  # the checkpoint's own eos ids are trusted
     return p
 
@@ -155,12 +165,73 @@ def _check_size(model, B: int, p: SamplingParams, n_ret: int, prompt_len: int) -
     return max(n_seqs, 8), max(need, 64), max_len
 
 
+def merged_arguments(model, generation_config, kw: dict) -> dict:
+    """generate()'s keyword arguments merged as transformers merges them: the fields set on
+    `generation_config` (a GenerationConfig) over `model.generation_config`'s, the keyword arguments
+    over both. Fields left at transformers' defaults are dropped; a field we do not implement, set
+    to anything else, is a ValueError naming it; a name transformers does not know, a TypeError."""
+    from transformers import GenerationConfig
+
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(generation_config).__name__}")
+    loaded = getattr(model, "generation_defaults", {})
+    given = {}
+    base = getattr(model, "generation_config", None)
+    if base is not None:  # what the caller changed on model.generation_config (the loaded values are defaults)
+        file = getattr(model, "_generation_file", {})
+        for k, v in base.to_diff_dict().items():
+            if k in _META_KEYS or (k in loaded and loaded[k] == v):
+                continue
+            if k not in _GEN_KEYS and file.get(k) == v:
+                continue  # a generation_config.json field we do not implement: load() warned
+            given[k] = v
+    if generation_config is not None:
+        given.update({k: v for k, v in generation_config.to_diff_dict().items() if k not in _META_KEYS})
+    given.update(kw)
+    defaults = _global_defaults()
+    fields = set(GenerationConfig().to_dict())
+    out = {}
+    for k, v in given.items():
+        if k in _GEN_KEYS or k in _CALL_KEYS:
+            out[k] = v
+        elif k in fields:
+            if v is None or (k in defaults and _same(v, defaults[k])) or (k not in defaults and v is False):
+                continue  # a default that changes nothing
+            raise ValueError(f"generate() does not support transformers' {k}={v!r} (supported: "
+                             f"{', '.join(sorted((_GEN_KEYS | _CALL_KEYS) - {'seed', 'generator'}))}); "
+                             f"remove it{' from model.generation_config' if k not in kw else ''}")
+        else:
+            raise TypeError(f"generate() got an unsupported keyword argument {k!r} (not a transformers generation "
+                            "argument either)")
+    return out
+
+
+def _same(a, b) -> bool:
+    try:
+        return isinstance(a, bool) == isinstance(b, bool) and bool(a == b)
+    except Exception:  # e.g. a tensor against a number
+        return False
+
+
+def _global_defaults() -> dict:
+    from transformers import GenerationConfig
+
+    get = getattr(GenerationConfig, "_get_default_generation_params", None)
+    d = dict(get()) if get is not None else {}
+    d.update({"output_attentions": False, "output_hidden_states": False, "renormalize_logits": False,
+              "token_healing": False, "is_assistant": False, "low_memory": None, "disable_compile": False})
+    return d
+
+
 @torch.inference_mode()
 def generate(model, pixel_values, input_ids=None, attention_mask=None, interpolate_pos_encoding=False, **kw):
     if model.lm is None:
         raise ValueError(f"a {model.architecture} checkpoint has no language model to generate with")
     if pixel_values is None:
         raise ValueError("generate needs pixel_values")
+    kw = merged_arguments(model, kw.pop("generation_config", None), kw)
+    streamer = kw.pop("streamer", None)
+    host = _host_arguments(kw)
     interp = check_bool("interpolate_pos_encoding", interpolate_pos_encoding)
     px = to_pixels(model, pixel_values, batched=True, device=model.device, interpolate=interp)
     B = px.shape[0]
@@ -196,6 +267,9 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
     n_ret = kw.pop("num_return_sequences", None)
     n_ret = 1 if n_ret is None else check_int("num_return_sequences", n_ret, 1)
     p = _params(model, kw, input_ids.shape[1] if input_ids is not None else 0)
+    p.logits_processors, p.stopping_criteria = host["logits_processor"], host["stopping_criteria"]
+    p.output_scores, p.output_logits = host["scores"], host["logits"]
+    p.validate(None)  # the callables' types; the ids were checked by _params
     if p.num_beams > 1:
         if n_ret > p.num_beams:
             raise ValueError(f"num_return_sequences={n_ret} exceeds num_beams={p.num_beams}")
@@ -203,6 +277,15 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
     elif n_ret > 1 and not p.do_sample:
         raise ValueError("num_return_sequences > 1 needs do_sample=True or num_beams >= num_return_sequences "
                          "(greedy decoding would return the same sequence)")
+    if streamer is not None:
+        if p.num_beams > 1:
+            raise ValueError("streamer cannot be used with beam search (as in transformers): set num_beams=1")
+        if B * n_ret != 1:
+            raise ValueError(f"streamer needs a batch of one sequence, as transformers' streamers; got {B} rows x "
+                             f"num_return_sequences={n_ret}")
+        if not callable(getattr(streamer, "put", None)) or not callable(getattr(streamer, "end", None)):
+            raise TypeError(f"streamer must have put(token_ids) and end() (a transformers streamer), got "
+                            f"{type(streamer).__name__}")
     if generator is not None and p.do_sample:
         p.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     Q, img = model.cfg.num_query_tokens, model.cfg.image_token_id
@@ -211,16 +294,24 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
     pool = _pool(model)
     eng = pool.acquire(n_seqs, n_blocks, max_len)
     try:
-        final = _run(eng, px, rows, p, n_ret, interp)
+        if streamer is not None:
+            # transformers first hands over the decoder's input: the prompt (OPT) or the start token (T5)
+            t5 = model.is_encoder_decoder
+            first = torch.tensor([[defaults.get("decoder_start_token_id", 0)]]) if t5 else out_prefix
+            streamer.put(first.cpu())
+        final = _run(eng, px, rows, p, n_ret, interp, streamer)
     finally:
         pool.release(eng)
-    outs = []
+        if streamer is not None:
+            streamer.end()  # also after a failure: a TextIteratorStreamer's reader must not wait forever
+    outs, finals = [], []
     n_samples = n_ret if p.num_beams == 1 else 1
     for i in range(B):
         for j in range(n_samples):
             o = final[("generate", i, j)]
             if o.finish_reason == "error":
                 raise RuntimeError(f"generation failed for row {i}: {o.error}")
+            finals.append(o)
         if p.num_beams > 1:
             outs += final[("generate", i, 0)].candidates
         else:
@@ -240,11 +331,32 @@ def generate(model, pixel_values, input_ids=None, attention_mask=None, interpola
         gen[i, : len(o)] = torch.tensor(o, dtype=torch.long)
     if model.is_encoder_decoder:
         start = defaults.get("decoder_start_token_id", 0)
-        return torch.cat([torch.full((B, 1), start, dtype=torch.long), gen], 1).to(model.device)
-    return torch.cat([out_prefix, gen], 1).to(model.device)
+        seqs = torch.cat([torch.full((B, 1), start, dtype=torch.long), gen], 1).to(model.device)
+    else:
+        seqs = torch.cat([out_prefix, gen], 1).to(model.device)
+    if not host["return_dict"]:
+        return seqs
+    from .generate_output import generate_output
+
+    return generate_output(model, seqs, finals, p, pad, n)
 
 
-def _run(eng: Engine, px: torch.Tensor, rows: list, p: SamplingParams, n_ret: int, interp: bool) -> dict:
+def _host_arguments(kw: dict) -> dict:
+    """generate()'s arguments that are not sampling settings, popped from `kw` and checked."""
+    out = {}
+    for k, name in (("return_dict", "return_dict_in_generate"), ("scores", "output_scores"), ("logits", "output_logits")):
+        v = kw.pop(name, None)
+        out[k] = False if v is None else check_bool(name, v)
+    for k in ("logits_processor", "stopping_criteria"):
+        v = kw.pop(k, None)
+        out[k] = () if v is None else v
+    if (out["scores"] or out["logits"]) and not out["return_dict"]:
+        out["scores"] = out["logits"] = False  # transformers keeps them only for return_dict_in_generate
+    return out
+
+
+def _run(eng: Engine, px: torch.Tensor, rows: list, p: SamplingParams, n_ret: int, interp: bool,
+         streamer=None) -> dict:
     # several samples per row are several requests (they share the prompt's KV blocks); several beams
     # come back as one request's candidates
     n_samples = n_ret if p.num_beams == 1 else 1
@@ -257,7 +369,16 @@ def _run(eng: Engine, px: torch.Tensor, rows: list, p: SamplingParams, n_ret: in
                 pi.seed = int(torch.randint(0, 2**62, (1,)))  # drawn from the global RNG: torch.manual_seed reproduces
             eng.add_request(("generate", i, j), pixel_values=px[i], prompt=rows[i], sampling=pi,
                             interpolate_pos_encoding=interp)
-    return eng.run()
+    if streamer is None:
+        return eng.run()
+    final = {}
+    while eng.has_unfinished():  # each step's new token goes to the streamer as the engine makes it
+        for o in eng.step():
+            for t in o.new_token_ids:
+                streamer.put(torch.tensor([t]))
+            if o.finished:
+                final[o.request_id] = o
+    return final
 
 
 def processor_for(model):
@@ -311,8 +432,10 @@ def caption(model, images, prompt=None, **gen):
 def answer(model, images, questions, **gen):
     images = _images(images)
     questions = [questions] if isinstance(questions, str) else _texts(questions, "questions")
+    if len(questions) == 1:  # one question about every image
+        questions = questions * len(images)
     if len(questions) != len(images):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        raise ValueError(f"{len(images)} images but {len(questions)} questions (give one question, or one per image)")
     proc = processor_for(model)
     prompts = [q if q.strip().startswith("Question:") else f"Question: {q} Answer:" for q in questions]
     return _run_prompts(model, proc, images, prompts, gen)

@@ -79,8 +79,51 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0].rstrip(". ")
 
 
-def load(source, *, device=None, dtype=None, backend: str | None = None, ops: dict | None = None,
-         progress: bool = True) -> Blip2:
+def _device_from_map(device_map, device):
+    """transformers' `device_map` for one device -> a `device` argument (or None: the default)."""
+    if device_map is None:
+        return device
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ValueError("device_map is an empty dict; use {'': device} to place the whole model")
+        places = {str(torch.device(v if not isinstance(v, int) or isinstance(v, bool) else f"cuda:{v}"))
+                  if not (isinstance(v, str) and v in ("cpu", "disk", "meta")) else v for v in device_map.values()}
+        if len(places) > 1:
+            raise ValueError(f"device_map places modules on {len(places)} devices ({', '.join(sorted(places))}): "
+                             "blip2_fast runs a model on one device; pass device_map={'': device} or device=")
+        (only,) = places
+        if only in ("disk", "meta"):
+            raise ValueError(f"device_map {only!r} is not supported: blip2_fast keeps the weights on one device")
+        mapped = only
+    elif isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        mapped = None  # one device: the default (the GPU when there is one)
+    elif isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
+        mapped = device_map
+    else:
+        raise TypeError(f"device_map must be 'auto', a device (str, int, torch.device) or {{'': device}}, "
+                        f"got {type(device_map).__name__}")
+    if isinstance(mapped, int):
+        mapped = f"cuda:{mapped}"
+    if device is not None and mapped is not None and torch.device(device) != torch.device(mapped):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    return device if mapped is None else mapped
+
+
+def _checkpoint_dtype(source):
+    """The dtype a checkpoint was saved in (config.json's torch_dtype / dtype), or None."""
+    if isinstance(source, torch.nn.Module):
+        return next((p.dtype for p in source.parameters() if p.is_floating_point()), None)
+    try:
+        path = Path(os.fspath(source)).expanduser()
+        raw = read_json(path / "config.json", "config.json") if (path / "config.json").is_file() else {}
+    except (TypeError, ValueError, OSError):
+        return None  # load() reports what is wrong with the checkpoint itself
+    name = raw.get("torch_dtype", raw.get("dtype")) if isinstance(raw, dict) else None
+    return _DTYPES.get(name) if isinstance(name, str) else None
+
+
+def load(source, *, device=None, dtype=None, torch_dtype=None, device_map=None, backend: str | None = None,
+         ops: dict | None = None, progress: bool = True) -> Blip2:
     """Load a BLIP-2 model onto blip2_fast's runtime.
 
     source: a checkpoint directory (config.json + model.safetensors, a sharded
@@ -88,7 +131,11 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
         (fetched with huggingface_hub when online), or a live transformers `Blip2ForConditionalGeneration`,
         `Blip2Model`, `Blip2ForImageTextRetrieval`, `Blip2VisionModelWithProjection` or
         `Blip2TextModelWithProjection` (its state dict is used; it is not modified).
-    device / dtype: default cuda + bfloat16 when a GPU is available, else cpu + float32. With
+    device / dtype: default cuda + bfloat16 when a GPU is available, else cpu + float32.
+        dtype="auto": the checkpoint's own torch_dtype (config.json), else that default.
+        `torch_dtype=` is transformers' spelling of dtype=; `device_map=` places the model on one
+        device as transformers would ("auto", "cuda", "cuda:1", "cpu", 0, {"": 0}); a map over
+        several devices raises (one device is supported). With
         float16 the Q-Former and its query tokens stay in float32, as transformers keeps them
         (`model.qformer_dtype`); its output is cast to float16 before the projections. A float16
         Flan-T5 keeps each feed-forward's `wo` in float32 and clamps overflowing float16 states,
@@ -103,6 +150,15 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
     not match the config; UnsupportedModelError for a model blip2_fast does not run; ValueError /
     TypeError for bad arguments. Nothing is unpickled (see the README's "Untrusted checkpoints").
     """
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
+        dtype = torch_dtype
+    device = _device_from_map(device_map, device)
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = _checkpoint_dtype(source)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = None  # not saved with one we run: the default for the device
     device, dtype = _resolve_device_dtype(device, dtype)
     bound = _ops.bind(backend, ops, device)
     source_dir = None
@@ -139,11 +195,12 @@ def load(source, *, device=None, dtype=None, backend: str | None = None, ops: di
     _warn_unused(src, cfg)
     if getattr(src, "progress", None) is not None:
         src.progress.close()
-    model.generation_defaults = _generation_defaults(source, source_dir, cfg)
+    model.generation_defaults, model._generation_file = _generation_defaults(source, source_dir, cfg, with_file=True)
+    model._hf_config_source = source.config if source_dir is None else read_json(source_dir / "config.json", "config.json")
     return model
 
 
-def _generation_defaults(source, source_dir, cfg) -> dict:
+def _generation_defaults(source, source_dir, cfg, with_file: bool = False):
     """eos/pad/bos ids and length defaults from generation_config.json or the text config; the file's
     values are checked here, where the file can be named, not later in every generate() call."""
     d = {}
@@ -168,7 +225,27 @@ def _generation_defaults(source, source_dir, cfg) -> dict:
             d[k] = _check_gen_field(where, k, gen[k], None if lm is None else lm.vocab)
     if d.get("do_sample") and "temperature" in d and not d["temperature"] > 0:
         raise CheckpointError(f"{where}: temperature must be > 0 with do_sample=true, got {d['temperature']!r}")
-    return d
+    if not with_file:
+        return d
+    gen = dict(gen or {})
+    _warn_unimplemented(where, gen)
+    return d, gen
+
+
+def _warn_unimplemented(where, gen: dict) -> None:
+    """generation_config.json fields generate() does not implement are ignored, said once here
+    (transformers would apply them)."""
+    import warnings
+
+    from .generation import _GEN_KEYS, _META_KEYS, _global_defaults
+
+    defaults = _global_defaults()
+    odd = [k for k, v in gen.items() if k not in _GEN_KEYS and k not in _META_KEYS and v is not None
+           and not (k in defaults and defaults[k] == v) and k not in ("output_scores", "return_dict_in_generate",
+                                                                      "output_logits")]
+    if odd:
+        warnings.warn(f"blip2_fast: {where} sets {', '.join(sorted(odd))}, which generate() does not implement; "
+                      "ignored", UserWarning, stacklevel=4)
 
 
 # field -> (kind, lower bound): what transformers' GenerationConfig documents for each

@@ -89,6 +89,59 @@ class Blip2(nn.Module):
         self.itm_head = Linear.load(src, "itm_head", 2, Hq) if src.has("itm_head.weight") else None
         self._processor = None
         self._generate_engines = None  # generate()'s idle engines (blip2_fast.generation.EnginePool), made on first use
+        self._hf_config = None  # transformers' Blip2Config, made on first read of `config` ...
+        self._hf_config_source = None  # ... from this: a config.json dict, or a live model's config (set by load())
+        self._generation_config = None
+        self._generation_file: dict = {}  # generation_config.json as read (load()), every field
+        self.generation_defaults: dict = {}  # eos/pad/bos ids and the checkpoint's generation_config.json values (load())
+
+    @property
+    def config(self):
+        """The checkpoint's transformers `Blip2Config` (as `Blip2ForConditionalGeneration.config`), made
+        on first read. blip2_fast itself runs on its own checked config (`model.cfg`)."""
+        if self._hf_config is None:
+            import copy
+
+            from transformers import Blip2Config, PretrainedConfig
+
+            src = self._hf_config_source
+            if isinstance(src, PretrainedConfig):
+                self._hf_config = copy.deepcopy(src)
+            elif isinstance(src, dict):
+                self._hf_config = Blip2Config.from_dict(copy.deepcopy(src))
+            else:
+                raise AttributeError("this model was not loaded from a checkpoint, so it has no transformers config")
+        return self._hf_config
+
+    @property
+    def generation_config(self):
+        """The checkpoint's generation_config.json as a transformers `GenerationConfig` (or one made
+        from the text config's token ids when there is none), as on transformers' models: generate()
+        starts from it, and changes made to it apply to later calls."""
+        if self._generation_config is None:
+            from transformers import GenerationConfig
+
+            d = {k: v for k, v in self._generation_file.items() if k not in ("transformers_version", "_from_model_config")}
+            d.update(self.generation_defaults)
+            self._generation_config = GenerationConfig.from_dict(d)
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value):
+        from transformers import GenerationConfig
+
+        if not isinstance(value, GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(value).__name__}")
+        self._generation_config = value
+
+    def eval(self):
+        """A no-op returning the model (it is always in inference mode), as transformers code calls it."""
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise TypeError("a blip2_fast model runs inference only: it cannot be put in training mode")
+        return self
 
     def processor(self):
         """The checkpoint's Blip2Processor (tokenizer + image processor), loaded once."""
@@ -304,23 +357,31 @@ class Blip2(nn.Module):
 
         Accepts transformers' arguments: max_new_tokens, max_length, min_new_tokens, do_sample,
         temperature, top_k, top_p, repetition_penalty, num_beams, length_penalty, early_stopping,
-        eos_token_id, pad_token_id, num_return_sequences (best beams, or independent samples), and
-        `generator` / `seed` for reproducible sampling. Returns token
-        ids [B, L] like transformers: for OPT the prompt ids followed by the new tokens, for T5 the
-        decoder start token followed by the new tokens; rows are padded with pad_token_id.
+        eos_token_id, pad_token_id, num_return_sequences (best beams, or independent samples),
+        no_repeat_ngram_size, bad_words_ids, suppress_tokens, `generator` / `seed` for reproducible
+        sampling; `generation_config=` (merged as transformers merges it, over
+        `model.generation_config`), `streamer=`, `logits_processor=` / `stopping_criteria=` lists
+        (run on the host: slower), and `return_dict_in_generate` with `output_scores` /
+        `output_logits` (transformers' output classes). Another transformers argument set to
+        anything but its default is a ValueError naming it. Returns token ids [B, L] like
+        transformers: for OPT the prompt ids followed by the new tokens, for T5 the decoder start
+        token followed by the new tokens; rows are padded with pad_token_id.
         """
         from .generation import generate
 
         return generate(self, pixel_values, input_ids, attention_mask, interpolate_pos_encoding, **kwargs)
 
     def caption(self, images, prompt=None, **gen):
-        """Caption PIL images (one or a list) with the checkpoint's processor; returns a list of strings."""
+        """Caption images with the checkpoint's processor; returns a list of strings. images: one or a
+        list of PIL images, paths (str / Path), HWC uint8 arrays or CHW tensors (uint8, or float in [0, 1])."""
         from .generation import caption
 
         return caption(self, images, prompt, **gen)
 
     def answer(self, images, questions, **gen):
-        """Answer a question about each image ("Question: ... Answer:" prompts); returns strings."""
+        """Answer a question about each image ("Question: ... Answer:" prompts); returns strings.
+        images: as caption(); questions: one string (or a one-element list), asked of every image, or
+        one per image."""
         from .generation import answer
 
         return answer(self, images, questions, **gen)

@@ -31,8 +31,12 @@ def test_caption_and_answer(demo_dir):
     assert m.caption(img, prompt="a photo of", max_new_tokens=5) == [want]
     ans = m.answer([img], ["what is this?"], max_new_tokens=4)
     assert len(ans) == 1
+    # one question is asked of every image (the README's `model.answer(pil_images, ["what is shown?"])`)
+    two = m.answer([img, img.resize((100, 60))], ["what is this?"], max_new_tokens=4)
+    assert two == m.answer([img, img.resize((100, 60))], ["what is this?"] * 2, max_new_tokens=4)
+    assert two == m.answer([img, img.resize((100, 60))], "what is this?", max_new_tokens=4)
     with pytest.raises(ValueError, match="questions"):
-        m.answer([img, img], ["one question"])
+        m.answer([img, img, img], ["one question", "two"])
     with pytest.raises(TypeError, match="PIL image, a path"):
         m.caption({"image": img})
     with pytest.raises(ValueError, match="C = 1, 3 or 4"):
@@ -286,3 +290,67 @@ def test_engine_image_requests_apply_the_pixel_limit(demo_dir, monkeypatch):
         eng.add_request("float", image=Image.new("F", (8, 8)), prompt="a photo of")
     eng.add_request("ok", image=Image.new("RGB", (100, 100)), prompt="a photo of")  # at the limit: admitted
     assert not eng.stats().num_running and eng.has_unfinished()
+
+
+def test_cli_help_version_and_flags_have_help(capsys):
+    from blip2_fast import __version__
+    from blip2_fast.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"blip2_fast {__version__}"
+    for argv in (["--help"], ["caption", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert "examples:" in text and "python -m blip2_fast caption" in text
+    import argparse
+
+    from blip2_fast import __main__ as cli
+
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["caption"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    sub = next(a for a in captured["parser"]._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("caption", "demo", "build-ext"):
+        for action in sub.choices[name]._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+
+
+def test_cli_caption_directories_globs_batches_json_sampling(demo_dir, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    img = sample_image()
+    for i, im in enumerate([img, img.rotate(90), img.resize((80, 50))]):
+        im.save(d / f"{i}.png")
+    (d / "notes.txt").write_text("not an image")
+    other = tmp_path / "other"
+    other.mkdir()
+    img.rotate(180).save(other / "a.png")
+    common = ["--model", demo_dir, "--backend", "reference", "--max-new-tokens", 4]
+    r = _cli("caption", d, other / "*.png", *common, "--batch-size", 2, "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["image"] for x in rows] == [str(d / "0.png"), str(d / "1.png"), str(d / "2.png"), str(other / "a.png")]
+    m = blip2_fast.load(demo_dir, backend="reference")
+    from blip2_fast.images import open_image
+
+    want = m.caption([open_image(x["image"]) for x in rows], max_new_tokens=4)
+    assert [x["caption"] for x in rows] == want  # batching does not change a caption
+    s1 = _cli("caption", d, *common, "--do-sample", "--temperature", 0.9, "--top-p", 0.8, "--seed", 3, "--batch-size", 1)
+    s2 = _cli("caption", d, *common, "--do-sample", "--temperature", 0.9, "--top-p", 0.8, "--seed", 3, "--batch-size", 3)
+    assert s1.returncode == 0 and s1.stdout == s2.stdout  # the seed, not the batching, decides the draws
+    line = _one_line_error(_cli("caption", tmp_path / "nothing-*.png", *common), 2)
+    assert "matches no files" in line
+    line = _one_line_error(_cli("caption", d, *common, "--top-p", 0.5), 2)
+    assert "--do-sample" in line

@@ -87,7 +87,9 @@ def test_request_output_constructor_stays_compatible():
     o = RequestOutput("a", [1], [1], True, "stop")
     assert (o.metrics, o.num_prompt_tokens, o.error) == (None, None, None)
     names = [f.name for f in dataclasses.fields(RequestOutput)]
-    assert names[-3:] == ["metrics", "num_prompt_tokens", "error"]
+    # positional construction keeps working: fields added later (scores, logits, beam outputs) come after these
+    assert names[:10] == ["request_id", "token_ids", "new_token_ids", "finished", "finish_reason", "text", "candidates",
+                          "metrics", "num_prompt_tokens", "error"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         RequestMetrics(0.0, None, None, None, None).arrival_time = 1.0
     assert [f.name for f in dataclasses.fields(EngineStats)] == [

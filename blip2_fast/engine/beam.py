@@ -38,11 +38,12 @@ class BeamState:
     def history(self) -> list[list[int]]:
         return [r[: self.cur_len].tolist() for r in self.running]
 
-    def step(self, top_lp: torch.Tensor, top_i: torch.Tensor, V: int) -> tuple[list[int], list[int]]:
+    def step(self, top_lp: torch.Tensor, top_i: torch.Tensor, V: int, stop=None) -> tuple[list[int], list[int]]:
         """The `keep` best continuations of this step, best first (from `Sampler`): their summed
         log-probabilities top_lp [keep] (float32) and flat indices top_i [keep] into the running
         beams' [k, V] scores. Returns, for the next running beams, (parent beam index, new token)
-        each; sets `done` when the search is over."""
+        each; sets `done` when the search is over. `stop`: the caller's stopping criteria, called
+        with the candidates' ids [keep, cur + 1] (bool [keep]: True ends that candidate)."""
         k = self.k
         cur, P = self.cur_len, self.prompt_len
         beam, tok = top_i // V, top_i % V
@@ -51,6 +52,8 @@ class BeamState:
         top_idx = self.running_idx[beam].clone()
         top_idx[:, cur - P] = beam
         hits = torch.isin(tok, self.eos) | (cur + 1 >= self.max_length)
+        if stop is not None:
+            hits = hits | stop(top_seqs[:, : cur + 1])
         # running beams for the next step: the best k that did not stop
         run_lp = top_lp + hits.float() * -1e9
         nxt = torch.topk(run_lp, k)[1]
@@ -83,6 +86,12 @@ class BeamState:
         self.done = not (self.heuristic_unsatisfied and open_beam and valid)
         parents = self.running_idx[:, cur - P].tolist()
         return parents, self.running[:, cur].tolist()
+
+    def result_beams(self, i: int = 0) -> list[int]:
+        """The beam (0..k-1) each of the i-th best sequence's new tokens came from, as transformers'
+        beam_indices (without the batch offset)."""
+        n = int((self.idx[i] + 1).bool().sum())
+        return self.idx[i, :n].tolist()
 
     def result(self, i: int = 0) -> list[int]:
         """The i-th best finished sequence's new tokens (what transformers returns after the prompt)."""

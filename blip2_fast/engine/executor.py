@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from .beam import BeamState
 from .outputs import RequestOutput
 from .runner import PrefillItem
-from .sampler import BeamGroup, Row
+from .processors import hits_stop
+from .sampler import BeamGroup, Capture, Row
 from .scheduler import DecodeBatch
 from .sequence import Request, Status
 
@@ -103,9 +106,8 @@ class Executor:
             h = run(inp) if prefill else run(inp, hidden=True)
             self._apply(reqs, runner.greedy_head(lm.head_input(h), [self._banned(r) for r in reqs]), [])
             return
-        if greedy:  # no beams here: the ban depends on the generated count alone
-            plan = self.sampler.prepare_greedy([r.ban_ids if len(r.generated) < r.params.min_new_tokens else ()
-                                                for r in reqs], st)
+        if greedy:  # no beams here: the ban depends on the generated count (and the ids, with ban rules) alone
+            plan = self.sampler.prepare_greedy([self._banned(r) for r in reqs], st)
         else:
             rows, beams = self._rows(reqs, prefill)
             plan = self.sampler.prepare(rows, beams, self.vocab, st)
@@ -113,13 +115,44 @@ class Executor:
         runner.copy_blocks(copies)
         logits = lm.logits(run(inp)).float() if prefill else run(inp)
         out = self.sampler(logits, plan)
+        if out.captured is not None:
+            self._keep_captures(reqs, out.captured)
         self._apply(reqs, out.tokens, out.beams)
 
-    @staticmethod
-    def _banned(r: Request) -> tuple[int, ...]:
-        """The ids a request may not take now: eos while short of min_new_tokens."""
+    def _banned(self, r: Request):
+        """The ids a request may not take now: eos while short of min_new_tokens, and its ban rules'
+        (per beam, a list, when the rules depend on each beam's ids)."""
         n = (r.beam.cur_len - r.beam.prompt_len) if r.beam is not None else len(r.generated)
-        return r.ban_ids if n < r.params.min_new_tokens else ()
+        eos = r.ban_ids if n < r.params.min_new_tokens else ()
+        rules = r.bans
+        if rules is None:
+            return eos
+        if not rules.dynamic:
+            return eos + rules.static
+        if r.beam is not None:
+            return [eos + rules.now(h) for h in r.beam.history()]
+        return eos + rules.now(self.layout.prefix(r) + r.generated)
+
+    def _capture(self, r: Request, beam_ids: list[list[int]] | None) -> Capture | None:
+        p = r.params
+        if not p.on_host:
+            return None
+        ids = beam_ids if beam_ids is not None else [self.layout.prefix(r) + r.generated]
+        return Capture(ids, p.logits_processors, p.output_scores, p.output_logits)
+
+    @staticmethod
+    def _keep_captures(reqs: list[Request], captured: list) -> None:
+        """The step's scores / logits into each request that asked (rows first, then beam groups, as
+        the sampler orders them)."""
+        rows = [r for r in reqs if r.params.num_beams == 1]
+        groups = [r for r in reqs if r.params.num_beams > 1]
+        for r, c in zip(rows + groups, captured):
+            if c is None:
+                continue
+            if r.step_scores is not None:
+                r.step_scores.append(c[0])
+            if r.step_logits is not None:
+                r.step_logits.append(c[1])
 
     def _rows(self, reqs: list[Request], prefill: bool) -> tuple[list[Row], list[BeamGroup]]:
         """What the sampler does for each request: one Row, or a BeamGroup of its k beams."""
@@ -136,13 +169,14 @@ class Executor:
                     room = self.max_model_len - self.layout.lm_len(r)  # beams stop at max_model_len too
                     r.beam = BeamState(p, prefix, list(r.eos), r.pad, len(prefix) + min(p.max_new_tokens, room))
                 b = r.beam
-                hist = b.history() if p.repetition_penalty != 1.0 else None
+                hist = b.history() if p.repetition_penalty != 1.0 or p.on_host else None
                 rr = [i] * k if prefill else list(range(i, i + k))
-                beams.append(BeamGroup(rr, p, r.generator, hist, self._banned(r), b.running_scores.tolist(), b.keep))
+                beams.append(BeamGroup(rr, p, r.generator, hist if p.repetition_penalty != 1.0 else None,
+                                       self._banned(r), b.running_scores.tolist(), b.keep, self._capture(r, hist)))
                 i += 1 if prefill else k
             else:
                 hist = self.layout.prefix(r) + r.generated if p.repetition_penalty != 1.0 else None
-                rows.append(Row(i, p, r.generator, hist, self._banned(r)))
+                rows.append(Row(i, p, r.generator, hist, self._banned(r), self._capture(r, None)))
                 i += 1
         return rows, beams
 
@@ -152,8 +186,8 @@ class Executor:
         if not cands:  # no beam search in the batch: the decode step's hot loop, `_take` inline
             for r, tok in zip(reqs, tokens):
                 gen = r.generated
-                if tok < 0 or tok in r.eos or len(gen) + 1 >= r.max_tokens or r.first_token_time is None:
-                    try:  # the rare cases: a failed row, a request's first or last token
+                if tok < 0 or tok in r.eos or len(gen) + 1 >= r.max_tokens or r.first_token_time is None or r.watch:
+                    try:  # the rare cases: a failed row, a request's first or last token, stopping criteria
                         self._take(r, tok, now)
                     except Exception as e:
                         self._fail(r, e)
@@ -189,12 +223,22 @@ class Executor:
             self.finish(r, "stop")
         elif len(gen) >= r.max_tokens:  # max_new_tokens, or max_model_len
             self.finish(r, "length")
+        elif r.watch and bool(self._stops(r, [self.layout.prefix(r) + gen])[0]):
+            self.finish(r, "stop")
         else:
             r.seqs[0].next_token = tok
 
+    @staticmethod
+    def _stops(r: Request, ids: list[list[int]]):
+        """The caller's stopping criteria on these rows of ids (bool [rows]), given the scores so far
+        as transformers does (None unless they are kept)."""
+        scores = tuple(r.step_scores) if r.step_scores is not None else None
+        return hits_stop(r.params.stopping_criteria, torch.tensor(ids, dtype=torch.long), scores)
+
     def _beam_step(self, r: Request, cand, V: int) -> None:
         b = r.beam
-        parents, toks = b.step(cand[0], cand[1], V)
+        stop = (lambda seqs: self._stops(r, seqs.tolist())) if r.watch else None
+        parents, toks = b.step(cand[0], cand[1], V, stop)
         now = time.monotonic()
         if r.first_token_time is None:
             r.first_token_time = now
@@ -202,6 +246,8 @@ class Executor:
         if b.done:
             r.generated = b.result()
             r.candidates = [b.result(i) for i in range(r.params.num_return_sequences)]
+            r.candidate_scores = b.scores[: r.params.num_return_sequences].tolist()
+            r.beam_indices = [b.result_beams(i) for i in range(r.params.num_return_sequences)]
             self.generation_tokens += len(r.generated)
             self.finish(r, "stop" if (r.generated and r.generated[-1] in r.eos) else "length")
         else:
@@ -227,6 +273,10 @@ class Executor:
         tok = self.tokenizer if (done or not beams) else None  # running beams have no text yet
         out = RequestOutput._of(r.request_id, toks, new, done, r.finish_reason, r.candidates if done else None,
                                 r.timeline(), len(r.lm_tokens), r.error, tok)
+        if done and (r.params.on_host or beams):
+            out.__dict__.update(scores=None if r.step_scores is None else tuple(r.step_scores),
+                                logits=None if r.step_logits is None else tuple(r.step_logits),
+                                candidate_scores=r.candidate_scores, beam_indices=r.beam_indices)
         if r.sink is not None:
             r.sink.append(out)
         return out

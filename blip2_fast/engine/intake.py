@@ -14,6 +14,7 @@ import torch
 from ..images import check_image
 from .limits import to_pixels
 from .params import SamplingParams, check_bool, check_ids
+from .processors import BanRules
 from .runner import image_digest
 from .sequence import Request
 
@@ -75,6 +76,12 @@ def new_request(eng, request_id, pixel_values, image, prompt, sampling, interp, 
     ban = tuple(t for t in eos if 0 <= t < eng._vocab)
     r = Request(request_id, order, p, prompt_ids, lm_tokens, keys, digest, px, interp, eos, ban,
                 defaults.get("pad_token_id"), room, generator, time.monotonic(), p.plain_greedy)
+    r.bans = BanRules.of(p, eos)
+    r.watch = bool(p.stopping_criteria)
+    if p.output_scores:
+        r.step_scores = []
+    if p.output_logits:
+        r.step_logits = []
     return r
 
 def _prompt_ids(eng, prompt) -> tuple[int, ...]:

@@ -89,6 +89,12 @@ class RequestOutput:
     metrics: RequestMetrics | None = _LazyMetrics()
     num_prompt_tokens: int | None = None  # prompt positions including the image query tokens
     error: str | None = None  # with finish_reason "error": what went wrong
+    # in the final output, when SamplingParams asked (output_scores / output_logits): per step, the
+    # processed scores / raw logits [rows, V] on the host (rows: 1, or the running beams)
+    scores: tuple | None = None
+    logits: tuple | None = None
+    candidate_scores: list[float] | None = None  # beam search: each candidate's final (length-penalised) score
+    beam_indices: list[list[int]] | None = None  # beam search: per candidate, the beam (0..k-1) of each new token
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items() if k != "_tokenizer"}

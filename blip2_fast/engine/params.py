@@ -68,6 +68,13 @@ class SamplingParams:
     samples depend only on its seed, never on which requests share its batch.
     stop_token_ids: end-of-sequence ids, in the vocabulary (None = the checkpoint's eos).
     num_return_sequences: with beam search, the best this-many beams are returned as candidates.
+    no_repeat_ngram_size / bad_words_ids / suppress_tokens: bans as transformers' NoRepeatNGram,
+    NoBadWords and SuppressTokens processors make them (on the fast path: ids banned with eos).
+    logits_processors / stopping_criteria: transformers-style callables `f(input_ids [rows, L],
+    scores [rows, V]) -> scores` (after the bans, before the sampling warpers) and `f(input_ids,
+    scores) -> bool [rows]` (stop there), run on the host per request and step: slower.
+    output_scores / output_logits: keep each step's processed scores / raw logits on the host
+    (`RequestOutput.scores` / `.logits`), only when asked.
     """
 
     max_new_tokens: int = 20
@@ -83,6 +90,13 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     num_return_sequences: int = 1  # beam search: how many of the best beams `RequestOutput.candidates` holds
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] | None = None
+    suppress_tokens: list[int] | None = None
+    logits_processors: tuple = ()
+    stopping_criteria: tuple = ()
+    output_scores: bool = False
+    output_logits: bool = False
 
     def validate(self, vocab: int | None = None) -> None:
         """Check every field (exact types, ranges) and normalise it in place (numpy ints -> int,
@@ -116,8 +130,39 @@ class SamplingParams:
             raise ValueError(f"num_return_sequences must be in [1, num_beams={self.num_beams}], got {self.num_return_sequences}")
         if self.num_beams == 1 and self.num_return_sequences != 1:
             raise ValueError("num_return_sequences > 1 needs beam search here; for several samples add several requests")
+        self.no_repeat_ngram_size = check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if self.suppress_tokens is not None:
+            self.suppress_tokens = check_ids("suppress_tokens", self.suppress_tokens, vocab)
+        if self.bad_words_ids is not None:
+            words = self.bad_words_ids
+            if isinstance(words, (str, bytes)) or not isinstance(words, (list, tuple)) or not words:
+                raise ValueError(f"bad_words_ids must be a non-empty list of lists of token ids, got {words!r}")
+            self.bad_words_ids = []
+            for i, w in enumerate(words):
+                if isinstance(w, (str, bytes)) or not isinstance(w, (list, tuple)) or not w:
+                    raise ValueError(f"bad_words_ids[{i}] must be a non-empty list of token ids, got {w!r}")
+                self.bad_words_ids.append(check_ids(f"bad_words_ids[{i}]", w, vocab))
+        for name in ("logits_processors", "stopping_criteria"):
+            fs = getattr(self, name)
+            fs = () if fs is None else (fs,) if callable(fs) else fs
+            if isinstance(fs, (str, bytes)) or not hasattr(fs, "__iter__"):
+                raise TypeError(f"{name} must be a list of callables, got {type(fs).__name__}")
+            fs = tuple(fs)
+            bad = [i for i, f in enumerate(fs) if not callable(f)]
+            if bad:
+                raise TypeError(f"{name}[{bad[0]}] must be callable (input_ids, scores), got {type(fs[bad[0]]).__name__}")
+            setattr(self, name, fs)
+        self.output_scores = check_bool("output_scores", self.output_scores)
+        self.output_logits = check_bool("output_logits", self.output_logits)
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without penalties: the next token is the argmax of the logits (eos may be banned)."""
-        return self.num_beams == 1 and not self.do_sample and self.repetition_penalty == 1.0
+        """Greedy without penalties: the next token is the argmax of the logits (banned ids aside:
+        eos before min_new_tokens, n-gram / bad-word / suppressed ids)."""
+        return (self.num_beams == 1 and not self.do_sample and self.repetition_penalty == 1.0 and not self.on_host)
+
+    @property
+    def on_host(self) -> bool:
+        """Whether a step of this request needs its scores on the host (user processors, stopping
+        criteria, or scores / logits to return)."""
+        return bool(self.logits_processors or self.stopping_criteria or self.output_scores or self.output_logits)

@@ -21,7 +21,18 @@ import numpy as np
 import torch
 
 from .params import SamplingParams
+from .processors import run_host_processors
 from .staging import inference
+
+
+@dataclasses.dataclass
+class Capture:
+    """What a request needs from its rows' scores on the host this step (only when asked)."""
+
+    input_ids: list[list[int]]  # per row: what transformers' processors see as input_ids
+    processors: tuple = ()  # the caller's logits processors (run on the host)
+    scores: bool = False  # return the processed scores [rows, V]
+    logits: bool = False  # return the raw logits [rows, V]
 
 
 @dataclasses.dataclass
@@ -32,7 +43,8 @@ class Row:
     params: SamplingParams
     generator: torch.Generator | None  # sampling: the request's own
     history: list[int] | None  # token ids the repetition penalty looks at (only with a penalty)
-    banned: tuple[int, ...]  # ids (in the vocabulary) it may not take now: eos before min_new_tokens
+    banned: tuple[int, ...]  # ids (in the vocabulary) it may not take now: eos before min_new_tokens, bans
+    capture: Capture | None = None
 
 
 @dataclasses.dataclass
@@ -43,15 +55,18 @@ class BeamGroup:
     params: SamplingParams
     generator: torch.Generator | None
     histories: list[list[int]] | None  # per beam, for the repetition penalty
-    banned: tuple[int, ...]
+    banned: tuple[int, ...] | list[tuple[int, ...]]  # for every beam, or per beam
     running_scores: list[float]  # [k] summed log-probabilities of the running beams
     keep: int  # candidates to return (2k, more with several eos ids)
+    capture: Capture | None = None
 
 
 @dataclasses.dataclass
 class SamplerOutput:
     tokens: list[int]  # per Row, in order; -1 where a row had no finite score (its request fails)
     beams: list[tuple[torch.Tensor, torch.Tensor]]  # per BeamGroup: (top_lp float32 [keep], top_i int64 [keep]) on the host
+    # per Row, then per BeamGroup, with a Capture: (processed scores [rows, V] or None, raw logits or None), host float32
+    captured: list[tuple[torch.Tensor | None, torch.Tensor | None] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -73,6 +88,7 @@ class _Plan:
     ks_dev: torch.Tensor | None
     tops: torch.Tensor | None
     scores: list[torch.Tensor]  # per beam group: its running scores
+    caps: list | None = None  # (first row of x, rows, Capture, params, kind "greedy" / "sampled" / "beam", out slot)
 
 
 class Sampler:
@@ -98,17 +114,23 @@ class Sampler:
                     ban_rows.append(i)
                     ban_cols.append(t)
         at = n
-        for b in beams:
+        caps = [(i, 1, r.capture, r.params, "sampled" if r.params.do_sample else "greedy", i)
+                for i, r in enumerate(rows) if r.capture is not None]
+        for g, b in enumerate(beams):
             order += b.logits_rows
-            for j in range(len(b.logits_rows)):
-                for t in b.banned:
+            k = len(b.logits_rows)
+            per_beam = isinstance(b.banned, list)
+            for j in range(k):
+                for t in (b.banned[j] if per_beam else b.banned):
                     ban_rows.append(at + j)
                     ban_cols.append(t)
-            at += len(b.logits_rows)
+            if b.capture is not None:
+                caps.append((at, k, b.capture, b.params, "beam", n + g))
+            at += k
         identity = order == list(range(len(order)))
         plan = _Plan(rows, beams, V, None if identity else add(i32(order)), greedy, sampled,
                      None if len(greedy) in (0, n) else add(i32(greedy)), add(i32(sampled)) if sampled else None,
-                     None, None, None, [], None, None, [add(f32(b.running_scores)) for b in beams])
+                     None, None, None, [], None, None, [add(f32(b.running_scores)) for b in beams], caps or None)
         if ban_rows:
             plan.ban = (add(i32(ban_rows)), add(i32(ban_cols)))
         params = [r.params for r in rows] + [b.params for b in beams for _ in b.logits_rows]
@@ -159,10 +181,16 @@ class Sampler:
         # x: one row per choosing sequence; no gather when that is the logits as they are
         x = logits if plan.order is None else logits.index_select(0, plan.order)
         n = len(rows)
+        caps = plan.caps
+        raw = None
+        if caps is not None:  # only when asked: the raw logits, before anything changes x in place
+            raw = {c[5]: x[c[0]: c[0] + c[1]].to("cpu", copy=True) for c in caps if c[2].logits}
         if beams:  # beam search scores log-probabilities
             x[n:] = torch.log_softmax(x[n:], dim=-1)
         if plan.penalty is not None:
             self._penalize(x, *plan.penalty)
+        if caps is not None:
+            return self._with_captures(x, plan, raw)
         if len(plan.greedy) == n and not beams and x.device.type == "cpu" and n:
             # all greedy on a CPU (the common case): numpy's ban and argmax cost a third of torch's
             # on small batches; the same result (argmax: the first of equal maxima, NaN counts as max)
@@ -173,6 +201,35 @@ class Sampler:
         if plan.ban is not None:  # eos before min_new_tokens, one indexed write for the whole batch
             x.index_put_(plan.ban, self._neg_inf)
         if len(plan.greedy) == n and not beams:  # all greedy (the common case): argmax, one copy back
+            return SamplerOutput(x[:n].argmax(-1).tolist() if n else [], [])
+        return self._choose(x, plan)
+
+    def _with_captures(self, x, plan: _Plan, raw: dict) -> SamplerOutput:
+        """The rest of the step for a batch where some request wants its scores on the host: the
+        bans, the caller's processors (host), the processed scores as transformers returns them
+        (after the warpers when sampling), then the usual choice."""
+        if plan.ban is not None:
+            x.index_put_(plan.ban, self._neg_inf)
+        for at, k, cap, p, kind, slot in plan.caps:
+            if cap.processors:
+                run_host_processors(x, torch.arange(at, at + k, device=x.device), cap.input_ids, cap.processors)
+        captured = [None] * (len(plan.rows) + len(plan.beams))
+        for at, k, cap, p, kind, slot in plan.caps:
+            sc = None
+            if cap.scores:
+                xs = x[at: at + k]
+                if kind == "sampled" or (kind == "beam" and p.do_sample):
+                    xs = _warp(xs, p, keep=1 if kind == "sampled" else 2)
+                sc = xs.to("cpu", copy=True)
+            captured[slot] = (sc, raw.get(slot))
+        out = self._choose(x, plan)
+        out.captured = captured
+        return out
+
+    def _choose(self, x, plan: _Plan) -> SamplerOutput:
+        rows, beams = plan.rows, plan.beams
+        n = len(rows)
+        if len(plan.greedy) == n and not beams:
             return SamplerOutput(x[:n].argmax(-1).tolist() if n else [], [])
         parts = []
         if plan.greedy:

@@ -140,6 +140,10 @@ class Scheduler:
         self.running.remove(r)
         if r.beam is not None:  # beam searches restart; they are deterministic given their seed
             r.beam, r.generated, r.candidates = None, [], None
+            if r.step_scores is not None:  # kept scores restart with it
+                r.step_scores = []
+            if r.step_logits is not None:
+                r.step_logits = []
             r.reset_generator()
         r.status = Status.WAITING
         self.waiting.appendleft(r)

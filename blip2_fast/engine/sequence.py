@@ -77,6 +77,12 @@ class Request:
     last_token_time: float | None = None
     finished_time: float | None = None
     sink: object = None  # stream(): a deque every output of this request is appended to
+    bans: object = None  # processors.BanRules: n-gram / bad-word / suppressed ids, or None
+    watch: bool = False  # the caller's stopping criteria are checked after each token (host)
+    step_scores: list | None = None  # output_scores: each step's processed scores [rows, V] (host)
+    step_logits: list | None = None  # output_logits: each step's raw logits [rows, V] (host)
+    candidate_scores: list[float] | None = None  # beam search: each candidate's final score
+    beam_indices: list[list[int]] | None = None  # beam search: per candidate, the beam of each token
 
     @property
     def n_prompt(self) -> int:
