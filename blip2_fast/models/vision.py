@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..config import VisionConfig
 from ..ops import BoundOps
-from ..layers import Linear, take_param
+from ..layers import Linear, pack_linears, take_param
 from ..layers.params import as_param
 from ..weights import WeightSource
 
@@ -48,7 +48,10 @@ class VisionBlock(nn.Module):
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
         a = self.ops.attention(q, k, v)  # (B, H, S, D)
         x = x + self.projection(a.transpose(1, 2).reshape(B, S, E))
-        m = self.ops.ln_linear_gelu(x, n2.weight, n2.bias, self.eps, self.fc1.weight, self.fc1.bias, self.gelu_approx)
+        if self.fc1.packed is not None and self.gelu_approx == "none":
+            m = self.fc1(self.ops.layer_norm(x, n2.weight, n2.bias, self.eps), "gelu")  # GELU in the epilogue
+        else:
+            m = self.ops.ln_linear_gelu(x, n2.weight, n2.bias, self.eps, self.fc1.weight, self.fc1.bias, self.gelu_approx)
         return x + self.fc2(m)
 
 
@@ -66,6 +69,7 @@ class VisionEncoder(nn.Module):
         self.pos = take_param(src, e + "position_embedding", (1, cfg.num_patches + 1, E))
         self.blocks = nn.ModuleList(VisionBlock(cfg, ops, src, f"{p}encoder.layers.{i}.") for i in range(cfg.layers))
         self.post_layernorm = _LayerNorm(src, p + "post_layernorm", E)
+        pack_linears(self, ops)
 
     def check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
         if not isinstance(pixel_values, torch.Tensor):
