@@ -109,3 +109,35 @@ def test_forced_isa_matches_transformers(ckpt, lm, isa, monkeypatch):
     err = ((out - ref).abs()[valid].max() / ref[valid].abs().max()).item()
     assert err <= 1e-3, f"relative logits error {err:.2e}"
     assert torch.equal(m.generate(pv, input_ids=ids, attention_mask=mask, max_new_tokens=6), g_ref)
+
+
+def test_cpu_benchmarks_run_quick(tmp_path):
+    """bench.cpu_compare's sweep and bench.cpu_limits --step on the tiny presets: every case and field
+    there, the plot written when matplotlib is installed (no timings checked)."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmp_json, step_json = tmp_path / "compare.json", tmp_path / "step.json"
+    for args in (["bench.cpu_compare", "--presets", "blip2-opt-tiny", "blip2-t5-tiny", "--batches", "1", "3",
+                  "--new-tokens", "2", "3", "--runs", "1", "--threads", "1", "--json", str(cmp_json)],
+                 ["bench.cpu_limits", "--step", "--quick", "--step-presets", "blip2-opt-tiny", "blip2-t5-tiny",
+                  "--step-batches", "1", "2", "--step-count", "2", "--json", str(step_json)]):
+        p = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(cmp_json.read_text())
+    assert set(res["presets"]) == {"blip2-opt-tiny", "blip2-t5-tiny"} and res["machine"]["model"]
+    for cases in res["presets"].values():
+        assert sorted((c["batch"], c["new_tokens"]) for c in cases) == [(1, 2), (1, 3), (3, 2), (3, 3)]
+        assert all(c["ratio"] > 0 and c["cpu_time_ratio"] > 0 and isinstance(c["token_identical"], bool) for c in cases)
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert cmp_json.with_suffix(".png").exists() == has_mpl == ("plot" in res)
+    step = json.loads(step_json.read_text())
+    rows = step["decode_steps"]
+    assert [(r["preset"], r["batch"]) for r in rows] == [(p, b) for p in ("blip2-opt-tiny", "blip2-t5-tiny") for b in (1, 2)]
+    assert all(r["floor_ms"] > 0 and r["packed_ms"] > 0 and r["bytes"]["linears"] > 0 for r in rows)
