@@ -56,7 +56,8 @@ def run_case(hf, ours, batch: int, N: int, runs: int, dtype, seed: int = 1) -> d
         # an encoder-decoder needs a prompt (transformers' BLIP-2 has no bos for T5): the image's query
         # tokens, then a short fixed text ending in eos, as Blip2Processor builds one
         Q, img = ours.cfg.num_query_tokens, hf.config.image_token_index
-        ids = torch.tensor([[img] * Q + [100, 200, 300, 1]]).expand(batch, -1)
+        V = ours.cfg.lm.vocab
+        ids = torch.tensor([[img] * Q + [t % V for t in (100, 200, 300)] + [1]]).expand(batch, -1)
         gen["input_ids"] = ids
 
     def run_ours(px):
