@@ -160,6 +160,82 @@ def measure_at(threads: int, a, cold: float, bw_bytes: int, reps: int) -> dict:
             "decode_step_linears": steps}
 
 
+def decode_steps(preset: str, batches, steps: int, read_gbs: float) -> list[dict]:
+    """The whole decode step (`engine.step()`: the LM's forward, the screened greedy head, the host
+    work) of `preset` at one thread, process CPU time, with the packed linears and with packing off
+    (BLIP2_FAST_LINEAR_ISA=torch), steps interleaved between the two engines; against the floor of the
+    bytes a step must read: the LM's linear weights (fp32), the bf16 screening head and the KV cache
+    of every context token, over `read_gbs`."""
+    import blip2_fast
+    from blip2_fast.layers import Linear
+    from blip2_fast.linear_cpu import ISA_ENV
+    from bench.cpu_compare import build
+
+    prev_env, prev_threads = os.environ.get(ISA_ENV), torch.get_num_threads()
+    torch.set_num_threads(1)
+    models = {}
+    try:
+        for name, isa in (("packed", None), ("torch", "torch")):
+            if isa is None:
+                os.environ.pop(ISA_ENV, None)
+            else:
+                os.environ[ISA_ENV] = isa
+            models[name] = build(preset, seed=0)[1]
+    finally:
+        if prev_env is None:
+            os.environ.pop(ISA_ENV, None)
+        else:
+            os.environ[ISA_ENV] = prev_env
+    m = models["packed"]
+    lm = m.lm
+    lin_bytes = sum(x.weight.numel() * 4 for n, x in lm.named_modules() if isinstance(x, Linear))
+    if hasattr(lm, "enc"):  # T5: the encoder runs at prefill only; cross-attention K/V come from the cache
+        lin_bytes -= sum(x.weight.numel() * 4 for x in lm.enc.modules() if isinstance(x, Linear))
+        lin_bytes -= sum(b.cross.kv.weight.numel() * 4 for b in lm.dec)
+    head_bytes = lm.lm_head.numel() * 2
+    H, D = lm.kv_heads_dim
+    S = m.cfg.vision.image_size
+    prompt = [2, 100, 200] if not hasattr(lm, "enc") else [100, 200, 1]
+    rows = []
+    try:
+        for B in batches:
+            g = torch.Generator().manual_seed(B)
+            px = torch.randn(B, 3, S, S, generator=g)
+            engines = {}
+            for name, mod in models.items():
+                eng = blip2_fast.Engine(mod, max_num_seqs=B, num_blocks=B * 16 + 16, block_size=16)
+                for i in range(B):
+                    eng.add_request(i, pixel_values=px[i], prompt=torch.tensor(prompt),
+                                    sampling=blip2_fast.SamplingParams(max_new_tokens=steps + 8, min_new_tokens=steps + 8))
+                eng.step()  # prefill
+                eng.step()
+                engines[name] = eng
+            ts = {n: [] for n in engines}
+            for _ in range(steps):
+                for name, eng in engines.items():
+                    c = time.process_time()
+                    eng.step()
+                    ts[name].append((time.process_time() - c) * 1e3)
+            if hasattr(lm, "enc"):  # T5 decode: self-attention over the generated tokens, cross over the encoder's
+                ctx_self, ctx_cross = 2 + steps / 2, m.cfg.num_query_tokens + len(prompt)
+            else:
+                ctx_self, ctx_cross = m.cfg.num_query_tokens + len(prompt) + 1 + steps / 2, 0
+            kv_bytes = lm.num_layers * 2 * B * (ctx_self + ctx_cross) * H * D * 4
+            floor = (lin_bytes + head_bytes + kv_bytes) / read_gbs / 1e6
+            med = {n: statistics.median(t) for n, t in ts.items()}
+            rows.append({"preset": preset, "batch": B, "steps": steps, "packed_ms": round(med["packed"], 3),
+                         "torch_linears_ms": round(med["torch"], 3), "floor_ms": round(floor, 3),
+                         "packed_over_floor": round(med["packed"] / floor, 2),
+                         "torch_over_floor": round(med["torch"] / floor, 2),
+                         "bytes": {"linears": lin_bytes, "head_bf16": head_bytes, "kv_mean": int(kv_bytes)},
+                         "packed_samples_ms": [round(t, 3) for t in ts["packed"]]})
+            print(f"[cpu_limits] step {preset} B={B}: packed {med['packed']:.2f} ms, F.linear {med['torch']:.2f} ms, "
+                  f"floor {floor:.2f} ms ({med['packed'] / floor:.2f}x)", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(prev_threads)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15, help="interleaved calls of each implementation per case")
@@ -169,7 +245,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", nargs="+", type=int, default=list(ROWS))
     ap.add_argument("--quick", action="store_true", help="small buffers and few rounds (a smoke test)")
     ap.add_argument("--json", default=None, help="output path (default bench/results/cpu-limits-<date>.json)")
+    ap.add_argument("--step", action="store_true",
+                    help="instead of the linears alone: the whole decode step of each --step-presets model at "
+                         "--step-batches, 1 thread, against its floor (reads bandwidth at 1 thread first)")
+    ap.add_argument("--step-presets", nargs="+", default=["blip2-cpu-mid", "blip2-cpu-mid-t5"])
+    ap.add_argument("--step-batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--step-count", type=int, default=30, help="timed decode steps per engine")
     a = ap.parse_args(argv)
+    if a.step:
+        return _main_step(a)
     cold = 1e5 if a.quick else 96e6
     bw_bytes, reps = (8 << 20, 2) if a.quick else (256 << 20, 8)
 
@@ -183,6 +267,34 @@ def main(argv=None) -> dict:
            "quick": a.quick, "by_threads": [measure_at(t, a, cold, bw_bytes, reps) for t in a.threads]}
     _print(res)
     out = Path(a.json) if a.json else Path(__file__).parent / "results" / f"cpu-limits-{datetime.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return res
+
+
+def _main_step(a) -> dict:
+    info = cpu_info()
+    bw_bytes, reps = (8 << 20, 2) if a.quick else (256 << 20, 8)
+    bw = bandwidth(bw_bytes, reps, (1,))
+    read_gbs = max(v["best_gbs"] for k, v in bw.items() if k.startswith("read"))
+    print(f"[cpu_limits] {info['model']}: read {read_gbs} GB/s at 1 thread", file=sys.stderr)
+    rows = [r for p in a.step_presets for r in decode_steps(p, a.step_batches, a.step_count, read_gbs)]
+    bw_after = bandwidth(bw_bytes, reps, (1,))
+    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": info,
+           "note": ("whole decode steps (engine.step) at 1 thread in process CPU time, the packed engine's and the "
+                    "F.linear engine's steps interleaved; floor = bytes / the best 1-thread read bandwidth of the "
+                    "samples before and after; the machine may be shared"),
+           "bandwidth_before": bw, "bandwidth_after": bw_after,
+           "read_gbs_for_floor": max(read_gbs, max(v["best_gbs"] for k, v in bw_after.items() if k.startswith("read"))),
+           "decode_steps": rows}
+    for r in rows:  # the floor from the better of the two bandwidth samples
+        f = r["floor_ms"] * read_gbs / res["read_gbs_for_floor"]
+        r.update(floor_ms=round(f, 3), packed_over_floor=round(r["packed_ms"] / f, 2),
+                 torch_over_floor=round(r["torch_linears_ms"] / f, 2))
+        print(f"{r['preset']:18s} batch {r['batch']:3d}: step {r['packed_ms']:7.2f} ms (F.linear {r['torch_linears_ms']:7.2f})"
+              f"  floor {r['floor_ms']:6.2f} ms  {r['packed_over_floor']:.2f}x the floor")
+    out = Path(a.json) if a.json else Path(__file__).parent / "results" / f"cpu-decode-step-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)

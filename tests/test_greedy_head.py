@@ -19,9 +19,15 @@ def _head(V, E, seed, scale=1.0):
     return torch.randn(V, E, generator=g) * scale / E ** 0.5, g
 
 
+# the screen's bf16 GEMM: the packed small-M kernel at this CPU's best ISA and forced to AVX2, and torch.mm
+SCREEN_ISAS = ["auto", "avx2", "torch"]
+
+
+@pytest.mark.parametrize("isa", SCREEN_ISAS)
 @pytest.mark.parametrize("V,E", SHAPES)
 @pytest.mark.parametrize("n", [1, 3, 8])
-def test_ids_equal_float64_argmax(V, E, n):
+def test_ids_equal_float64_argmax(V, E, n, isa, monkeypatch):
+    monkeypatch.setenv("BLIP2_FAST_LINEAR_ISA", isa)
     w, g = _head(V, E, seed=V + n)
     head = ScreenedArgmax(w)
     for scale in (0.01, 1.0, 30.0):  # logits from nearly flat to widely spread
@@ -31,15 +37,17 @@ def test_ids_equal_float64_argmax(V, E, n):
         assert argmax_ref(h, w).tolist() == want, scale
 
 
+@pytest.mark.parametrize("isa", SCREEN_ISAS)
 @pytest.mark.parametrize("V,E", SHAPES[:3])
-def test_bound_holds(V, E):
+def test_bound_holds(V, E, isa, monkeypatch):
     """The per-row bound must cover the screened logits' true error for every token (else the
-    argmax could be screened out); 20 rows, float64 truth."""
+    argmax could be screened out); 20 rows, float64 truth; each GEMM the screen can run."""
+    monkeypatch.setenv("BLIP2_FAST_LINEAR_ISA", isa)
     w, g = _head(V, E, seed=7)
     head = ScreenedArgmax(w)
     h = torch.randn(20, E, generator=g) * torch.logspace(-2, 2, 20)[:, None]
     hb = h.bfloat16()
-    a = torch.mm(head.wb, hb.t()).t().float().contiguous()
+    a = head.screen_logits(h, hb)
     err = (h.double() @ w.double().t() - a.double()).abs().amax(1)
     bound = head._bound(h, hb, a).double()
     assert (err <= bound).all(), (err / bound).max()

@@ -10,17 +10,24 @@ import torch.nn.functional as F
 from .params import as_param, concat_param, take_param
 
 
-class Linear(nn.Module):
-    """y = x @ weightᵀ + bias. x [..., n_in] -> [..., n_out].
+ACTIVATIONS = ("none", "relu", "gelu")
 
-    The one place where a model's linear layers are applied: a faster linear (a prepacked small-M
-    CPU GEMM, a quantized weight) replaces `forward` here, for every layer at once.
+
+class Linear(nn.Module):
+    """y = act(x @ weightᵀ + bias). x [..., n_in] -> [..., n_out]; act "none", "relu" or "gelu" (erf).
+
+    The one place where a model's linear layers are applied. `pack(ops.linear)` (done once at load by
+    `pack_linears`) gives it the op layer's prepared form of the weight; on a CPU that is the small-M
+    kernel's packed copy (blip2_fast/linear_cpu.py), which then runs every float32 call with the bias
+    and activation fused and, with `out=`, writes into a caller's buffer. `weight` / `bias` stay the
+    checkpoint's parameters (state_dict, parameters()); the packed copy is not one of them.
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None):
         super().__init__()
         self.weight = weight
         self.bias = bias
+        self.packed = None  # the prepared weight when `pack` found one that helps, else F.linear
 
     @classmethod
     def load(cls, src, name: str, n_out: int, n_in: int, *, bias: bool = True, dtype=None) -> Linear:
@@ -46,8 +53,40 @@ class Linear(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def pack(self, make) -> bool:
+        """Prepare the weight once with `make(weight, bias)` (the bound `linear` op's fast form).
+        Kept only for a float32 CPU weight whose prepared form runs a packed kernel (not F.linear
+        again: that would only add a call); returns whether it was kept."""
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            return False
+        lin = make(w, self.bias)
+        if getattr(lin, "packed", None) is None:  # the reference op, or PackedLinear's "torch" fallback
+            return False
+        self.packed = lin
+        return True
+
+    def forward(self, x: torch.Tensor, activation: str = "none", out: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.packed
+        if p is not None and x.dtype == torch.float32:
+            return p(x, activation, out)
+        y = F.linear(x, self.weight, self.bias)
+        if activation != "none":
+            if activation not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+            y = F.relu(y) if activation == "relu" else F.gelu(y)
+        return y if out is None else out.copy_(y)
+
+
+def pack_linears(root: nn.Module, ops) -> int:
+    """Pack every `Linear` under `root` with the bound `linear` op (`ops.linear`), once, at load:
+    only when that op is the fast one (the reference backend keeps F.linear, the spec). Returns how
+    many were packed. Memory: each packed weight is a second copy of its fp32 weight (padded to 32
+    output columns), beside the checkpoint parameter that state_dict() returns."""
+    if ops.impls.get("linear") != "fast":
+        return 0
+    with torch.no_grad():
+        return sum(m.pack(ops.linear) for m in root.modules() if isinstance(m, Linear))
 
 
 def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

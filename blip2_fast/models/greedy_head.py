@@ -5,7 +5,9 @@ decode step (50304 x 512 x 8: 11 ms of a 29 ms step on 2 cores). With bf16 matri
 (AVX512-BF16 / AMX) the same product in bf16 takes 1.5 ms. Its logits are off by a bounded amount,
 so they are used only to *screen*:
 
-  1. a_v = bf16(h) · bf16(w_v) for every v (bf16 GEMM, fp32 accumulation, bf16 result);
+  1. a_v = bf16(h) · bf16(w_v) for every v (bf16 GEMM, fp32 accumulation; on an x86 CPU with
+     AVX2 or better the small-M kernel's packed bf16 head, `linear_cpu.PackedLinear`, with an fp32
+     result, else torch.mm with a bf16 one);
   2. per row, a bound B >= |h · w_v - a_v| that holds for every v (see `_bound`);
   3. the true argmax t* satisfies a_t* >= max_v a_v - 2B, so only those candidates (usually 1 to 3)
      can win; their logits are recomputed in fp32 and the best taken (ties: the lowest id, as
@@ -76,18 +78,25 @@ def _native_bf16() -> bool:
 class ScreenedArgmax:
     """Greedy ids from hidden states [n, E] and an fp32 head weight [V, E] (see the module docstring).
 
-    Keeps a bf16 copy of the weight (half the fp32 head's memory) and three scalars.
+    Keeps a bf16 copy of the weight (half the fp32 head's memory: packed for the small-M kernel, or
+    a plain bf16 matrix where that kernel cannot run) and three scalars.
     """
 
     def __init__(self, weight: torch.Tensor, chunk: int = 8192):
         assert weight.dim() == 2 and weight.dtype == torch.float32, (weight.shape, weight.dtype)
+        from ..linear_cpu import PackedLinear, resolve_isa
+
         self.weight = weight
-        self.wb = weight.bfloat16()
+        # the packed kernel streams the bf16 head at close to the memory bandwidth (oneDNN's bf16 GEMM
+        # reads it at 7-10 GB/s with 1-32 rows); its sums obey the same fp32 bound (linear_cpu's docstring)
+        self.packed = PackedLinear(weight, dtype=torch.bfloat16) if resolve_isa() not in ("torch", "scalar") else None
+        self.wb = None if self.packed is not None else weight.bfloat16()
         K = weight.shape[1]
         w_max = r_max = wb_max = 0.0
         for s in range(0, weight.shape[0], chunk):  # chunks: no second fp32 copy of the head at once
             # norms in float64: squares of tiny fp32 values would underflow to 0 and void the bound
-            w, wb = weight[s: s + chunk].double(), self.wb[s: s + chunk].double()
+            w = weight[s: s + chunk].double()
+            wb = weight[s: s + chunk].bfloat16().double()
             w_max = max(w_max, float(w.norm(dim=1).max()))
             r_max = max(r_max, float((w - wb).norm(dim=1).max()))
             wb_max = max(wb_max, float(wb.norm(dim=1).max()))
@@ -104,13 +113,19 @@ class ScreenedArgmax:
         b = b + 2.0 ** -120 * self.K * (1.0 + self.w_max + hb64.norm(dim=1))
         return (b * _SAFETY).float()
 
+    def screen_logits(self, h: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
+        """The screened logits a [n, V] (fp32, row-contiguous) of h [n, E] fp32 and hb = bf16(h)."""
+        if self.packed is not None:
+            return self.packed(h)  # bf16(h) · bf16(w), fp32 sums and result
+        # (wb @ hbᵀ)ᵀ: BLAS runs the tall-skinny product faster (see layers.lm_head)
+        # row-contiguous fp32 before any reduction: reducing the transposed view is 10x slower
+        return torch.mm(self.wb, hb.t()).t().float().contiguous()  # bf16 values, fp32-accumulated
+
     def __call__(self, hidden: torch.Tensor, banned: list[list[int]] | None = None) -> list[int]:
         """Greedy ids for hidden [n, E] (fp32); banned[i] ids are excluded from row i (min_new_tokens)."""
         h = hidden.float().contiguous()
         hb = h.bfloat16()
-        # (wb @ hbᵀ)ᵀ: BLAS runs the tall-skinny product faster (see kv.lm_head)
-        # row-contiguous fp32 before any reduction: reducing the transposed view is 10x slower
-        a = torch.mm(self.wb, hb.t()).t().float().contiguous()  # (n, V), bf16 values, fp32-accumulated
+        a = self.screen_logits(h, hb)
         bound = self._bound(h, hb, a)
         _ban(a, banned)
         thr = a.amax(dim=1) - 2 * bound  # (n,): candidates score at least this

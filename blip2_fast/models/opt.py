@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import OPTConfig
-from ..layers import AttnMeta, Linear, PagedAttention, lm_head, take_param
+from ..layers import AttnMeta, Linear, PagedAttention, lm_head, pack_linears, take_param
 from ..ops import BoundOps
 from ..weights import WeightSource
 
@@ -33,7 +33,7 @@ class OPTBlock(nn.Module):
         super().__init__()
         E, F_ = cfg.hidden, cfg.ffn
         self.ops, self.heads, self.pre_norm = ops, cfg.heads, cfg.pre_norm
-        self.relu = cfg.act == "relu"
+        self.act = "relu" if cfg.act == "relu" else "gelu"
         a = p + "self_attn."
         # OPT scales q after its projection; folding the scale into the weights saves a pass
         self.qkv = Linear.fused(src, [a + "q_proj", a + "k_proj", a + "v_proj"], [E] * 3, E, bias=cfg.bias,
@@ -53,9 +53,7 @@ class OPTBlock(nn.Module):
         return self.out_proj(a)
 
     def ffn(self, h):
-        h = self.fc1(h)
-        h = F.relu(h) if self.relu else F.gelu(h)
-        return self.fc2(h)
+        return self.fc2(self.fc1(h, self.act))  # the activation fused into fc1 where it is packed
 
     def forward(self, x, meta, cache, eps):
         ln = self.ops.layer_norm
@@ -87,6 +85,7 @@ class OPT(nn.Module):
         head = p + "lm_head.weight"
         # tied (transformers' default): the head is the embedding, whatever copy of it the checkpoint saved
         self.lm_head = self.embed if cfg.tie_embeddings else take_param(src, head, (cfg.vocab, W))
+        pack_linears(self, ops)  # on a CPU: every projection through the small-M kernel (decode)
 
     @property
     def num_layers(self):

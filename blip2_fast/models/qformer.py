@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..config import QFormerConfig
 from ..ops import BoundOps
-from ..layers import Linear, take_param
+from ..layers import Linear, pack_linears, take_param
 from ..weights import WeightSource
 
 
@@ -37,7 +37,10 @@ class _FFN(nn.Module):
         self.out = _AttnOut(cfg, ops, src, p_out, cfg.mlp)
 
     def forward(self, x):
-        return self.out(self.ops.linear_gelu(x, self.dense.weight, self.dense.bias, self.approx), x)
+        d = self.dense
+        if d.packed is not None and self.approx == "none":
+            return self.out(d(x, "gelu"), x)  # GELU in the packed kernel's epilogue
+        return self.out(self.ops.linear_gelu(x, d.weight, d.bias, self.approx), x)
 
 
 class QFormerLayer(nn.Module):
@@ -99,6 +102,7 @@ class QFormer(nn.Module):
         # all cross layers' K and V projections of the image features stacked: one GEMM per image batch
         names = [f"{p}encoder.layer.{i}.crossattention.attention.{n}" for i in cross for n in ("key", "value")]
         self.image_kv_proj = Linear.fused(src, names, [Hd] * len(names), cfg.encoder_hidden) if cross else None
+        pack_linears(self, ops)
 
     def image_kv(self, image_embeds: torch.Tensor) -> list:
         """K/V of the image patches for every cross-attention layer, from one GEMM."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import T5Config
 from ..ops import BoundOps
 from ..weights import WeightSource
-from ..layers import AttnMeta, Linear, PagedAttention, lm_head, take_param
+from ..layers import AttnMeta, Linear, PagedAttention, lm_head, pack_linears, take_param
 
 
 def relative_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -88,12 +88,18 @@ class T5Block(nn.Module):
     def ffn(self, h):
         wo_dtype = self.wo.weight.dtype
         if self.gated:
-            w0 = self.wi0.weight
-            g = F.relu(self.wi0(h)) if self.relu else self.ops.linear_gelu(h, w0, None, self.approx)
+            g = self._act(self.wi0, h)
             return self.wo((g * self.wi1(h)).to(wo_dtype))
-        h = self.wi(h)
-        h = F.relu(h) if self.relu else F.gelu(h, approximate=self.approx)
-        return self.wo(h.to(wo_dtype))
+        return self.wo(self._act(self.wi, h).to(wo_dtype))
+
+    def _act(self, lin: Linear, h):
+        """act(lin(h)): fused into a packed linear where its kernel has the activation (relu, erf GELU;
+        Flan-T5's tanh GELU is a second pass), else the op layer's linear_gelu."""
+        if self.relu:
+            return lin(h, "relu")
+        if lin.packed is None:
+            return self.ops.linear_gelu(h, lin.weight, lin.bias, self.approx)
+        return lin(h, "gelu") if self.approx == "none" else F.gelu(lin(h), approximate=self.approx)
 
     def self_attention(self, h, bias, meta: AttnMeta, cache):
         B, S, _ = h.shape
@@ -136,6 +142,7 @@ class T5(nn.Module):
         head = p + "lm_head.weight"
         # tied (transformers' default): the head is the embedding, whatever copy of it the checkpoint saved
         self.lm_head = self.shared if cfg.tie_embeddings else take_param(src, head, (cfg.vocab, D))
+        pack_linears(self, ops)  # on a CPU: every projection through the small-M kernel (decode)
 
     @property
     def num_layers(self):
