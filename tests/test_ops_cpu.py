@@ -149,7 +149,7 @@ def test_layer_norm_with_and_without_residual(N, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_cpu_matches_the_reference(dtype):
-    """The CPU write_kv (a custom op around the reference's scatter): the same cache contents,
+    """The CPU write_kv (the reference's scatter; a custom op under torch.compile): the same cache contents,
     padding slots (negative) skipped, strided k/v views of a fused qkv, values cast to the cache's dtype."""
     from blip2_fast.reference import write_kv_ref
 
@@ -165,3 +165,25 @@ def test_write_kv_cpu_matches_the_reference(dtype):
     ops_cpu.write_kv(k, v, *caches, slots)
     assert all(torch.equal(a, b) for a, b in zip(caches, want))
     assert ops.get("write_kv", "fast", "cpu") is ops_cpu.write_kv
+
+
+def test_write_kv_cpu_traces_with_fullgraph():
+    """Under torch.compile(fullgraph=True) the data-dependent padding check is inside one opaque
+    custom op (blip2_fast::write_kv_cpu), so a decode step traces; it still writes the cache."""
+    from blip2_fast.reference import write_kv_ref
+
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 5, 3, 16, generator=g).unbind(0)
+    slots = torch.tensor([3, -1, 7, 0, 12])
+    kc, vc = torch.zeros(4, 4, 3, 16), torch.zeros(4, 4, 3, 16)
+    kr, vr = kc.clone(), vc.clone()
+    torch.library.opcheck(torch.ops.blip2_fast.write_kv_cpu.default, (k, v, kc.clone(), vc.clone(), slots),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def step(k, v, kc, vc, slots):
+        ops_cpu.write_kv(k * 2, v * 2, kc, vc, slots)
+        return kc.sum()
+
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(k, v, kc, vc, slots)
+    write_kv_ref(k * 2, v * 2, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr) and torch.allclose(out, kr.sum())
