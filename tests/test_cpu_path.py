@@ -141,3 +141,25 @@ def test_cpu_benchmarks_run_quick(tmp_path):
     rows = step["decode_steps"]
     assert [(r["preset"], r["batch"]) for r in rows] == [(p, b) for p in ("blip2-opt-tiny", "blip2-t5-tiny") for b in (1, 2)]
     assert all(r["floor_ms"] > 0 and r["packed_ms"] > 0 and r["bytes"]["linears"] > 0 for r in rows)
+
+
+def test_no_packing_when_the_copies_would_not_fit(ckpt, monkeypatch):
+    """The packed copies are a second copy of every fp32 weight: where they would take more than half
+    the memory available, a load packs nothing, says so once per model part, and still computes
+    the model (the same logits as the reference backend within the fp32 rule)."""
+    if not _packs():
+        pytest.skip(f"the packed kernel does not run here ({resolve_isa()})")
+    from blip2_fast.engine import limits
+
+    d, hf = ckpt("opt")
+    monkeypatch.setattr(limits, "available_memory", lambda device: 64 * 1024)  # 64 KiB: nothing fits
+    with pytest.warns(UserWarning, match=r"not packing .* linear layers .* more than half of the 64\.0 KiB available"):
+        fast = blip2_fast.load(d, backend="fast")
+    assert all(x.packed is None for x in _linears(fast).values())
+    monkeypatch.undo()
+    ref = blip2_fast.load(d, backend="reference")
+    pv, ids, mask = image_prompt(hf, 2, pads=((1, 2),))
+    a = fast(pixel_values=pv, input_ids=ids, attention_mask=mask).logits
+    b = ref(pixel_values=pv, input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert ((a - b).abs()[valid].max() / b[valid].abs().max()).item() <= 1e-4

@@ -1,12 +1,14 @@
 """The linear layer every model applies, and the LM head product."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..linear_cpu import resolve_isa
 from .params import as_param, concat_param, take_param
 
 
@@ -82,11 +84,32 @@ def pack_linears(root: nn.Module, ops) -> int:
     """Pack every `Linear` under `root` with the bound `linear` op (`ops.linear`), once, at load:
     only when that op is the fast one (the reference backend keeps F.linear, the spec). Returns how
     many were packed. Memory: each packed weight is a second copy of its fp32 weight (padded to 32
-    output columns), beside the checkpoint parameter that state_dict() returns."""
+    output columns), beside the checkpoint parameter that state_dict() returns; when the copies of
+    `root`'s layers would take more than half the memory available, none is packed (a warning says so)."""
     if ops.impls.get("linear") != "fast":
         return 0
+    layers = [m for m in root.modules() if isinstance(m, Linear)]
+    need = sum(_packed_bytes(m.weight) for m in layers)
+    if need and resolve_isa() != "torch":  # (with "torch" nothing is packed: no copy to pay for)
+        from ..engine.limits import available_memory, format_bytes  # (lazy: engine imports layers)
+
+        avail = available_memory(torch.device("cpu"))
+        if need > avail // 2:  # a second copy must not take the memory activations and the KV cache need
+            warnings.warn(f"blip2_fast: not packing the {type(root).__name__}'s {len(layers)} linear layers for "
+                          f"the CPU kernel: their packed copies need {format_bytes(need)} beside the weights, "
+                          f"more than half of the {format_bytes(avail)} available; they run through F.linear "
+                          "(BLIP2_FAST_LINEAR_ISA=torch turns packing off without this warning)", stacklevel=2)
+            return 0
     with torch.no_grad():
-        return sum(m.pack(ops.linear) for m in root.modules() if isinstance(m, Linear))
+        return sum(m.pack(ops.linear) for m in layers)
+
+
+def _packed_bytes(w: torch.Tensor) -> int:
+    """Bytes of a packed copy of `w` (a float32 CPU weight [N, K]; output columns padded to 32)."""
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return 0
+    n, k = w.shape
+    return -(-n // 32) * 32 * k * 4
 
 
 def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
