@@ -165,4 +165,4 @@ def decode(data: bytes, policy: MediaPolicy, param: str):
         raise too_large("the image", policy.max_image_pixels, "pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise bad_request("the image could not be decoded (expected PNG, JPEG or WebP)", param) from None
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")  # an RGB file needs no copy

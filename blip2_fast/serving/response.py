@@ -229,21 +229,23 @@ class Run:
         try:
             if self.job.kind == "chat":  # the role first, as OpenAI streams it
                 yield self._chunk([self._piece(c, "", None) for c in self.choices])
+            tail = ""  # the last text, the finish, an error, the usage and [DONE] leave in one write
             while True:
                 pieces = self._pieces()
+                if self.done:
+                    tail = self._chunk(pieces) if pieces else ""
+                    break
                 if pieces:
                     yield self._chunk(pieces)
-                if self.done:
-                    break
                 await self._next()
             errors = [c.error for c in self.choices if c.finish_reason == "error"]
             if errors:
                 status = "error"
                 err = APIError(503 if self.stopped else 500, errors[0] or "generation failed")
-                yield f"data: {json.dumps(err.body())}\n\n"
+                tail += f"data: {json.dumps(err.body())}\n\n"
             if self.job.include_usage:
-                yield self._chunk([], self.usage())
-            yield "data: [DONE]\n\n"
+                tail += self._chunk([], self.usage())
+            yield tail + "data: [DONE]\n\n"
         except BaseException:
             status = "client-disconnected"
             raise
