@@ -11,7 +11,6 @@ import os
 import sys
 
 log = logging.getLogger("blip2_fast.serving")
-SWITCH_INTERVAL_S = 0.0005  # sys.setswitchinterval in the server process (serve_app)
 
 
 def _json_object(text: str) -> dict:
@@ -111,10 +110,6 @@ def serve_app(app, host: str, port: int, shutdown_timeout: float, log_level: str
 
     import uvicorn
 
-    # the engine thread gives up the GIL in every torch op and, to get it back from the event loop or
-    # the preprocessing thread, waits up to the switch interval (5 ms by default) once per op: a
-    # decode step of a few ms could wait longer than it computes. 0.5 ms bounds that wait
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     # uvicorn picks httptools (HTTP parsing in C) and uvloop when installed (the serve extra has them)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout)
