@@ -15,7 +15,8 @@ or the in-process engine: on a machine shared with other jobs this is the steadi
 JSON and a PNG plot. The server is started as a subprocess
 (`python -m blip2_fast serve --port 0`) unless --url names a running one; the in-process engine
 loads the same checkpoint in this process. TTFT and the gaps between streamed chunks are measured by
-the client; in-process, from add_request to the first output with tokens.
+the client; in-process, from add_request to the first output with tokens. The load generator is a
+lean HTTP/1.1 client on asyncio streams (it shares the server's cores; --client httpx for httpx).
 """
 from __future__ import annotations
 
@@ -81,56 +82,159 @@ def _summary(wall: float, reqs: list[dict]) -> dict:
 
 
 # ---- over HTTP ----------------------------------------------------------------------------------
-async def _http_run(url: str, model: str, work, concurrency: int, arrivals, max_tokens: int, api_key=None) -> dict:
+def _chat_body(model: str, png: bytes, q: str, max_tokens: int) -> bytes:
     import base64
 
-    import httpx
+    return json.dumps({"model": model, "stream": True, "stream_options": {"include_usage": True},
+                       "max_tokens": max_tokens, "min_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": [
+                           {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                           {"type": "text", "text": q}]}]}).encode()
+
+
+class _Stream:
+    """Client-side timing of one streamed request: TTFT, the gaps between chunks with content, and
+    the completion tokens the final usage chunk reports."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.first = self.last = None
+        self.gaps, self.tokens = [], 0
+
+    def event(self, payload: bytes) -> None:
+        if payload == b"[DONE]":
+            return
+        ev = json.loads(payload)
+        if ev.get("usage"):
+            self.tokens = ev["usage"]["completion_tokens"]
+        if ev.get("choices") and ev["choices"][0]["delta"].get("content"):
+            now = time.perf_counter()
+            if self.first is None:
+                self.first = now
+            else:
+                self.gaps.append(now - self.last)
+            self.last = now
+
+    def result(self) -> dict:
+        return {"ttft": self.first - self.t0, "gaps": self.gaps, "e2e": time.perf_counter() - self.t0,
+                "tokens": self.tokens}
+
+
+class _Conn:
+    """A lean HTTP/1.1 client on asyncio streams: one keep-alive connection, a POST, its chunked
+    server-sent events split as they arrive. The load generator shares the server's cores, so each
+    CPU ms it spends per request is taken from the server (httpx cost several ms per request)."""
+
+    def __init__(self, host: str, port: int, headers: dict):
+        self.host, self.port = host, port
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.reader = self.writer = None
+
+    async def _open(self):
+        if self.writer is None or self.writer.is_closing() or self.reader.at_eof():
+            await self.close()
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+            self.writer = None
+
+    async def post_sse(self, path: str, body: bytes, stream: _Stream) -> None:
+        await self._open()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n{self.extra}\r\n").encode()
+        self.writer.write(head + body)
+        r = self.reader
+        status_line, *lines = (await r.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines if ln)}
+        chunked = hdrs.get("transfer-encoding", "").lower() == "chunked"
+        buf = b""
+        if chunked:
+            while True:
+                size = int((await r.readline()).split(b";", 1)[0], 16)
+                if size == 0:
+                    while (await r.readline()) not in (b"\r\n", b""):  # trailers
+                        pass
+                    break
+                buf += (await r.readexactly(size + 2))[:-2]
+                if status == 200:
+                    *events, buf = buf.split(b"\n\n")
+                    for e in events:
+                        if e.startswith(b"data: "):
+                            stream.event(e[6:])
+        else:
+            buf = await r.readexactly(int(hdrs.get("content-length", 0)))
+        if hdrs.get("connection", "").lower() == "close":
+            await self.close()
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {buf[:300]!r}")
+
+
+async def _http_run(url: str, model: str, work, concurrency: int, arrivals, max_tokens: int, api_key=None,
+                    client: str = "lean") -> dict:
+    """The workload through HTTP: `concurrency` closed-loop clients (or one per Poisson arrival),
+    each streaming its requests with the lean client (`client="httpx"`: with httpx, as before)."""
+    from urllib.parse import urlsplit
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     results = []
+    if client == "httpx":
+        import httpx
 
-    async def one(c, png, q):
-        body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
-                "min_tokens": max_tokens,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
-                    {"type": "text", "text": q}]}]}
-        t0 = time.perf_counter()
-        first, last, gaps, tokens = None, None, [], 0
-        async with c.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                ev = json.loads(line[6:])
-                if ev.get("usage"):
-                    tokens = ev["usage"]["completion_tokens"]
-                if ev.get("choices") and ev["choices"][0]["delta"].get("content"):
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now
-                    else:
-                        gaps.append(now - last)
-                    last = now
-        results.append({"ttft": first - t0, "gaps": gaps, "e2e": time.perf_counter() - t0, "tokens": tokens})
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        hx = httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+        async def one(_conn, png, q):
+            body = _chat_body(model, png, q, max_tokens)
+            st = _Stream()
+            async with hx.stream("POST", "/v1/chat/completions", content=body,
+                                 headers={**headers, "Content-Type": "application/json"}) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        st.event(line[6:].encode())
+            results.append(st.result())
+    else:
+        hx = None
+
+        async def one(conn, png, q):
+            body = _chat_body(model, png, q, max_tokens)
+            st = _Stream()
+            await conn.post_sse("/v1/chat/completions", body, st)
+            results.append(st.result())
+
+    u = urlsplit(url)
+    new_conn = lambda: _Conn(u.hostname, u.port or 80, headers)  # noqa: E731
+    conns = []
+    try:
         t0 = time.perf_counter()
         if arrivals is None:  # closed loop: `concurrency` clients, each sending its next request when done
             it = iter(work)
 
-            async def client():
+            async def client_loop():
+                conns.append(conn := new_conn())
                 for png, q in it:
-                    await one(c, png, q)
-            await asyncio.gather(*(client() for _ in range(concurrency)))
+                    await one(conn, png, q)
+            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         else:
             async def at(t, png, q):
                 await asyncio.sleep(max(0.0, t0 + t - time.perf_counter()))
-                await one(c, png, q)
+                conns.append(conn := new_conn())
+                await one(conn, png, q)
             await asyncio.gather(*(at(t, png, q) for t, (png, q) in zip(arrivals, work)))
         wall = time.perf_counter() - t0
+    finally:
+        for c in conns:
+            await c.close()
+        if hx is not None:
+            await hx.aclose()
     return _summary(wall, results)
 
 
@@ -292,6 +396,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--runs", type=int, default=3, help="interleaved rounds of all three ways")
     ap.add_argument("--no-one-at-a-time", action="store_true", help="skip the http-1 way (it is the slowest)")
+    ap.add_argument("--client", default="lean", choices=["lean", "httpx"],
+                    help="the load generator's HTTP client: lean (asyncio streams) or httpx")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="output (default bench/results/serve-<date>.json; the PNG beside it)")
     a = ap.parse_args(argv)
@@ -314,12 +420,13 @@ def main(argv=None) -> dict:
         engine = blip2_fast.Engine(model, max_num_seqs=max(a.clients, 1))
         processor = processor_for(model)
         conc = a.clients if a.rate is None else a.requests
-        ways = {"http": lambda w: asyncio.run(_http_run(url, name, w, conc, arrivals, a.max_tokens, a.api_key)),
+        ways = {"http": lambda w: asyncio.run(_http_run(url, name, w, conc, arrivals, a.max_tokens, a.api_key,
+                                                        a.client)),
                 "engine": lambda w: _engine_run(engine, model, processor, w, conc, arrivals, a.max_tokens)}
         if not a.no_one_at_a_time:
-            ways["http-1"] = lambda w: asyncio.run(_http_run(url, name, w, 1, None, a.max_tokens, a.api_key))
+            ways["http-1"] = lambda w: asyncio.run(_http_run(url, name, w, 1, None, a.max_tokens, a.api_key, a.client))
         warm = _workload(4, a.seed - 1)  # warm-up: first-call costs (allocator, extension loading) in both processes
-        asyncio.run(_http_run(url, name, warm, 2, None, 4, a.api_key))
+        asyncio.run(_http_run(url, name, warm, 2, None, 4, a.api_key, a.client))
         _engine_run(engine, model, processor, warm, 2, None, 4)
         server_pid = proc.pid if proc is not None else None
         rounds = []
@@ -345,6 +452,7 @@ def main(argv=None) -> dict:
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "model": model_dir.name,
            "backend": a.backend or "default", "requests": a.requests, "max_tokens": a.max_tokens,
            "concurrency": None if a.rate is not None else a.clients, "rate": a.rate, "runs": a.runs,
+           "client": a.client,
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch_threads": torch.get_num_threads(),
                        "note": "shared with other jobs while measured: absolute figures are contended"},

@@ -115,3 +115,26 @@ def test_serve_reports_a_bad_model_directory(tmp_path):
     r = subprocess.run([sys.executable, "-m", "blip2_fast", "serve", "--model", str(tmp_path), "--port", "0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "processor" in r.stderr
+
+
+def test_the_benchmarks_lean_client_streams_against_the_server(demo_dir):
+    """bench.serve's load generator (a lean HTTP/1.1 client on asyncio streams, keep-alive, chunked
+    server-sent events): every request of a closed loop comes back with its exact token count, as
+    with httpx, and an HTTP error is raised with its status, not read as a stream."""
+    import asyncio
+
+    from bench import serve as bench_serve
+
+    srv = Server("--model", str(demo_dir), "--backend", "reference", "--max-num-seqs", "4", "--api-key", "k2")
+    try:
+        url = f"http://127.0.0.1:{srv.port}"
+        work = bench_serve._workload(5, seed=7)  # 5 requests over 2 connections: each is reused
+        for client in ("lean", "httpx"):
+            res = asyncio.run(bench_serve._http_run(url, "ckpt", work, 2, None, 6, "k2", client))
+            assert res["requests"] == 5 and res["output_tokens_per_s"] > 0, (client, res)
+            # tokens per request, from each stream's final usage chunk (both figures are rounded)
+            assert abs(res["output_tokens_per_s"] / res["requests_per_s"] - 6) < 0.02, (client, res)
+        with pytest.raises(RuntimeError, match="HTTP 401"):
+            asyncio.run(bench_serve._http_run(url, "ckpt", work[:1], 1, None, 6, "wrong", "lean"))
+    finally:
+        srv.stop()

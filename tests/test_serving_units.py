@@ -132,3 +132,73 @@ def test_media_byte_limits_and_schemes(tmp_path):
         media.decode(buf.getvalue(), media.MediaPolicy(), "image")
     with pytest.raises(ValueError, match="max_image_pixels"):
         media.MediaPolicy(max_image_pixels=0)
+
+
+def _bpe_tokenizer(**kw):
+    """A byte-level BPE tokenizer (as OPT's) trained here on a small corpus with multi-byte text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["a cat sat on the mat .", "Über den Wolken , 日本語 text !", "what is in the picture ? a dog"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", **kw)
+
+
+@pytest.mark.parametrize("kind", ["demo", "bpe", "bpe-clean-up"])
+def test_the_servers_decoder_gives_the_tokenizers_decode(kind, tmp_path):
+    """inputs.decoder (the Rust decode called directly where that is the same) against
+    tokenizer.decode(skip_special_tokens=True), on random ids with special tokens and cut
+    multi-byte characters; with clean-up on it must fall back to the tokenizer's own decode."""
+    from blip2_fast.demo import build_demo_checkpoint
+    from blip2_fast.generation import load_processor
+    from blip2_fast.serving import inputs
+
+    if kind == "demo":
+        tok = load_processor(build_demo_checkpoint(tmp_path / "ckpt")).tokenizer
+    else:
+        tok = _bpe_tokenizer(clean_up_tokenization_spaces=kind == "bpe-clean-up",
+                             clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    fast = inputs.decoder(tok)
+    assert (fast.func == tok._tokenizer.decode) == (kind != "bpe-clean-up")  # the path under test
+    rng = random.Random(3)
+    n = len(tok)
+    for _ in range(300):
+        ids = [rng.randrange(n) for _ in range(rng.randint(0, 30))]
+        assert fast(ids) == inputs.decode(tok, ids), ids
+
+
+def test_stream_chunks_are_the_whole_object_serialized():
+    """Run._chunk builds each chunk from a head and tail made once per request: the bytes must be
+    those of the chunk object serialized whole, for both kinds, with and without usage."""
+    import json
+    from types import SimpleNamespace
+
+    from blip2_fast.serving.protocol import parse_completion
+    from blip2_fast.serving.response import Run
+
+    server = SimpleNamespace(model_name='m"ü\\n')
+    rng = random.Random(5)
+    for kind in ("chat", "completion"):
+        for usage in (False, True):
+            body = {"stream": True, "stream_options": {"include_usage": usage}}
+            if kind == "chat":
+                parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
+                job = parse_chat({**body, "messages": [{"role": "user", "content": parts}]}, max_n=4)
+            else:
+                job = parse_completion({**body, "prompt": "hi", "image": "data:image/png;base64,AA=="}, max_n=4)
+            run = Run(server, f"id-{kind}", job, 1, 7, 0.0)
+            for _ in range(20):
+                delta = "".join(rng.choice(['"', "\\", "ü", "日", "\n", "a", " ", "\u2028"]) for _ in range(5))
+                pieces = [{"index": i, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}
+                          for i in range(rng.randint(0, 2))]
+                obj = {"id": run.rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                       "created": run.created, "model": server.model_name, "choices": pieces}
+                if usage:
+                    obj["usage"] = None
+                want = f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+                assert run._chunk(pieces) == want
+                assert json.loads(run._chunk(pieces)[6:]) == obj

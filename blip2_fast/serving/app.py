@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import copy
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -129,6 +130,10 @@ class _Server:
         # decoding runs on the event loop while the preprocessing thread tokenizes: a fast tokenizer is
         # not safe to share across threads, so the loop decodes with its own copy
         self.tokenizer = copy.deepcopy(self.processor.tokenizer)
+        self.decode = inputs.decoder(self.tokenizer)  # ids -> text, as inputs.decode gives it
+        # request ids: unique per server without a system call per request (uuid4 reads urandom)
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:16]
         src = getattr(model, "source_dir", None)
         self.model_name = model_name or (src.name if src is not None else "blip2")
         self.api_key, self.max_queue, self.policy, self.max_body_bytes = api_key, max_queue, policy, max_body_bytes
@@ -189,7 +194,7 @@ class _Server:
     # ---- a generation request --------------------------------------------------------------------
     async def generate(self, request: Request, kind: str):
         t0 = time.monotonic()
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{self._id_prefix}{next(self._ids):016x}"
         request.state.rid = rid
         self.authorize(request)
         body = await self.read_json(request)

@@ -110,6 +110,7 @@ def serve_app(app, host: str, port: int, shutdown_timeout: float, log_level: str
 
     import uvicorn
 
+    # uvicorn picks httptools (HTTP parsing in C) and uvloop when installed (the serve extra has them)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout)
     server = uvicorn.Server(config)

@@ -6,6 +6,7 @@ checkpoint defaults, the same decode (`skip_special_tokens`, stripped).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -80,3 +81,21 @@ def choice_params(p: SamplingParams, n: int) -> list[SamplingParams]:
 def decode(tokenizer, token_ids: list[int]) -> str:
     """Generated ids -> text as model.caption / model.answer return it (not yet stripped)."""
     return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def decoder(tokenizer):
+    """`ids -> decode(tokenizer, ids)`, the same text, made once per server: a stream decodes its
+    whole text at every token, and transformers' wrapper around a fast tokenizer's Rust decode cost
+    three times the decode itself there. Where the wrapper does no more than call it (the backend's
+    own `_decode`, its clean-up step off), the Rust decode is called directly; any other tokenizer
+    decodes through `decode`."""
+    try:
+        from tokenizers import Tokenizer
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: the general path
+        return functools.partial(decode, tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (isinstance(backend, Tokenizer) and type(tokenizer)._decode is TokenizersBackend._decode
+            and type(tokenizer).decode is TokenizersBackend.decode and not tokenizer.clean_up_tokenization_spaces):
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(decode, tokenizer)

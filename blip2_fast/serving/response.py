@@ -14,13 +14,14 @@ import time
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from . import inputs
 from .driver import Accepted, Progress, Rejected, Stopped
 from .errors import APIError, bad_request
 from .protocol import Job
 from .text import ChoiceText
 
 log = logging.getLogger("blip2_fast.serving")
+# one encoder for every chunk: json.dumps with options builds a new JSONEncoder per call
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class EventStream(StreamingResponse):
@@ -66,6 +67,12 @@ class Run:
         self.open = set(self.engine_ids)  # engine requests not finished
         self.stopped: str | None = None  # why the engine stopped under us
         self.created = int(time.time())
+        # a stream chunk is this head, the choices, this tail: the same bytes as the whole object
+        # serialized (the head's fields are fixed for the request), without rebuilding them per token
+        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        head = _dumps({"id": rid, "object": obj, "created": self.created, "model": server.model_name})
+        self._head = f"data: {head[:-1]},\"choices\":"
+        self._tail = ',"usage":null}\n\n' if job.include_usage else "}\n\n"
 
     # ---- events ----------------------------------------------------------------------------------
     async def wait_accepted(self) -> None:
@@ -121,7 +128,7 @@ class Run:
                 c.tokens = list(out.candidates[c.candidate]) if out.candidates else list(out.token_ids)
             else:
                 c.tokens = list(out.token_ids)
-            c.pending += c.text.update(inputs.decode(self.server.tokenizer, c.tokens), out.finished)
+            c.pending += c.text.update(self.server.decode(c.tokens), out.finished)
             if c.text.stopped:
                 c.finish_reason = "stop"
             elif out.finished and out.finish_reason == "abort":
@@ -187,11 +194,13 @@ class Run:
 
     # ---- a stream --------------------------------------------------------------------------------
     def _chunk(self, choices: list, usage=None) -> str:
+        if usage is None:
+            return self._head + _dumps(choices) + self._tail
         obj = {"id": self.rid, "object": "chat.completion.chunk" if self.job.kind == "chat" else "text_completion",
                "created": self.created, "model": self.server.model_name, "choices": choices}
         if self.job.include_usage:
             obj["usage"] = usage
-        return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        return f"data: {_dumps(obj)}\n\n"
 
     def _piece(self, c: _Choice, delta: str, finish) -> dict:
         if self.job.kind != "chat":
@@ -220,21 +229,23 @@ class Run:
         try:
             if self.job.kind == "chat":  # the role first, as OpenAI streams it
                 yield self._chunk([self._piece(c, "", None) for c in self.choices])
+            tail = ""  # the last text, the finish, an error, the usage and [DONE] leave in one write
             while True:
                 pieces = self._pieces()
+                if self.done:
+                    tail = self._chunk(pieces) if pieces else ""
+                    break
                 if pieces:
                     yield self._chunk(pieces)
-                if self.done:
-                    break
                 await self._next()
             errors = [c.error for c in self.choices if c.finish_reason == "error"]
             if errors:
                 status = "error"
                 err = APIError(503 if self.stopped else 500, errors[0] or "generation failed")
-                yield f"data: {json.dumps(err.body())}\n\n"
+                tail += f"data: {json.dumps(err.body())}\n\n"
             if self.job.include_usage:
-                yield self._chunk([], self.usage())
-            yield "data: [DONE]\n\n"
+                tail += self._chunk([], self.usage())
+            yield tail + "data: [DONE]\n\n"
         except BaseException:
             status = "client-disconnected"
             raise
