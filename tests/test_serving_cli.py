@@ -10,6 +10,10 @@ import threading
 
 import pytest
 
+# the server's extra (pip install -e ".[serve]"): without it these tests skip, not fail collection
+for _mod in ("fastapi", "uvicorn", "prometheus_client", "httpx"):
+    pytest.importorskip(_mod)
+
 import blip2_fast
 from blip2_fast.demo import build_demo_checkpoint
 from serving_helpers import data_url, images

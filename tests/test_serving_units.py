@@ -5,6 +5,10 @@ import io
 import random
 
 import pytest
+
+# the server's extra (pip install -e ".[serve]"): without it these tests skip, not fail collection
+for _mod in ("fastapi", "uvicorn", "prometheus_client", "httpx"):
+    pytest.importorskip(_mod)
 from PIL import Image
 
 from blip2_fast.serving import media
