@@ -161,6 +161,37 @@ class Blip2(nn.Module):
         both names, as in transformers."""
         return {name: p.ckpt_keys for name, p in self.named_parameters(remove_duplicate=False)}
 
+    # The model-card idiom `model.to(device)` after loading on that device is a no-op (it returns the
+    # model, as nn.Module does); a move to another device or dtype raises in _apply.
+    def _placed(self, device=None, dtype=None) -> bool:
+        if device is not None:
+            device = torch.device(device)
+            here = self.device
+            if device.type != here.type or (device.index is not None and device.index != (here.index or 0)):
+                return False
+        return dtype is None or dtype == self.dtype
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return self if self._placed(device, dtype) else super().to(*args, **kwargs)
+
+    def cpu(self):
+        return self if self._placed("cpu") else super().cpu()
+
+    def cuda(self, device=None):
+        if isinstance(device, int):
+            device = torch.device("cuda", device)
+        return self if self._placed(device if device is not None else "cuda") else super().cuda(device)
+
+    def float(self):
+        return self if self._placed(dtype=torch.float32) else super().float()
+
+    def half(self):
+        return self if self._placed(dtype=torch.float16) else super().half()
+
+    def bfloat16(self):
+        return self if self._placed(dtype=torch.bfloat16) else super().bfloat16()
+
     def _apply(self, fn, recurse=True):
         # Weights are parameters bound to ops resolved for one device and dtype at load time, so
         # .to() / .cuda() / .half() cannot move them correctly; say so instead of silently doing nothing.

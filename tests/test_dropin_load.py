@@ -120,3 +120,21 @@ def test_batch_of_prompts_of_different_lengths(proc_ckpt, lm):
         ref = hf.generate(**inputs, max_new_tokens=7)
     assert torch.equal(out, ref)
     assert processor.batch_decode(out, skip_special_tokens=True) == processor.batch_decode(ref, skip_special_tokens=True)
+
+
+def test_moving_to_where_the_model_already_is_is_a_no_op(ckpt):
+    """transformers code calls model.to(device) after loading; on the device and dtype the model was
+    loaded with that returns the model itself (as nn.Module does), elsewhere it raises naming load()."""
+    m = blip2_fast.load(ckpt("opt")[0], backend="reference")
+    assert m.device == torch.device("cpu") and m.dtype == torch.float32
+    same = [m.to("cpu"), m.to(torch.device("cpu")), m.to(torch.float32), m.to("cpu", torch.float32),
+            m.to(device="cpu", dtype=torch.float32), m.to(torch.zeros(1)), m.cpu(), m.float(), m.eval().to("cpu")]
+    assert all(x is m for x in same)
+    for move in (lambda: m.to(torch.float16), lambda: m.half(), lambda: m.bfloat16(), lambda: m.to("meta"),
+                 lambda: m.to("cpu", torch.bfloat16), lambda: m.double()):
+        with pytest.raises(TypeError, match=r"placed when it is loaded .* blip2_fast\.load\(source, device="):
+            move()
+    if not torch.cuda.is_available():
+        with pytest.raises(TypeError, match="placed when it is loaded"):
+            m.cuda()
+    assert next(m.parameters()).dtype == torch.float32  # nothing moved
