@@ -82,6 +82,7 @@ class Engine:
         self.max_num_batched_tokens = check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
         per_block = ModelRunner.bytes_per_block(model, block_size)
         per_seq = math.ceil(self.max_model_len / block_size)
+        sized_by = None  # what chose num_blocks, when not the caller
         if num_blocks is None:
             if model.device.type == "cuda":
                 num_blocks = profile_kv_blocks(model, util, per_block, self.max_model_len,
@@ -90,16 +91,12 @@ class Engine:
                 num_blocks = per_seq * min(self.max_num_seqs, 16) + 1
                 if self.max_num_seqs > num_blocks:  # an explicit max_num_seqs still gets a block per sequence
                     num_blocks = self.max_num_seqs
-                    if num_blocks * per_block > available_memory(model.device):
-                        raise ValueError(
-                            f"max_num_seqs={self.max_num_seqs} needs a KV pool of at least {num_blocks} blocks "
-                            f"({format_bytes(num_blocks * per_block)}): more than the "
-                            f"{format_bytes(available_memory(model.device))} of memory available on {model.device}")
+                    sized_by = f"max_num_seqs={self.max_num_seqs} needs a KV pool of at least {num_blocks} blocks"
         else:
             num_blocks = check_int("num_blocks", num_blocks, 2)
         if not explicit_seqs:  # the default: no more sequences than the pool can hold
             self.max_num_seqs = min(self.max_num_seqs, num_blocks)
-        self._check_pool(num_blocks, per_block)
+        self._check_pool(num_blocks, per_block, sized_by)
         if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
             raise TypeError(f"tokenizer must have a decode(ids, skip_special_tokens=...) method (a transformers "
                             f"tokenizer); got {type(tokenizer).__name__}")
@@ -117,11 +114,13 @@ class Engine:
         self._order = itertools.count()
         self._vocab = model.cfg.lm.vocab
 
-    def _check_pool(self, num_blocks: int, per_block: int) -> None:
+    def _check_pool(self, num_blocks: int, per_block: int, sized_by: str | None = None) -> None:
+        """sized_by: what chose num_blocks, named in the error instead of num_blocks itself."""
         nbytes = num_blocks * per_block
         avail = available_memory(self.model.device)
         if nbytes > avail:
-            raise ValueError(f"num_blocks={num_blocks}: a KV pool of {format_bytes(nbytes)} exceeds the "
+            what = sized_by or f"num_blocks={num_blocks}"
+            raise ValueError(f"{what}: a KV pool of {format_bytes(nbytes)} exceeds the "
                              f"{format_bytes(avail)} of memory available on {self.model.device}")
         if num_blocks * self.block_size >= 2**31:
             raise ValueError(f"num_blocks={num_blocks} x block_size={self.block_size} cache slots exceed the 2**31 "
