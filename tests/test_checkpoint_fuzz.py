@@ -63,6 +63,22 @@ def _load(d):
         return blip2_fast.load(d, backend="reference", progress=False)
 
 
+def _try_load(work, label: str, outcomes: dict, failures: list):
+    """Load one fuzzed case within its time limit: the model, or None after counting a clear error
+    in `outcomes` (by type) or recording any other exception in `failures`."""
+    try:
+        with _alarm(CASE_SECONDS, label):
+            m = _load(work)
+    except CLEAR as e:
+        outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+        return None
+    except Exception as e:
+        failures.append(f"{label}: {type(e).__name__}: {str(e)[:300]}")
+        return None
+    outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+    return m
+
+
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
@@ -264,16 +280,9 @@ def test_fuzz_safetensors_header(opt_case, tmp_path):
         data, what = _header_case(rng, header, body)
         (work / "model.safetensors").write_bytes(data)
         label = f"case {case} (seed {SEED}): {what}"
-        try:
-            with _alarm(CASE_SECONDS, label):
-                m = _load(work)
-        except CLEAR as e:
-            outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+        m = _try_load(work, label, outcomes, failures)
+        if m is None:
             continue
-        except Exception as e:
-            failures.append(f"{label}: {type(e).__name__}: {str(e)[:300]}")
-            continue
-        outcomes["loaded"] = outcomes.get("loaded", 0) + 1
         tensors, refusal = _safetensors_reads(work / "model.safetensors")
         if refusal is not None:
             failures.append(f"{label}: loaded a file the safetensors library refuses ({refusal})")
@@ -382,16 +391,9 @@ def test_fuzz_config(ckpt, tmp_path, lm):
         data, what = _config_case(rng, raw_text)
         (work / "config.json").write_bytes(data)
         label = f"{lm} case {case} (seed {SEED}): {what}"
-        try:
-            with _alarm(CASE_SECONDS, label):
-                m = _load(work)
-        except CLEAR as e:
-            outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+        m = _try_load(work, label, outcomes, failures)
+        if m is None:
             continue
-        except Exception as e:
-            failures.append(f"{label}: {type(e).__name__}: {str(e)[:300]}")
-            continue
-        outcomes["loaded"] = outcomes.get("loaded", 0) + 1
         try:
             cfg_dict = _inference_view(json.loads(data), json.loads(raw_text))
             key = json.dumps(cfg_dict, sort_keys=True, allow_nan=True)
