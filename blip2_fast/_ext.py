@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-_CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp")
+_CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp",
+                "greedy_screen_cpu.cpp")
 _CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
-_HEADERS = ("checks.h", "cpu_common.h", "cross_attention.h", "linear_cpu_kernels.h")
+_HEADERS = ("checks.h", "cpu_common.h", "cpu_vec.h", "cross_attention.h", "linear_cpu_kernels.h")
 # no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion.
 _CFLAGS = ("-O3", "-fno-trapping-math")
 # at::parallel_for is a header template that runs serially unless the extension itself is compiled
@@ -280,6 +281,11 @@ def _register_fake() -> None:
     def _(x, packed, bias, out_features, activation, isa, out):
         return None
 
+    @torch.library.register_fake("blip2_fast::greedy_screen_cpu")
+    def _(a, base, rel, ban_ptr, ban_ids, max_candidates):
+        n = a.shape[0]
+        return a.new_empty((n, max_candidates), dtype=torch.long), a.new_empty((n,), dtype=torch.long)
+
 
 def _load(force: bool = False, verbose: bool = False) -> None:
     global _tried, _loaded, _path
@@ -417,3 +423,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias
         if _loaded is None:
             raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
     return torch.ops.blip2_fast.paged_attention_cpu_fwd(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias)
+
+
+def greedy_screen(a, base, rel, ban_ptr, ban_ids, max_candidates):
+    """The greedy head's candidate screen on the CPU, `torch.ops.blip2_fast.greedy_screen_cpu`; spec:
+    `models.greedy_head.screen_candidates_ref` (same arguments and results; `a` is modified in place:
+    its banned ids become -inf)."""
+    _require_loaded()
+    return torch.ops.blip2_fast.greedy_screen_cpu(a, base, rel, ban_ptr, ban_ids, max_candidates)

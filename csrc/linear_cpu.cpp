@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "cpu_vec.h"
 #include "linear_cpu_kernels.h"
 
 namespace blip2_fast {
@@ -119,22 +120,11 @@ int parse_activation(const std::string& a) {
   TORCH_CHECK(false, "linear: activation must be 'none', 'relu' or 'gelu' (exact, erf), got '", a, "'");
 }
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
-
-BLIP2_FAST_INLINE v16 load16(const float* p) {
-  v16 x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-BLIP2_FAST_INLINE void store16(float* p, const v16& x) { std::memcpy(p, &x, sizeof(x)); }
-
-template <int N>
-BLIP2_FAST_INLINE v16 horner(const v16& t, const float (&c)[N]) {
-  v16 r = v16{} + c[N - 1];
-  for (int i = N - 2; i >= 0; --i) r = r * t + c[i];
-  return r;
-}
+using vec::horner;
+using vec::load16;
+using vec::store16;
+using vec::v16;
+using vec::vi16;
 
 // erf, branch-free over 16 lanes, absolute error < 2^-24 (std::erf does not vectorise). Fitted by least
 // squares at 4000 Chebyshev nodes of each piece: erf(z)/z - 1 as a polynomial in z² on [0, 1), erfc in

@@ -30,4 +30,10 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
   m.def("linear_cpu_out(Tensor x, Tensor packed, Tensor? bias, int out_features, str activation, str isa, "
         "Tensor(a!) out) -> ()");
   m.def("linear_cpu_isa(str isa) -> str");
+  // CPU only: the greedy head's screen (csrc/greedy_screen_cpu.cpp). a: the screened logits [n, V]
+  // float32 (banned ids set to -inf in place); base float64 [n]; row i's banned ids are
+  // ban_ids[ban_ptr[i]:ban_ptr[i + 1]]. Returns (cols int64 [n, max_candidates] padded with -1, counts
+  // int64 [n]: 0 = no candidate, max_candidates + 1 = more than that).
+  m.def("greedy_screen_cpu(Tensor(a!) a, Tensor base, float rel, Tensor ban_ptr, Tensor ban_ids, "
+        "int max_candidates) -> (Tensor, Tensor)");
 }

@@ -15,11 +15,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "checks.h"
 #include "cpu_common.h"
+#include "cpu_vec.h"
 
 namespace blip2_fast {
 namespace {
@@ -80,11 +82,26 @@ BLIP2_FAST_INLINE void run_items(const PagedArgs& A, int64_t begin, int64_t end)
         scores[j * L + t] = s;
       }
     }
-    for (int64_t j = 0; j < nh; ++j) {  // exact softmax numerators; mx is finite unless a score is inf/NaN
+    for (int64_t j = 0; j < nh; ++j) {  // softmax numerators; mx is finite unless a score is inf/NaN
       float* sj = scores.data() + j * L;
-      float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+      float mx = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < L; ++t) mx = std::max(mx, sj[t]);
-      for (int64_t t = 0; t < L; ++t) sum += (sj[t] = std::exp(sj[t] - mx));
+      vec::v16 lanes{};  // 16 at a time: std::exp, scalar, was 70% of a batch-8 decode step's attention
+      int64_t t = 0;
+      for (; t + 16 <= L; t += 16) {
+        const vec::v16 e = vec::exp16(vec::load16(sj + t) - mx);
+        vec::store16(sj + t, e);
+        lanes += e;
+      }
+      if (t < L) {  // the tail through a padded copy (its dead lanes are dropped, never summed)
+        float buf[16] = {};
+        std::memcpy(buf, sj + t, (L - t) * sizeof(float));
+        vec::store16(buf, vec::exp16(vec::load16(buf) - mx));
+        std::memcpy(sj + t, buf, (L - t) * sizeof(float));
+        for (int64_t e = 0; e < L - t; ++e) lanes[e] += buf[e];
+      }
+      float sum = 0.0f;
+      for (int e = 0; e < 16; ++e) sum += lanes[e];
       sums[j] = sum;
     }
     std::fill(acc.begin(), acc.begin() + nh * D, 0.0f);

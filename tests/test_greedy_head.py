@@ -205,3 +205,86 @@ def test_the_screen_is_built_once_per_model(ckpt, monkeypatch):
         want = hf.generate(pixel_values=pv, input_ids=ids, max_new_tokens=5, min_new_tokens=5)
     assert torch.equal(m.generate(pv, input_ids=ids, max_new_tokens=5, min_new_tokens=5), want)
     assert len(built) == 1
+
+
+def _screen_case(n, V, seed):
+    """Screened logits with every row kind the screen meets: spread, near-tied, flat, NaN, inf, -inf."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, V, generator=g) * torch.logspace(-1, 1, n)[:, None]
+    base = torch.rand(n, generator=g, dtype=torch.float64) * 0.05
+    kinds = ["nan", "flat", "tie", "inf", "neg_inf", "all_banned"]
+    for i in range(n):
+        kind = kinds[i % len(kinds)] if i % 2 else "plain"
+        if kind == "nan":
+            a[i, V // 2] = float("nan")
+        elif kind == "flat":
+            a[i] = 0.25
+        elif kind == "tie":
+            a[i, [0, V - 1]] = a[i].max() + 1
+        elif kind == "inf":
+            a[i, V // 3] = float("inf")
+        elif kind == "neg_inf":
+            a[i, V // 3] = float("-inf")
+    banned = [[0, 3, V - 1, V + 7, -2][: 1 + i % 5] for i in range(n)]
+    if n > 11:
+        banned[11] = list(range(V))  # every id banned: no finite candidate
+    return a, base, banned
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,V", [(1, 50304), (8, 50304), (12, 4099), (32, 5003), (3, 17), (2, 33), (1, 1)])
+def test_screen_kernel_equals_its_reference(n, V, threads):
+    """The extension's screen (csrc/greedy_screen_cpu.cpp) against `screen_candidates_ref`: the same
+    candidates, counts and banned logits, on rows of every kind, V below and above its 32-float step."""
+    from blip2_fast import _ext
+    from blip2_fast.models.greedy_head import _REL, _ban_csr, screen_candidates_ref
+
+    if _ext.unavailable_reason("cpu") is not None:
+        pytest.skip(_ext.unavailable_reason("cpu"))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for cap in (64, 2):
+            a, base, banned = _screen_case(n, V, seed=n * V + cap)
+            want_a = a.clone()
+            want_cols, want_counts = screen_candidates_ref(want_a, base, _REL, banned, cap)
+            ptr, ids = _ban_csr(banned, n)
+            cols, counts = _ext.greedy_screen(a, base, _REL, ptr, ids, cap)
+            assert counts.tolist() == want_counts.tolist()
+            for i, c in enumerate(counts.tolist()):  # past the count, only the reference fills cols
+                k = min(c, cap) if c <= cap else 0
+                assert cols[i, :k].tolist() == want_cols[i, :k].tolist()
+                assert (cols[i, k:] == -1).all() or c > cap
+            torch.testing.assert_close(a, want_a, rtol=0, atol=0, equal_nan=True)  # the bans, in place
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_screen_reference_keeps_the_row_max_and_what_is_near_it():
+    """The reference's meaning, from first principles: candidates are exactly the ids within the
+    margin of the row max after the bans; NaN rows have none; too many are counted as cap + 1."""
+    from blip2_fast.models.greedy_head import screen_candidates_ref
+
+    a = torch.tensor([[1.0, 5.0, 4.9, 3.0, 5.0], [0.0, float("nan"), 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    base = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)
+    cols, counts = screen_candidates_ref(a, base, 0.01, [[4], [], []], 3)
+    # row 0: max |a| = 5, margin 2 * 0.05 = 0.1; id 4 banned, so max 5.0 (id 1), and 4.9 >= 4.9 is in
+    assert counts.tolist() == [2, 0, 4] and cols[0].tolist() == [1, 2, -1]
+    assert a[0, 4] == float("-inf")
+
+
+def test_screen_kernel_refuses_bad_arguments():
+    from blip2_fast import _ext
+
+    if _ext.unavailable_reason("cpu") is not None:
+        pytest.skip(_ext.unavailable_reason("cpu"))
+    a, base = torch.zeros(2, 8), torch.zeros(2, dtype=torch.float64)
+    ptr, ids = torch.tensor([0, 0, 0]), torch.tensor([], dtype=torch.long)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        _ext.greedy_screen(a.double(), base, 0.1, ptr, ids, 4)
+    with pytest.raises(RuntimeError, match="base must be"):
+        _ext.greedy_screen(a, base.float(), 0.1, ptr, ids, 4)
+    with pytest.raises(RuntimeError, match="ban_ptr must run"):
+        _ext.greedy_screen(a, base, 0.1, torch.tensor([0, 0, 1]), ids, 4)
+    with pytest.raises(RuntimeError, match="max_candidates"):
+        _ext.greedy_screen(a, base, 0.1, ptr, ids, 0)
