@@ -160,9 +160,10 @@ def measure_at(threads: int, a, cold: float, bw_bytes: int, reps: int) -> dict:
             "decode_step_linears": steps}
 
 
-def decode_steps(preset: str, batches, steps: int, read_gbs: float) -> list[dict]:
+def decode_steps(preset: str, batches, steps: int, read_gbs: float, threads: int = 1) -> list[dict]:
     """The whole decode step (`engine.step()`: the LM's forward, the screened greedy head, the host
-    work) of `preset` at one thread, process CPU time, with the packed linears and with packing off
+    work) of `preset` at `threads` threads (`clock_for`: process CPU time at one, wall time at more),
+    with the packed linears and with packing off
     (BLIP2_FAST_LINEAR_ISA=torch), steps interleaved between the two engines; against the floor of the
     bytes a step must read: the LM's linear weights (fp32), the bf16 screening head and the KV cache
     of every context token, over `read_gbs`."""
@@ -172,7 +173,8 @@ def decode_steps(preset: str, batches, steps: int, read_gbs: float) -> list[dict
     from bench.cpu_compare import build
 
     prev_env, prev_threads = os.environ.get(ISA_ENV), torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    clock = clock_for(threads)
     models = {}
     try:
         for name, isa in (("packed", None), ("torch", "torch")):
@@ -213,9 +215,9 @@ def decode_steps(preset: str, batches, steps: int, read_gbs: float) -> list[dict
             ts = {n: [] for n in engines}
             for _ in range(steps):
                 for name, eng in engines.items():
-                    c = time.process_time()
+                    c = clock()
                     eng.step()
-                    ts[name].append((time.process_time() - c) * 1e3)
+                    ts[name].append((clock() - c) * 1e3)
             if hasattr(lm, "enc"):  # T5 decode: self-attention over the generated tokens, cross over the encoder's
                 ctx_self, ctx_cross = 2 + steps / 2, m.cfg.num_query_tokens + len(prompt)
             else:
@@ -223,7 +225,7 @@ def decode_steps(preset: str, batches, steps: int, read_gbs: float) -> list[dict
             kv_bytes = lm.num_layers * 2 * B * (ctx_self + ctx_cross) * H * D * 4
             floor = (lin_bytes + head_bytes + kv_bytes) / read_gbs / 1e6
             med = {n: statistics.median(t) for n, t in ts.items()}
-            rows.append({"preset": preset, "batch": B, "steps": steps, "packed_ms": round(med["packed"], 3),
+            rows.append({"preset": preset, "batch": B, "threads": threads, "steps": steps, "packed_ms": round(med["packed"], 3),
                          "torch_linears_ms": round(med["torch"], 3), "floor_ms": round(floor, 3),
                          "packed_over_floor": round(med["packed"] / floor, 2),
                          "torch_over_floor": round(med["torch"] / floor, 2),
@@ -247,10 +249,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None, help="output path (default bench/results/cpu-limits-<date>.json)")
     ap.add_argument("--step", action="store_true",
                     help="instead of the linears alone: the whole decode step of each --step-presets model at "
-                         "--step-batches, 1 thread, against its floor (reads bandwidth at 1 thread first)")
+                         "--step-batches at --step-threads, against its floor (reads bandwidth at that thread count first)")
     ap.add_argument("--step-presets", nargs="+", default=["blip2-cpu-mid", "blip2-cpu-mid-t5"])
     ap.add_argument("--step-batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--step-count", type=int, default=30, help="timed decode steps per engine")
+    ap.add_argument("--step-threads", type=int, default=1,
+                    help="torch threads for --step (1: process CPU time; more: wall time, so run it on a quiet machine)")
     a = ap.parse_args(argv)
     if a.step:
         return _main_step(a)
@@ -276,14 +280,16 @@ def main(argv=None) -> dict:
 def _main_step(a) -> dict:
     info = cpu_info()
     bw_bytes, reps = (8 << 20, 2) if a.quick else (256 << 20, 8)
-    bw = bandwidth(bw_bytes, reps, (1,))
+    T = a.step_threads
+    bw = bandwidth(bw_bytes, reps, (T,))
     read_gbs = max(v["best_gbs"] for k, v in bw.items() if k.startswith("read"))
-    print(f"[cpu_limits] {info['model']}: read {read_gbs} GB/s at 1 thread", file=sys.stderr)
-    rows = [r for p in a.step_presets for r in decode_steps(p, a.step_batches, a.step_count, read_gbs)]
-    bw_after = bandwidth(bw_bytes, reps, (1,))
-    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": info,
-           "note": ("whole decode steps (engine.step) at 1 thread in process CPU time, the packed engine's and the "
-                    "F.linear engine's steps interleaved; floor = bytes / the best 1-thread read bandwidth of the "
+    print(f"[cpu_limits] {info['model']}: read {read_gbs} GB/s at {T} thread(s)", file=sys.stderr)
+    rows = [r for p in a.step_presets for r in decode_steps(p, a.step_batches, a.step_count, read_gbs, T)]
+    bw_after = bandwidth(bw_bytes, reps, (T,))
+    clock = "process CPU time" if T == 1 else "wall time"
+    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": info, "threads": T,
+           "note": (f"whole decode steps (engine.step) at {T} thread(s) in {clock}, the packed engine's and the "
+                    f"F.linear engine's steps interleaved; floor = bytes / the best {T}-thread read bandwidth of the "
                     "samples before and after; the machine may be shared"),
            "bandwidth_before": bw, "bandwidth_after": bw_after,
            "read_gbs_for_floor": max(read_gbs, max(v["best_gbs"] for k, v in bw_after.items() if k.startswith("read"))),

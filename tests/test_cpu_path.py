@@ -127,7 +127,7 @@ def test_cpu_benchmarks_run_quick(tmp_path):
     for args in (["bench.cpu_compare", "--presets", "blip2-opt-tiny", "blip2-t5-tiny", "--batches", "1", "3",
                   "--new-tokens", "2", "3", "--runs", "1", "--threads", "1", "--json", str(cmp_json)],
                  ["bench.cpu_limits", "--step", "--quick", "--step-presets", "blip2-opt-tiny", "blip2-t5-tiny",
-                  "--step-batches", "1", "2", "--step-count", "2", "--json", str(step_json)]):
+                  "--step-batches", "1", "2", "--step-count", "2", "--step-threads", "2", "--json", str(step_json)]):
         p = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(cmp_json.read_text())
@@ -141,6 +141,7 @@ def test_cpu_benchmarks_run_quick(tmp_path):
     rows = step["decode_steps"]
     assert [(r["preset"], r["batch"]) for r in rows] == [(p, b) for p in ("blip2-opt-tiny", "blip2-t5-tiny") for b in (1, 2)]
     assert all(r["floor_ms"] > 0 and r["packed_ms"] > 0 and r["bytes"]["linears"] > 0 for r in rows)
+    assert step["threads"] == 2 and all(r["threads"] == 2 for r in rows) and "wall time" in step["note"]
 
 
 def test_no_packing_when_the_copies_would_not_fit(ckpt, monkeypatch):
