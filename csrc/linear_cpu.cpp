@@ -189,6 +189,8 @@ struct Job {
 // Rows go in panels of at most kPanel: a panel's x chunk (kPanel x kc fp32 = 96 KB) stays in L2
 // while the thread's blocks stream past it; a decode step (<= 32 rows) is a single panel.
 constexpr int64_t kPanel = 192;
+// Largest x (floats, 16 MB) copied to a padded stride; a larger one runs from x itself.
+constexpr int64_t kMaxPaddedX = int64_t{1} << 22;
 
 void run_blocks(const Job& J, int64_t b0, int64_t b1) {
   const int64_t panel = std::min(J.M, kPanel);
@@ -311,6 +313,7 @@ void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::op
   Job J{};
   J.M = M, J.N = N, J.steps = packed.size(1);
   at::Tensor xs = x2;  // what the tiles read, kept alive for the call
+  const float* padded_x = nullptr;  // or, for fp32 rows that alias in L1, a padded copy
   if (bf16) {
     const bool pairs = kern.xform == kXPairs;
     xs = x2.scalar_type() == at::kFloat
@@ -318,10 +321,21 @@ void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::op
              : bf16_rows(x2.const_data_ptr<c10::BFloat16>(), M, K, x2.stride(0), J.steps, pairs);
     J.ldx = pairs ? J.steps : 2 * J.steps;
     J.xstep = pairs ? 1 : 2;
+  } else if (M > 1 && (x2.stride(0) * 4) % 4096 == 0 && M * (K + 16) <= kMaxPaddedX) {
+    // rows a multiple of 4 KB apart (K = 1024, 2048, 5120, 10240: most real widths) all map to the
+    // same L1 sets, so a tile's x chunk evicts itself (~10% at [264, 2048]); a copy with one cache
+    // line of padding per row costs one pass over x, which every column block then rereads. It goes
+    // into this thread's scratch, kept between calls: a fresh buffer's page faults cost more than the copy.
+    static thread_local std::vector<float> scratch;
+    if (scratch.size() < static_cast<size_t>(M * (K + 16))) scratch.resize(M * (K + 16));
+    const float* src = x2.const_data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) std::memcpy(scratch.data() + m * (K + 16), src + m * x2.stride(0), K * 4);
+    padded_x = scratch.data();
+    J.ldx = K + 16, J.xstep = 1;
   } else {
     J.ldx = x2.stride(0), J.xstep = 1;
   }
-  J.x = static_cast<const char*>(xs.const_data_ptr());
+  J.x = padded_x != nullptr ? reinterpret_cast<const char*>(padded_x) : static_cast<const char*>(xs.const_data_ptr());
   J.w = static_cast<const char*>(packed.const_data_ptr());
   J.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
   J.act = act;

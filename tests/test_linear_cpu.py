@@ -142,6 +142,24 @@ def test_strided_rows_and_no_bias(ext):
     _check(got, x.double() @ w.double().t(), F.linear(x, w), "strided")
 
 
+@pytest.mark.parametrize("isa", FP32_ISAS)
+def test_rows_4kb_apart_go_through_the_padded_copy(ext, isa):
+    """x rows a multiple of 4 KB apart (K = 1024, 2048; a column slice of a 2048-wide activation) are
+    copied to a padded stride first: the same results, at row counts on both sides of the tiles, and
+    the scratch reused by a second, smaller call."""
+    _isa_or_skip(isa)
+    for K, wide in ((1024, None), (2048, None), (512, 1024)):
+        big = _rand(200, wide or K, seed=K)
+        x = big[:, :K] if wide else big  # wide: row stride 1024 floats, K = 512
+        w, b = _rand(129, K, seed=K + 1) / K ** 0.5, _rand(129, seed=K + 2)
+        lin = PackedLinear(w, b, isa=isa)
+        ref = x.double() @ w.double().t() + b.double()
+        base = F.linear(x, w, b)
+        for M in (200, 2, 13, 1):
+            for act in ("none", "gelu"):
+                _check(lin(x[:M], act), _act64(ref[:M], act), _act64(base[:M], act), f"K={K} M={M} {act}")
+
+
 def test_nan_and_inf_propagate(ext):
     x, w, b = _case(33, 16, seed=6)
     x = x[:3].clone()
