@@ -60,15 +60,17 @@ class VisionBlock(nn.Module):
         # strided views of the fused projection, (B, H, S, D) each: no copies
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
         a = self.ops.attention(q, k, v)  # (B, H, S, D)
-        # residual adds in place into the fresh projection output (x + y == y + x exactly): no third
-        # multi-megabyte tensor per add (1.6 ms each at batch 8, mostly first-touch page faults)
-        x = self.projection(a.transpose(1, 2).reshape(B, S, E)).add_(x)
+        # the residual stream ping-pongs between two reused buffers ("res_a" here, "res_b" after the MLP:
+        # each is dead by the time it is written again), the residual added in place (x + y == y + x
+        # exactly): no fresh multi-megabyte tensor per add, whose pages would fault on first touch
+        y = self.projection(a.transpose(1, 2).reshape(B, S, E), out=_reused(ws, "res_a", self.projection, (B, S, E), x))
+        x = y.add_(x)
         if self.fc1.packed is not None and self.gelu_approx == "none":
             h = self.ops.layer_norm(x, n2.weight, n2.bias, self.eps)
             m = self.fc1(h, "gelu", out=_reused(ws, "fc1", self.fc1, (B, S, self.fc1.weight.shape[0]), x))
         else:
             m = self.ops.ln_linear_gelu(x, n2.weight, n2.bias, self.eps, self.fc1.weight, self.fc1.bias, self.gelu_approx)
-        return self.fc2(m).add_(x)
+        return self.fc2(m, out=_reused(ws, "res_b", self.fc2, (B, S, E), x)).add_(x)
 
 
 class VisionEncoder(nn.Module):
