@@ -103,6 +103,24 @@ def gemm_peaks(n: int = 2048, reps: int = 5) -> dict:
     return out
 
 
+def kernel_peaks(rows: int = 12, reps: int = 200) -> dict:
+    """Best GFLOP/s of the packed kernel itself at `rows` rows (its widest AVX-512 tile) on a weight
+    that stays in cache: this core's FMA (fp32) and vdpbf16ps (bf16) rate as the decode step's
+    linears can use it, the compute side of a decode step's floor (torch's n^3 GEMM peak is lower
+    than what the small-M kernel reaches on some CPUs, so it would not be a floor)."""
+    from blip2_fast.linear_cpu import PackedLinear
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        lin = PackedLinear(torch.randn(2048, 512), dtype=dtype)
+        x = torch.randn(rows, 512)
+        lin(x)
+        ts = _best_ms(lambda: lin(x), reps, clock_for(torch.get_num_threads()))
+        out[str(dtype).replace("torch.", "")] = {"best_gflops": round(2 * rows * 2048 * 512 / min(ts) / 1e6, 1),
+                                                 "median_gflops": round(2 * rows * 2048 * 512 / statistics.median(ts) / 1e6, 1)}
+    return out
+
+
 def _floor_ms(r: dict, read_gbs: float, peaks: dict) -> tuple[float, str]:
     mem = r["weight_bytes"] / read_gbs / 1e6
     peak = peaks["bfloat16" if r["weight_dtype"] == "bf16" else "float32"]["best_gflops"]
@@ -160,7 +178,7 @@ def measure_at(threads: int, a, cold: float, bw_bytes: int, reps: int) -> dict:
             "decode_step_linears": steps}
 
 
-def decode_steps(preset: str, batches, steps: int, read_gbs: float, threads: int = 1) -> list[dict]:
+def decode_steps(preset: str, batches, steps: int, read_gbs: float, threads: int = 1, peaks: dict | None = None) -> list[dict]:
     """The whole decode step (`engine.step()`: the LM's forward, the screened greedy head, the host
     work) of `preset` at `threads` threads (`clock_for`: process CPU time at one, wall time at more),
     with the packed linears and with packing off
@@ -225,11 +243,18 @@ def decode_steps(preset: str, batches, steps: int, read_gbs: float, threads: int
             kv_bytes = lm.num_layers * 2 * B * (ctx_self + ctx_cross) * H * D * 4
             floor = (lin_bytes + head_bytes + kv_bytes) / read_gbs / 1e6
             med = {n: statistics.median(t) for n, t in ts.items()}
+            # the same step's arithmetic at the kernel's own peak: B rows through every fp32 weight
+            # (an FMA each) and through the bf16 head (a vdpbf16ps lane each)
+            compute = None
+            if peaks:
+                compute = (2 * B * lin_bytes / 4 / peaks["float32"]["best_gflops"]
+                           + 2 * B * head_bytes / 2 / peaks["bfloat16"]["best_gflops"]) / 1e6
             rows.append({"preset": preset, "batch": B, "threads": threads, "steps": steps, "packed_ms": round(med["packed"], 3),
                          "torch_linears_ms": round(med["torch"], 3), "floor_ms": round(floor, 3),
                          "packed_over_floor": round(med["packed"] / floor, 2),
                          "torch_over_floor": round(med["torch"] / floor, 2),
                          "bytes": {"linears": lin_bytes, "head_bf16": head_bytes, "kv_mean": int(kv_bytes)},
+                         "compute_floor_ms": None if compute is None else round(compute, 3),
                          "packed_samples_ms": [round(t, 3) for t in ts["packed"]]})
             print(f"[cpu_limits] step {preset} B={B}: packed {med['packed']:.2f} ms, F.linear {med['torch']:.2f} ms, "
                   f"floor {floor:.2f} ms ({med['packed'] / floor:.2f}x)", file=sys.stderr, flush=True)
@@ -284,22 +309,33 @@ def _main_step(a) -> dict:
     bw = bandwidth(bw_bytes, reps, (T,))
     read_gbs = max(v["best_gbs"] for k, v in bw.items() if k.startswith("read"))
     print(f"[cpu_limits] {info['model']}: read {read_gbs} GB/s at {T} thread(s)", file=sys.stderr)
-    rows = [r for p in a.step_presets for r in decode_steps(p, a.step_batches, a.step_count, read_gbs, T)]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(T)
+    try:
+        peaks = kernel_peaks(reps=20 if a.quick else 200)
+    finally:
+        torch.set_num_threads(prev)
+    print(f"[cpu_limits] the packed kernel's peak at {T} thread(s): fp32 {peaks['float32']['best_gflops']}, "
+          f"bf16 {peaks['bfloat16']['best_gflops']} GFLOP/s", file=sys.stderr)
+    rows = [r for p in a.step_presets for r in decode_steps(p, a.step_batches, a.step_count, read_gbs, T, peaks)]
     bw_after = bandwidth(bw_bytes, reps, (T,))
     clock = "process CPU time" if T == 1 else "wall time"
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": info, "threads": T,
            "note": (f"whole decode steps (engine.step) at {T} thread(s) in {clock}, the packed engine's and the "
                     f"F.linear engine's steps interleaved; floor = bytes / the best {T}-thread read bandwidth of the "
                     "samples before and after; the machine may be shared"),
-           "bandwidth_before": bw, "bandwidth_after": bw_after,
+           "bandwidth_before": bw, "bandwidth_after": bw_after, "kernel_peaks": peaks,
            "read_gbs_for_floor": max(read_gbs, max(v["best_gbs"] for k, v in bw_after.items() if k.startswith("read"))),
            "decode_steps": rows}
     for r in rows:  # the floor from the better of the two bandwidth samples
         f = r["floor_ms"] * read_gbs / res["read_gbs_for_floor"]
         r.update(floor_ms=round(f, 3), packed_over_floor=round(r["packed_ms"] / f, 2),
                  torch_over_floor=round(r["torch_linears_ms"] / f, 2))
+        if r["compute_floor_ms"]:  # against the larger of the two floors: neither can be beaten
+            r["packed_over_max_floor"] = round(r["packed_ms"] / max(f, r["compute_floor_ms"]), 2)
         print(f"{r['preset']:18s} batch {r['batch']:3d}: step {r['packed_ms']:7.2f} ms (F.linear {r['torch_linears_ms']:7.2f})"
-              f"  floor {r['floor_ms']:6.2f} ms  {r['packed_over_floor']:.2f}x the floor")
+              f"  floor {r['floor_ms']:6.2f} ms  {r['packed_over_floor']:.2f}x the floor"
+              f"  (compute at the kernel's peak {r['compute_floor_ms']:.2f} ms)")
     out = Path(a.json) if a.json else Path(__file__).parent / "results" / f"cpu-decode-step-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")

@@ -142,6 +142,7 @@ def test_cpu_benchmarks_run_quick(tmp_path):
     assert [(r["preset"], r["batch"]) for r in rows] == [(p, b) for p in ("blip2-opt-tiny", "blip2-t5-tiny") for b in (1, 2)]
     assert all(r["floor_ms"] > 0 and r["packed_ms"] > 0 and r["bytes"]["linears"] > 0 for r in rows)
     assert step["threads"] == 2 and all(r["threads"] == 2 for r in rows) and "wall time" in step["note"]
+    assert step["kernel_peaks"]["float32"]["best_gflops"] > 0 and all(r["compute_floor_ms"] > 0 for r in rows)
 
 
 def test_no_packing_when_the_copies_would_not_fit(ckpt, monkeypatch):
