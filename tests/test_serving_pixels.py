@@ -133,3 +133,35 @@ def test_preparer_falls_back_to_the_processor(model, monkeypatch):
         _same_inputs(got, inputs.prepare(model, proc, im, p))
         assert got.pixel_values.shape[-2:] == (20, 20)  # the processor's crop, not the table's resize
     assert len(calls) == 4  # the Preparer's two calls ran the processor, as prepare's two did
+
+
+def test_the_server_uses_the_fast_path_and_hands_the_engine_prepared_pixels(model, monkeypatch):
+    import asyncio
+
+    import httpx
+
+    from blip2_fast.engine import intake
+    from blip2_fast.serving import build_app
+    from serving_helpers import chat, data_url
+
+    seen = []
+    real = intake.new_request
+    monkeypatch.setattr(intake, "new_request", lambda eng, rid, px, *a: seen.append(type(px)) or real(eng, rid, px, *a))
+    monkeypatch.setattr("blip2_fast.engine.engine.new_request", intake.new_request)
+    app = build_app(model, max_num_seqs=4)
+    try:
+        assert app.state.server.prepare.fast
+        im = _images(3)[6]  # RGBA: the server converts it to RGB before preprocessing, as model.answer does
+        want = model.answer(im, "what is in the picture?", max_new_tokens=6)[0]
+        seen.clear()  # model.answer's own engine request
+
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120) as c:
+                r = await c.post("/v1/chat/completions", json=chat(data_url(im), "what is in the picture?", max_tokens=6,
+                                                                   n=2, temperature=0))
+                assert r.status_code == 200, r.text
+                return [ch["message"]["content"] for ch in r.json()["choices"]]
+        assert asyncio.run(go()) == [want, want]
+    finally:
+        app.state.server.close()
+    assert seen == [intake.PreparedPixels] * 2  # both choices' requests took the one prepared copy
