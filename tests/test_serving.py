@@ -513,3 +513,4 @@ def test_decode_only_steps_leave_a_core_to_the_event_loop(model, monkeypatch):
         d.stop()
     assert len(out.token_ids) == 5
     assert seen[0] == (1, full) and seen[1:] == [(0, 1)] * 4, seen  # the prefill at every thread, then decodes at one
+    assert d._step_threads == full  # back to every thread once idle

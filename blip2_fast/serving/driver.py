@@ -13,7 +13,8 @@ runs on one thread fewer: that is when the event loop is busiest, turning every 
 per stream, and a loop thread preempting one of the step's OpenMP threads stalls each of its
 parallel regions (bench.serve, 16 streams on 2 cores: decode steps of 3.3 - 3.6 ms at one thread
 against 4 - 7.5 ms at two beside the loop; 2.5 ms at two in-process, alone). Prefill steps keep
-every thread (at one they were slower overall).
+every thread (at one they were slower overall), and so does an idle engine: torch's thread count is
+set for the process (MKL's with it), so other work in it is not left on fewer threads.
 """
 from __future__ import annotations
 
@@ -195,6 +196,8 @@ class EngineDriver:
                 events.append((add, p))
                 if out.finished:
                     del self._live[out.request_id]
+        if not eng.has_unfinished():  # idle: every thread again (torch's count is the process's, MKL's too)
+            self._use_threads(self._threads)
         stats = eng.stats()
         with self._cv:
             self._snapshot = stats
