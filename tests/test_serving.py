@@ -467,3 +467,50 @@ def test_closing_the_server_aborts_requests_in_flight(model):
                 _error(await c.get("/health"), 503)
         run(go())
         assert not server.driver.alive and server.engine.num_free_blocks == server.engine.num_blocks
+
+
+def test_decode_only_steps_leave_a_core_to_the_event_loop(model, monkeypatch):
+    import os
+
+    import torch
+
+    from blip2_fast.serving import driver as drv_mod
+    from blip2_fast.serving import inputs
+
+    eng = blip2_fast.Engine(model, max_num_seqs=4)
+    # the default: one thread fewer where torch's threads fill the cores, all of them otherwise
+    monkeypatch.setattr(drv_mod.torch, "get_num_threads", lambda: 2)
+    for cores, want in ((2, 1), (1, 1), (4, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert drv_mod.EngineDriver(eng)._decode_threads == want, cores
+    monkeypatch.setattr(drv_mod.torch, "get_num_threads", lambda: 1)
+    assert drv_mod.EngineDriver(eng)._decode_threads == 1  # never 0
+    monkeypatch.undo()
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="decode_threads"):
+            drv_mod.EngineDriver(eng, decode_threads=bad)
+
+    seen = []  # (requests waiting to be prefilled, torch threads) at each step, on the engine thread
+    real = eng.step
+    monkeypatch.setattr(eng, "step", lambda: seen.append((eng.stats().num_waiting, torch.get_num_threads())) or real())
+    d = drv_mod.EngineDriver(eng, decode_threads=1)
+    full = d._threads
+    im = images()[1]
+    ins = inputs.prepare(model, processor_for(model), im, "Question: what is in the picture? Answer:")
+    p = blip2_fast.SamplingParams(max_new_tokens=5, min_new_tokens=5)
+    d.start()
+    try:
+        async def go():
+            q = asyncio.Queue()
+            assert d.submit("a", {"pixel_values": ins.pixel_values, "prompt": ins.prompt_ids, "sampling": p},
+                            ins.num_prompt_tokens, q)
+            while True:
+                item = await q.get()
+                if getattr(getattr(item, "output", None), "finished", False):
+                    return item.output
+        out = run(go())
+    finally:
+        d.stop()
+    assert len(out.token_ids) == 5
+    assert seen[0] == (1, full) and seen[1:] == [(0, 1)] * 4, seen  # the prefill at every thread, then decodes at one
+    assert d._step_threads == full  # back to every thread once idle

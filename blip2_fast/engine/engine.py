@@ -20,7 +20,7 @@ import torch
 
 from .block_manager import BlockManager
 from .executor import Executor
-from .intake import new_request
+from .intake import PreparedPixels, new_request, prepare_pixels
 from .limits import available_memory, format_bytes, profile_kv_blocks
 from .outputs import EngineStats, RequestOutput
 from .params import SamplingParams, check_bool, check_int, check_real
@@ -173,13 +173,23 @@ class Engine:
     def add_request(self, request_id, *, pixel_values=None, image=None, prompt=None, sampling: SamplingParams | None = None,
                     interpolate_pos_encoding: bool = False) -> None:
         """Queue a request. pixel_values: a [3, H, W] tensor or array (or image: a PIL image,
-        preprocessed with the checkpoint's processor); the engine keeps its own copy. prompt: text,
+        preprocessed with the checkpoint's processor); the engine keeps its own copy. Or
+        `prepare_pixels`' result: then that copy and its digest are taken as they are. prompt: text,
         or token ids as `Blip2Processor` lays them out (with `num_query_tokens` image tokens, or
         none: then the queries are prepended). Every argument is checked here: a request that is
         accepted cannot fail a step on its arguments, and one the engine could never serve (too
         long, too many beams, too many blocks) is refused with the limit named."""
         with self._lock:
             self._add(request_id, pixel_values, image, prompt, sampling, interpolate_pos_encoding)
+
+    def prepare_pixels(self, pixel_values, *, interpolate_pos_encoding: bool = False) -> PreparedPixels:
+        """The pixel work of `add_request`, on the calling thread: check `pixel_values` ([3, H, W]
+        tensor or array), copy them to the model's dtype and digest the copy for the image cache.
+        Pass the result as add_request's pixel_values (with the same interpolate_pos_encoding, to
+        an engine over the same model), once or for several requests: the engine thread then skips
+        that work. The caller's tensor may change afterwards; the engine keeps its copy. Takes no
+        engine lock (it touches no engine state): a server's preprocessing thread calls it."""
+        return prepare_pixels(self.model, pixel_values, interpolate_pos_encoding)
 
     def _add(self, request_id, pixel_values, image, prompt, sampling, interp) -> Request:
         r = new_request(self, request_id, pixel_values, image, prompt, sampling, interp, next(self._order))

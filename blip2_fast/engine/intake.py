@@ -19,6 +19,45 @@ from .runner import image_digest
 from .sequence import Request
 
 
+class PreparedPixels:
+    """Pixels that `Engine.prepare_pixels` checked, copied and digested (for the image cache) on
+    its caller's thread; `add_request(pixel_values=...)` takes them without redoing that work.
+    Opaque: made only by engine code, from the very copy the engine keeps (the caller's tensor can
+    change afterwards; no caller-supplied digest can name other pixels in the image cache)."""
+
+    __slots__ = ("_pixels", "_digest", "_model", "_interp")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("PreparedPixels are made by Engine.prepare_pixels(pixel_values)")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("PreparedPixels are read-only")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._pixels.shape
+
+    @property
+    def interpolate_pos_encoding(self) -> bool:
+        return self._interp
+
+    def __repr__(self) -> str:
+        return f"PreparedPixels(shape={list(self.shape)}, dtype={self._pixels.dtype}, digest={self._digest[:12]}...)"
+
+
+def prepare_pixels(model, pixel_values, interp) -> PreparedPixels:
+    """`Engine.prepare_pixels`: the checks and copy `add_request` makes, and the digest of that copy."""
+    interp = check_bool("interpolate_pos_encoding", interp)
+    if isinstance(pixel_values, PreparedPixels):
+        raise TypeError("pixel_values are already PreparedPixels")
+    px = to_pixels(model, pixel_values, batched=False, device=None, interpolate=interp)  # our own copy
+    p = object.__new__(PreparedPixels)
+    for name, value in (("_pixels", px), ("_digest", image_digest(px) + ("/i" if interp else "")), ("_model", model),
+                        ("_interp", interp)):
+        object.__setattr__(p, name, value)
+    return p
+
+
 def new_request(eng, request_id, pixel_values, image, prompt, sampling, interp, order: int) -> Request:
     """Check add_request's arguments against `eng` (an Engine) and build the Request."""
     try:
@@ -35,16 +74,24 @@ def new_request(eng, request_id, pixel_values, image, prompt, sampling, interp, 
     model = eng.model
     if (pixel_values is None) == (image is None):
         raise ValueError("give exactly one of pixel_values (a [3, H, W] tensor) or image (a PIL image)")
-    if image is not None:
-        check_image(image)  # over the pixel limit, empty, or not 8-bit: refused before it is decoded
-        pixel_values = model.processor().image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-    px = to_pixels(model, pixel_values, batched=False, device=None, interpolate=interp)  # our own copy
+    if isinstance(pixel_values, PreparedPixels):  # checked, copied and digested by prepare_pixels
+        if pixel_values._model is not model:
+            raise ValueError("pixel_values were prepared by an engine over another model")
+        if pixel_values._interp != interp:
+            raise ValueError(f"pixel_values were prepared with interpolate_pos_encoding={pixel_values._interp}, "
+                             f"but the request has {interp}")
+        px, digest = pixel_values._pixels, pixel_values._digest
+    else:
+        if image is not None:
+            check_image(image)  # over the pixel limit, empty, or not 8-bit: refused before it is decoded
+            pixel_values = model.processor().image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        px = to_pixels(model, pixel_values, batched=False, device=None, interpolate=interp)  # our own copy
+        digest = image_digest(px) + ("/i" if interp else "")
     prompt_ids = _prompt_ids(eng, prompt)
     Q, img = model.cfg.num_query_tokens, model.cfg.image_token_id
     n_img = sum(1 for t in prompt_ids if t == img) if img is not None else 0
     if n_img not in (0, Q):
         raise ValueError(f"prompt has {n_img} image tokens (id {img}); expected 0 or num_query_tokens={Q}")
-    digest = image_digest(px) + ("/i" if interp else "")
     if n_img:
         lm_tokens = tuple(-1 if t == img else t for t in prompt_ids)
     else:

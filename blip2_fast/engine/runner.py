@@ -34,7 +34,10 @@ MAX_GRAPH_BATCH = 512  # decode batches above this run eagerly (capture time and
 
 def image_digest(pixel_values: torch.Tensor) -> str:
     t = pixel_values.detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha1(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
+    # hashed from the tensor's own buffer (no bytes copy; hashlib drops the GIL for it), then the shape
+    h = hashlib.sha1(t.numpy())
+    h.update(str(tuple(t.shape)).encode())
+    return h.hexdigest()
 
 
 _screens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
