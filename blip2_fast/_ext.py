@@ -281,6 +281,10 @@ def _register_fake() -> None:
     def _(x, packed, bias, out_features, activation, isa, out):
         return None
 
+    @torch.library.register_fake("blip2_fast::greedy_pick_cpu")
+    def _(a, h, weight, w_max, r_max, safety, rel, ban_ptr, ban_ids, max_candidates):
+        return a.new_empty((a.shape[0],), dtype=torch.long)
+
     @torch.library.register_fake("blip2_fast::greedy_screen_cpu")
     def _(a, base, rel, ban_ptr, ban_ids, max_candidates):
         n = a.shape[0]
@@ -431,3 +435,13 @@ def greedy_screen(a, base, rel, ban_ptr, ban_ids, max_candidates):
     its banned ids become -inf)."""
     _require_loaded()
     return torch.ops.blip2_fast.greedy_screen_cpu(a, base, rel, ban_ptr, ban_ids, max_candidates)
+
+
+def greedy_pick(a, h, weight, w_max, r_max, safety, rel, ban_ptr, ban_ids, max_candidates):
+    """The greedy head's whole host side after its bf16 GEMM, `torch.ops.blip2_fast.greedy_pick_cpu`;
+    spec: `models.greedy_head.ScreenedArgmax.__call__` (the bound's base as `_bound_base`, the screen
+    as `screen_candidates_ref`, the candidates rechecked in float64). Returns int64 [n]: each row's
+    greedy id, or -1 where the row must be scored in full. `a` is modified in place (the bans)."""
+    _require_loaded()
+    return torch.ops.blip2_fast.greedy_pick_cpu(a, h, weight, w_max, r_max, safety, rel, ban_ptr, ban_ids,
+                                               max_candidates)

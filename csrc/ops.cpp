@@ -36,4 +36,8 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
   // int64 [n]: 0 = no candidate, max_candidates + 1 = more than that).
   m.def("greedy_screen_cpu(Tensor(a!) a, Tensor base, float rel, Tensor ban_ptr, Tensor ban_ids, "
         "int max_candidates) -> (Tensor, Tensor)");
+  // CPU only: the screen plus its bound's base from h [n, E] and the candidates' recheck against the
+  // fp32 head weight [V, E] in float64; returns int64 [n], the greedy id or -1 (score the row in full).
+  m.def("greedy_pick_cpu(Tensor(a!) a, Tensor h, Tensor weight, float w_max, float r_max, float safety, float rel, "
+        "Tensor ban_ptr, Tensor ban_ids, int max_candidates) -> Tensor");
 }

@@ -184,7 +184,15 @@ def test_flat_rows_are_scored_in_full_not_rechecked():
     finally:
         torch.Tensor.__getitem__ = real
     assert got == argmax_ref(h, w).tolist() and got[1] == 0
-    assert gathered and max(gathered) <= 2 * 64
+    if head.packed is None:  # the Python recheck: it gathered the candidates of rows 0 and 2 only
+        assert gathered and max(gathered) <= 2 * 64
+    else:  # the extension rechecks in C++, and hands the flat row back to be scored in full
+        from blip2_fast import _ext
+        from blip2_fast.models.greedy_head import _MAX_CANDIDATES, _REL, _SAFETY, _ban_csr
+
+        a = head.screen_logits(h, h.bfloat16())
+        best = _ext.greedy_pick(a, h, w, head.w_max, head.r_max, _SAFETY, _REL, *_ban_csr(None, 3), _MAX_CANDIDATES)
+        assert best.tolist()[1] == -1 and best.tolist()[0] == got[0] and best.tolist()[2] == got[2]
 
 
 def test_the_screen_is_built_once_per_model(ckpt, monkeypatch):
@@ -288,3 +296,42 @@ def test_screen_kernel_refuses_bad_arguments():
         _ext.greedy_screen(a, base, 0.1, torch.tensor([0, 0, 1]), ids, 4)
     with pytest.raises(RuntimeError, match="max_candidates"):
         _ext.greedy_screen(a, base, 0.1, ptr, ids, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pick_kernel_base_and_ids_match_the_python_path(threads, monkeypatch):
+    """greedy_pick_cpu (the bound's base, the screen and the float64 recheck in C++) against the Python
+    path of the same head (`_bound_base`, `screen_candidates_ref`, the fp32 recheck): the same ids on
+    rows of every kind, and, through the screen with the base it computes, the same candidates."""
+    from blip2_fast import _ext
+    from blip2_fast.models.greedy_head import _MAX_CANDIDATES, _REL, _SAFETY, _ban_csr
+
+    if _ext.unavailable_reason("cpu") is not None:
+        pytest.skip(_ext.unavailable_reason("cpu"))
+    V, E = 5003, 88
+    w, g = _head(V, E, seed=11)
+    w[300] = w[4000]  # an exact tie: the lower id
+    head = ScreenedArgmax(w)
+    if head.packed is None:
+        pytest.skip("the packed kernel cannot run on this CPU")
+    h = torch.randn(6, E, generator=g) * torch.tensor([0.01, 1.0, 30.0, 1.0, 1.0, 1.0])[:, None]
+    h[3] = w[4000] * 10  # wins at the tie 300/4000
+    h[4] = 0.0  # flat: scored in full
+    h[5, 3] = float("nan")
+    banned = [[], [1, 2], [V - 1], [], [0], []]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hb = h.bfloat16()
+        a = head.screen_logits(h, hb)
+        best = _ext.greedy_pick(a.clone(), h, w, head.w_max, head.r_max, _SAFETY, _REL, *_ban_csr(banned, 6),
+                                _MAX_CANDIDATES).tolist()
+        want = argmax_ref(h, w, banned).tolist()
+        for i in range(6):
+            assert best[i] == (-1 if i in (4, 5) else want[i]), (i, best, want)
+        assert best[3] == 300
+        monkeypatch.setattr(head, "packed", None)  # the same head down the Python path
+        monkeypatch.setattr(head, "wb", w.bfloat16())
+        assert head(h, banned) == want
+    finally:
+        torch.set_num_threads(prev)

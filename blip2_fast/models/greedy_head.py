@@ -13,10 +13,12 @@ so they are used only to *screen*:
      can win; their logits are recomputed in fp32 and the best taken (ties: the lowest id, as
      torch.argmax).
 
-Between the GEMM and the recheck, the bound's max |a_v|, the bans, the row max and the selection
-run in the extension's `greedy_screen_cpu` wherever the packed kernel runs (three read passes per
-row, nothing [n, V] allocated: 50 us at [8, 50304] on one EPYC core, where torch's amax / amin / ge /
-nonzero / bincount took about 0.9 ms); `screen_candidates_ref` is its spec and runs elsewhere.
+Wherever the packed kernel runs, everything after the GEMM is one call into the extension,
+`greedy_pick_cpu`: the bound's base from h, the bans, the row max, the selection (three read passes
+per row, nothing [n, V] allocated; the selection alone, `greedy_screen_cpu`, takes 50 us at
+[8, 50304] on one EPYC core where torch's amax / amin / ge / nonzero / bincount took about 0.9 ms),
+and the candidates' recheck in float64. `_bound_base`, `screen_candidates_ref` and the fp32 recheck
+below are its spec and run elsewhere.
 
 The result is the argmax of fp32 logits, like `argmax_ref`; the two can differ only where two fp32
 logits are within fp32 rounding of each other, as any two fp32 GEMMs can. A row with no candidate
@@ -137,14 +139,15 @@ class ScreenedArgmax:
         h = hidden.float().contiguous()
         hb = h.bfloat16()
         a = self.screen_logits(h, hb)
-        base = self._bound_base(h, hb)
-        if self.packed is not None:  # the extension is loaded: its one-pass-per-stage screen
+        if self.packed is not None:  # the extension is loaded: the bound, screen and recheck in one call
             from .. import _ext
 
             ptr, ids = _ban_csr(banned, h.shape[0])
-            cols, counts = _ext.greedy_screen(a, base, _REL, ptr, ids, _MAX_CANDIDATES)
-        else:
-            cols, counts = screen_candidates_ref(a, base, _REL, banned, _MAX_CANDIDATES)
+            best = _ext.greedy_pick(a, h, self.weight, self.w_max, self.r_max, _SAFETY, _REL, ptr, ids,
+                                    _MAX_CANDIDATES).tolist()
+            return [b if b >= 0 else int(argmax_ref(h[i: i + 1], self.weight, [banned[i]] if banned else None))
+                    for i, b in enumerate(best)]
+        cols, counts = screen_candidates_ref(a, self._bound_base(h, hb), _REL, banned, _MAX_CANDIDATES)
         counts, cols = counts.tolist(), cols.tolist()
         rows, cands = [], []
         for i, c in enumerate(counts):
