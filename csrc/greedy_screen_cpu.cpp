@@ -146,6 +146,18 @@ BLIP2_FAST_INLINE void screen_rows_impl(const ScreenArgs& A, int64_t begin, int6
 
 BLIP2_FAST_CLONES void screen_rows(const ScreenArgs& A, int64_t begin, int64_t end) { screen_rows_impl(A, begin, end); }
 
+// The bans as CSR (row i's ids are ban_ids[ban_ptr[i] .. ban_ptr[i + 1])) and the candidate cap.
+void check_bans(const char* op, int64_t n, const at::Tensor& ban_ptr, const at::Tensor& ban_ids, int64_t max_candidates) {
+  TORCH_CHECK(ban_ptr.dim() == 1 && ban_ptr.size(0) == n + 1 && ban_ptr.scalar_type() == at::kLong && ban_ptr.is_contiguous(),
+              op, ": ban_ptr must be a contiguous int64 [", n + 1, "], got ", ban_ptr.sizes());
+  TORCH_CHECK(ban_ids.dim() == 1 && ban_ids.scalar_type() == at::kLong && ban_ids.is_contiguous(),
+              op, ": ban_ids must be a contiguous int64 vector, got ", ban_ids.sizes());
+  TORCH_CHECK(max_candidates > 0, op, ": max_candidates must be positive, got ", max_candidates);
+  const int64_t* bp = ban_ptr.data_ptr<int64_t>();
+  TORCH_CHECK(bp[0] == 0 && bp[n] == ban_ids.size(0), op, ": ban_ptr must run from 0 to len(ban_ids)");
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(bp[i] <= bp[i + 1], op, ": ban_ptr must not decrease");
+}
+
 std::tuple<at::Tensor, at::Tensor> greedy_screen_cpu(const at::Tensor& a, const at::Tensor& base, double rel,
                                                      const at::Tensor& ban_ptr, const at::Tensor& ban_ids,
                                                      int64_t max_candidates) {
@@ -154,14 +166,8 @@ std::tuple<at::Tensor, at::Tensor> greedy_screen_cpu(const at::Tensor& a, const 
   const int64_t n = a.size(0), V = a.size(1);
   TORCH_CHECK(base.dim() == 1 && base.size(0) == n && base.scalar_type() == at::kDouble && base.is_contiguous(),
               "greedy_screen: base must be a contiguous float64 [", n, "], got ", base.sizes(), " ", base.scalar_type());
-  TORCH_CHECK(ban_ptr.dim() == 1 && ban_ptr.size(0) == n + 1 && ban_ptr.scalar_type() == at::kLong && ban_ptr.is_contiguous(),
-              "greedy_screen: ban_ptr must be a contiguous int64 [", n + 1, "], got ", ban_ptr.sizes());
-  TORCH_CHECK(ban_ids.dim() == 1 && ban_ids.scalar_type() == at::kLong && ban_ids.is_contiguous(),
-              "greedy_screen: ban_ids must be a contiguous int64 vector, got ", ban_ids.sizes());
-  TORCH_CHECK(max_candidates > 0, "greedy_screen: max_candidates must be positive, got ", max_candidates);
+  check_bans("greedy_screen", n, ban_ptr, ban_ids, max_candidates);
   const int64_t* bp = ban_ptr.data_ptr<int64_t>();
-  TORCH_CHECK(bp[0] == 0 && bp[n] == ban_ids.size(0), "greedy_screen: ban_ptr must run from 0 to len(ban_ids)");
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(bp[i] <= bp[i + 1], "greedy_screen: ban_ptr must not decrease");
   at::Tensor cols = at::full({n, max_candidates}, -1, a.options().dtype(at::kLong));
   at::Tensor counts = at::empty({n}, a.options().dtype(at::kLong));
   const ScreenArgs A{a.data_ptr<float>(), base.data_ptr<double>(), rel, bp, ban_ids.data_ptr<int64_t>(),
@@ -242,17 +248,7 @@ at::Tensor greedy_pick_cpu(const at::Tensor& a, const at::Tensor& h, const at::T
               "greedy_pick: weight must be a contiguous float32 [", V, ", ", E, "], got ", weight.sizes(), " ",
               weight.scalar_type());
   const at::Tensor base = at::zeros({n}, a.options().dtype(at::kDouble));  // placeholder: each row computes its own
-  {  // the screen's argument checks
-    TORCH_CHECK(ban_ptr.dim() == 1 && ban_ptr.size(0) == n + 1 && ban_ptr.scalar_type() == at::kLong &&
-                    ban_ptr.is_contiguous(),
-                "greedy_pick: ban_ptr must be a contiguous int64 [", n + 1, "], got ", ban_ptr.sizes());
-    TORCH_CHECK(ban_ids.dim() == 1 && ban_ids.scalar_type() == at::kLong && ban_ids.is_contiguous(),
-                "greedy_pick: ban_ids must be a contiguous int64 vector, got ", ban_ids.sizes());
-    TORCH_CHECK(max_candidates > 0, "greedy_pick: max_candidates must be positive, got ", max_candidates);
-    const int64_t* bp = ban_ptr.data_ptr<int64_t>();
-    TORCH_CHECK(bp[0] == 0 && bp[n] == ban_ids.size(0), "greedy_pick: ban_ptr must run from 0 to len(ban_ids)");
-    for (int64_t i = 0; i < n; ++i) TORCH_CHECK(bp[i] <= bp[i + 1], "greedy_pick: ban_ptr must not decrease");
-  }
+  check_bans("greedy_pick", n, ban_ptr, ban_ids, max_candidates);
   const at::Tensor cols = at::full({n, max_candidates}, -1, a.options().dtype(at::kLong));
   const at::Tensor counts = at::empty({n}, a.options().dtype(at::kLong));
   at::Tensor best = at::empty({n}, a.options().dtype(at::kLong));
