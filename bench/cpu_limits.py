@@ -98,9 +98,13 @@ def gemm_peaks(n: int = 2048, reps: int = 5) -> dict:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         torch.mm(a, b)
         ts = _best_ms(lambda: torch.mm(a, b), reps, clock_for(torch.get_num_threads()))
-        out[str(dtype).replace("torch.", "")] = {"best_gflops": round(2 * n ** 3 / min(ts) / 1e6, 1),
-                                                 "median_gflops": round(2 * n ** 3 / statistics.median(ts) / 1e6, 1)}
+        out[str(dtype).replace("torch.", "")] = _gflops(2 * n ** 3, ts)
     return out
+
+
+def _gflops(flops: float, ts: list[float]) -> dict:
+    """Best and median GFLOP/s of `flops` per call, from call times `ts` in ms."""
+    return {"best_gflops": round(flops / min(ts) / 1e6, 1), "median_gflops": round(flops / statistics.median(ts) / 1e6, 1)}
 
 
 def kernel_peaks(rows: int = 12, reps: int = 200) -> dict:
@@ -116,8 +120,7 @@ def kernel_peaks(rows: int = 12, reps: int = 200) -> dict:
         x = torch.randn(rows, 512)
         lin(x)
         ts = _best_ms(lambda: lin(x), reps, clock_for(torch.get_num_threads()))
-        out[str(dtype).replace("torch.", "")] = {"best_gflops": round(2 * rows * 2048 * 512 / min(ts) / 1e6, 1),
-                                                 "median_gflops": round(2 * rows * 2048 * 512 / statistics.median(ts) / 1e6, 1)}
+        out[str(dtype).replace("torch.", "")] = _gflops(2 * rows * 2048 * 512, ts)
     return out
 
 
@@ -178,13 +181,14 @@ def measure_at(threads: int, a, cold: float, bw_bytes: int, reps: int) -> dict:
             "decode_step_linears": steps}
 
 
-def decode_steps(preset: str, batches, steps: int, read_gbs: float, threads: int = 1, peaks: dict | None = None) -> list[dict]:
+def decode_steps(preset: str, batches, steps: int, read_gbs: float, threads: int, peaks: dict) -> list[dict]:
     """The whole decode step (`engine.step()`: the LM's forward, the screened greedy head, the host
     work) of `preset` at `threads` threads (`clock_for`: process CPU time at one, wall time at more),
     with the packed linears and with packing off
     (BLIP2_FAST_LINEAR_ISA=torch), steps interleaved between the two engines; against the floor of the
     bytes a step must read: the LM's linear weights (fp32), the bf16 screening head and the KV cache
-    of every context token, over `read_gbs`."""
+    of every context token, over `read_gbs`; and against the same step's arithmetic at `peaks`
+    (`kernel_peaks`)."""
     import blip2_fast
     from blip2_fast.layers import Linear
     from blip2_fast.linear_cpu import ISA_ENV
@@ -245,16 +249,14 @@ def decode_steps(preset: str, batches, steps: int, read_gbs: float, threads: int
             med = {n: statistics.median(t) for n, t in ts.items()}
             # the same step's arithmetic at the kernel's own peak: B rows through every fp32 weight
             # (an FMA each) and through the bf16 head (a vdpbf16ps lane each)
-            compute = None
-            if peaks:
-                compute = (2 * B * lin_bytes / 4 / peaks["float32"]["best_gflops"]
-                           + 2 * B * head_bytes / 2 / peaks["bfloat16"]["best_gflops"]) / 1e6
+            compute = (2 * B * lin_bytes / 4 / peaks["float32"]["best_gflops"]
+                       + 2 * B * head_bytes / 2 / peaks["bfloat16"]["best_gflops"]) / 1e6
             rows.append({"preset": preset, "batch": B, "threads": threads, "steps": steps, "packed_ms": round(med["packed"], 3),
                          "torch_linears_ms": round(med["torch"], 3), "floor_ms": round(floor, 3),
                          "packed_over_floor": round(med["packed"] / floor, 2),
                          "torch_over_floor": round(med["torch"] / floor, 2),
                          "bytes": {"linears": lin_bytes, "head_bf16": head_bytes, "kv_mean": int(kv_bytes)},
-                         "compute_floor_ms": None if compute is None else round(compute, 3),
+                         "compute_floor_ms": round(compute, 3),
                          "packed_samples_ms": [round(t, 3) for t in ts["packed"]]})
             print(f"[cpu_limits] step {preset} B={B}: packed {med['packed']:.2f} ms, F.linear {med['torch']:.2f} ms, "
                   f"floor {floor:.2f} ms ({med['packed'] / floor:.2f}x)", file=sys.stderr, flush=True)
@@ -331,8 +333,8 @@ def _main_step(a) -> dict:
         f = r["floor_ms"] * read_gbs / res["read_gbs_for_floor"]
         r.update(floor_ms=round(f, 3), packed_over_floor=round(r["packed_ms"] / f, 2),
                  torch_over_floor=round(r["torch_linears_ms"] / f, 2))
-        if r["compute_floor_ms"]:  # against the larger of the two floors: neither can be beaten
-            r["packed_over_max_floor"] = round(r["packed_ms"] / max(f, r["compute_floor_ms"]), 2)
+        # against the larger of the two floors: neither can be beaten
+        r["packed_over_max_floor"] = round(r["packed_ms"] / max(f, r["compute_floor_ms"]), 2)
         print(f"{r['preset']:18s} batch {r['batch']:3d}: step {r['packed_ms']:7.2f} ms (F.linear {r['torch_linears_ms']:7.2f})"
               f"  floor {r['floor_ms']:6.2f} ms  {r['packed_over_floor']:.2f}x the floor"
               f"  (compute at the kernel's peak {r['compute_floor_ms']:.2f} ms)")

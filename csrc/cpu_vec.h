@@ -31,7 +31,7 @@ BLIP2_FAST_INLINE v16 horner(const v16& t, const float (&c)[N]) {
 
 // exp over 16 lanes, relative error below 2^-22 on [-87, 88] (softmax numerators: the inputs are
 // scores minus their max, <= 0). x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n ln2 is
-// exact), e^r by its degree-6 Taylor-like fit (Cephes' coefficients), 2^n built in the exponent
+// exact), e^r by a degree-7 polynomial (Cephes' coefficients), 2^n built in the exponent
 // bits. Inputs are clamped to [-87, 88]: below -87 the result is e^-87 (1.6e-38, a normal float; a
 // softmax weight that small is nothing next to its max, 1); NaN stays NaN.
 BLIP2_FAST_INLINE v16 exp16(const v16& in) {

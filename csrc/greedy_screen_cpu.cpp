@@ -9,7 +9,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -19,7 +18,6 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
-#include <vector>
 
 #include "cpu_common.h"
 
@@ -127,27 +125,35 @@ struct ScreenArgs {
   int64_t V, cap;
 };
 
+// One row: the largest |a_v| before the bans (the bound covers every id's screened logit), the bans,
+// then the candidates within 2 (base + rel max|a|) of the row max into cols; returns their count
+// (0 for a NaN row, cap + 1 for more than cap).
+BLIP2_FAST_INLINE int64_t screen_row(float* a, int64_t V, const int64_t* bans, const int64_t* bans_end, double base,
+                                     double rel, int64_t* cols, int64_t cap) {
+  const RowStats s = abs_max(a, V);
+  for (const int64_t* b = bans; b < bans_end; ++b)
+    if (*b >= 0 && *b < V) a[*b] = -std::numeric_limits<float>::infinity();
+  if (s.nan) return 0;  // no candidate: the caller scores the row in full
+  const double margin = 2.0 * (base + rel * static_cast<double>(s.max_abs));
+  const float t = floor_to_float(static_cast<double>(row_max(a, V)) - margin);
+  return select_at_least(a, V, t, cols, cap);  // NaN t: no candidate
+}
+
 BLIP2_FAST_INLINE void screen_rows_impl(const ScreenArgs& A, int64_t begin, int64_t end) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  for (int64_t i = begin; i < end; ++i) {
-    float* a = A.a + i * A.V;
-    const RowStats s = abs_max(a, A.V);  // before the bans: the bound covers every id's screened logit
-    for (int64_t b = A.ban_ptr[i]; b < A.ban_ptr[i + 1]; ++b)
-      if (A.ban_ids[b] >= 0 && A.ban_ids[b] < A.V) a[A.ban_ids[b]] = ninf;
-    if (s.nan) {  // no candidate: the caller scores the row in full
-      A.counts[i] = 0;
-      continue;
-    }
-    const double margin = 2.0 * (A.base[i] + A.rel * static_cast<double>(s.max_abs));
-    const float t = floor_to_float(static_cast<double>(row_max(a, A.V)) - margin);
-    A.counts[i] = select_at_least(a, A.V, t, A.cols + i * A.cap, A.cap);  // NaN t: no candidate
-  }
+  for (int64_t i = begin; i < end; ++i)
+    A.counts[i] = screen_row(A.a + i * A.V, A.V, A.ban_ids + A.ban_ptr[i], A.ban_ids + A.ban_ptr[i + 1], A.base[i],
+                             A.rel, A.cols + i * A.cap, A.cap);
 }
 
 BLIP2_FAST_CLONES void screen_rows(const ScreenArgs& A, int64_t begin, int64_t end) { screen_rows_impl(A, begin, end); }
 
-// The bans as CSR (row i's ids are ban_ids[ban_ptr[i] .. ban_ptr[i + 1])) and the candidate cap.
-void check_bans(const char* op, int64_t n, const at::Tensor& ban_ptr, const at::Tensor& ban_ids, int64_t max_candidates) {
+// Both ops' screen arguments: the logits a [n, V], the bans as CSR (row i's ids are
+// ban_ids[ban_ptr[i] .. ban_ptr[i + 1])) and the candidate cap.
+void check_screen_args(const char* op, const at::Tensor& a, const at::Tensor& ban_ptr, const at::Tensor& ban_ids,
+                       int64_t max_candidates) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && a.is_contiguous() && a.size(1) > 0,
+              op, ": a must be a contiguous float32 [n, V] with V > 0, got ", a.sizes(), " ", a.scalar_type());
+  const int64_t n = a.size(0);
   TORCH_CHECK(ban_ptr.dim() == 1 && ban_ptr.size(0) == n + 1 && ban_ptr.scalar_type() == at::kLong && ban_ptr.is_contiguous(),
               op, ": ban_ptr must be a contiguous int64 [", n + 1, "], got ", ban_ptr.sizes());
   TORCH_CHECK(ban_ids.dim() == 1 && ban_ids.scalar_type() == at::kLong && ban_ids.is_contiguous(),
@@ -161,12 +167,10 @@ void check_bans(const char* op, int64_t n, const at::Tensor& ban_ptr, const at::
 std::tuple<at::Tensor, at::Tensor> greedy_screen_cpu(const at::Tensor& a, const at::Tensor& base, double rel,
                                                      const at::Tensor& ban_ptr, const at::Tensor& ban_ids,
                                                      int64_t max_candidates) {
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && a.is_contiguous() && a.size(1) > 0,
-              "greedy_screen: a must be a contiguous float32 [n, V] with V > 0, got ", a.sizes(), " ", a.scalar_type());
+  check_screen_args("greedy_screen", a, ban_ptr, ban_ids, max_candidates);
   const int64_t n = a.size(0), V = a.size(1);
   TORCH_CHECK(base.dim() == 1 && base.size(0) == n && base.scalar_type() == at::kDouble && base.is_contiguous(),
               "greedy_screen: base must be a contiguous float64 [", n, "], got ", base.sizes(), " ", base.scalar_type());
-  check_bans("greedy_screen", n, ban_ptr, ban_ids, max_candidates);
   const int64_t* bp = ban_ptr.data_ptr<int64_t>();
   at::Tensor cols = at::full({n, max_candidates}, -1, a.options().dtype(at::kLong));
   at::Tensor counts = at::empty({n}, a.options().dtype(at::kLong));
@@ -185,19 +189,20 @@ std::tuple<at::Tensor, at::Tensor> greedy_screen_cpu(const at::Tensor& a, const 
 // step for the ten-odd ops this replaces).
 
 struct PickArgs {
-  ScreenArgs screen;
+  float* a;  // [n, V] screened logits, banned ids overwritten with -inf
   const float* h;  // [n, E]
   const float* w;  // [V, E]
-  int64_t E;
-  double w_max, r_max, safety;
+  const int64_t* ban_ptr;
+  const int64_t* ban_ids;
+  int64_t* cols;  // [n, cap]: the screen's candidates
   int64_t* best;  // [n]: the id, or -1 where the row must be scored in full
+  int64_t V, E, cap;
+  double w_max, r_max, safety, rel;
 };
 
 inline float bf16_round(float x) { return static_cast<float>(c10::BFloat16(x)); }  // as Tensor.bfloat16()
 
 BLIP2_FAST_INLINE void pick_rows_impl(const PickArgs& P, int64_t begin, int64_t end) {
-  const ScreenArgs& A = P.screen;
-  std::vector<double> base(1);
   for (int64_t i = begin; i < end; ++i) {
     const float* h = P.h + i * P.E;
     double d2 = 0.0, b2 = 0.0;
@@ -208,25 +213,22 @@ BLIP2_FAST_INLINE void pick_rows_impl(const PickArgs& P, int64_t begin, int64_t 
       b2 += static_cast<double>(hb) * hb;
     }
     const double nb = std::sqrt(b2);
-    base[0] = P.safety * (std::sqrt(d2) * P.w_max + nb * P.r_max +
-                          std::ldexp(1.0, -120) * static_cast<double>(P.E) * (1.0 + P.w_max + nb));
-    ScreenArgs R = A;  // this row alone: its logits, base, bans and candidate slots
-    R.a = A.a + i * A.V, R.base = base.data(), R.ban_ptr = A.ban_ptr + i, R.cols = A.cols + i * A.cap,
-    R.counts = A.counts + i;
-    screen_rows_impl(R, 0, 1);
-    const int64_t c = *R.counts;
-    if (c <= 0 || c > A.cap) {
+    const double base = P.safety * (std::sqrt(d2) * P.w_max + nb * P.r_max +
+                                    std::ldexp(1.0, -120) * static_cast<double>(P.E) * (1.0 + P.w_max + nb));
+    int64_t* cols = P.cols + i * P.cap;
+    const int64_t c = screen_row(P.a + i * P.V, P.V, P.ban_ids + P.ban_ptr[i], P.ban_ids + P.ban_ptr[i + 1], base,
+                                 P.rel, cols, P.cap);
+    if (c <= 0 || c > P.cap) {
       P.best[i] = -1;
       continue;
     }
     double top = 0.0;
     int64_t arg = -1;
     for (int64_t j = 0; j < c; ++j) {  // ids ascend: strictly greater keeps the lower id on a tie
-      const int64_t v = R.cols[j];
-      const float* wv = P.w + v * P.E;
+      const float* wv = P.w + cols[j] * P.E;
       double s = 0.0;
       for (int64_t e = 0; e < P.E; ++e) s += static_cast<double>(h[e]) * static_cast<double>(wv[e]);
-      if (arg < 0 || s > top) top = s, arg = v;
+      if (arg < 0 || s > top) top = s, arg = cols[j];
     }
     P.best[i] = arg;
   }
@@ -237,8 +239,7 @@ BLIP2_FAST_CLONES void pick_rows(const PickArgs& P, int64_t begin, int64_t end) 
 at::Tensor greedy_pick_cpu(const at::Tensor& a, const at::Tensor& h, const at::Tensor& weight, double w_max,
                            double r_max, double safety, double rel, const at::Tensor& ban_ptr,
                            const at::Tensor& ban_ids, int64_t max_candidates) {
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && a.is_contiguous() && a.size(1) > 0,
-              "greedy_pick: a must be a contiguous float32 [n, V] with V > 0, got ", a.sizes(), " ", a.scalar_type());
+  check_screen_args("greedy_pick", a, ban_ptr, ban_ids, max_candidates);
   const int64_t n = a.size(0), V = a.size(1);
   TORCH_CHECK(h.dim() == 2 && h.size(0) == n && h.scalar_type() == at::kFloat && h.is_contiguous(),
               "greedy_pick: h must be a contiguous float32 [", n, ", E], got ", h.sizes(), " ", h.scalar_type());
@@ -247,14 +248,11 @@ at::Tensor greedy_pick_cpu(const at::Tensor& a, const at::Tensor& h, const at::T
                   weight.is_contiguous(),
               "greedy_pick: weight must be a contiguous float32 [", V, ", ", E, "], got ", weight.sizes(), " ",
               weight.scalar_type());
-  const at::Tensor base = at::zeros({n}, a.options().dtype(at::kDouble));  // placeholder: each row computes its own
-  check_bans("greedy_pick", n, ban_ptr, ban_ids, max_candidates);
-  const at::Tensor cols = at::full({n, max_candidates}, -1, a.options().dtype(at::kLong));
-  const at::Tensor counts = at::empty({n}, a.options().dtype(at::kLong));
+  const at::Tensor cols = at::empty({n, max_candidates}, a.options().dtype(at::kLong));
   at::Tensor best = at::empty({n}, a.options().dtype(at::kLong));
-  const ScreenArgs A{a.data_ptr<float>(), base.data_ptr<double>(), rel, ban_ptr.data_ptr<int64_t>(),
-                     ban_ids.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), V, max_candidates};
-  const PickArgs P{A, h.data_ptr<float>(), weight.data_ptr<float>(), E, w_max, r_max, safety, best.data_ptr<int64_t>()};
+  const PickArgs P{a.data_ptr<float>(), h.data_ptr<float>(), weight.data_ptr<float>(), ban_ptr.data_ptr<int64_t>(),
+                   ban_ids.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), best.data_ptr<int64_t>(), V, E,
+                   max_candidates, w_max, r_max, safety, rel};
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { pick_rows(P, b, e); });
   return best;
 }

@@ -312,8 +312,7 @@ void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::op
 
   Job J{};
   J.M = M, J.N = N, J.steps = packed.size(1);
-  at::Tensor xs = x2;  // what the tiles read, kept alive for the call
-  const float* padded_x = nullptr;  // or, for fp32 rows that alias in L1, a padded copy
+  at::Tensor xs;  // bf16 weights: x as those tiles read it, kept alive for the call
   if (bf16) {
     const bool pairs = kern.xform == kXPairs;
     xs = x2.scalar_type() == at::kFloat
@@ -321,6 +320,7 @@ void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::op
              : bf16_rows(x2.const_data_ptr<c10::BFloat16>(), M, K, x2.stride(0), J.steps, pairs);
     J.ldx = pairs ? J.steps : 2 * J.steps;
     J.xstep = pairs ? 1 : 2;
+    J.x = static_cast<const char*>(xs.const_data_ptr());
   } else if (M > 1 && (x2.stride(0) * 4) % 4096 == 0 && M * (K + 16) <= kMaxPaddedX) {
     // rows a multiple of 4 KB apart (K = 1024, 2048, 5120, 10240: most real widths) all map to the
     // same L1 sets, so a tile's x chunk evicts itself (~10% at [264, 2048]); a copy with one cache
@@ -330,12 +330,12 @@ void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::op
     if (scratch.size() < static_cast<size_t>(M * (K + 16))) scratch.resize(M * (K + 16));
     const float* src = x2.const_data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) std::memcpy(scratch.data() + m * (K + 16), src + m * x2.stride(0), K * 4);
-    padded_x = scratch.data();
+    J.x = reinterpret_cast<const char*>(scratch.data());
     J.ldx = K + 16, J.xstep = 1;
   } else {
+    J.x = static_cast<const char*>(x2.const_data_ptr());
     J.ldx = x2.stride(0), J.xstep = 1;
   }
-  J.x = padded_x != nullptr ? reinterpret_cast<const char*>(padded_x) : static_cast<const char*>(xs.const_data_ptr());
   J.w = static_cast<const char*>(packed.const_data_ptr());
   J.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
   J.act = act;

@@ -145,8 +145,7 @@ class ScreenedArgmax:
             ptr, ids = _ban_csr(banned, h.shape[0])
             best = _ext.greedy_pick(a, h, self.weight, self.w_max, self.r_max, _SAFETY, _REL, ptr, ids,
                                     _MAX_CANDIDATES).tolist()
-            return [b if b >= 0 else int(argmax_ref(h[i: i + 1], self.weight, [banned[i]] if banned else None))
-                    for i, b in enumerate(best)]
+            return [b if b >= 0 else self._full(h, i, banned) for i, b in enumerate(best)]
         cols, counts = screen_candidates_ref(a, self._bound_base(h, hb), _REL, banned, _MAX_CANDIDATES)
         counts, cols = counts.tolist(), cols.tolist()
         rows, cands = [], []
@@ -161,13 +160,11 @@ class ScreenedArgmax:
         for r, c, e in zip(rows, cands, exact):  # ids ascend within a row
             if r not in best or e > best[r][0]:  # strictly greater: ties keep the lower id, as argmax
                 best[r] = (e, c)
-        out = []
-        for i, c in enumerate(counts):
-            if 0 < c <= _MAX_CANDIDATES:
-                out.append(best[i][1])
-            else:
-                out.append(int(argmax_ref(h[i: i + 1], self.weight, [banned[i]] if banned else None)))
-        return out
+        return [best[i][1] if 0 < c <= _MAX_CANDIDATES else self._full(h, i, banned) for i, c in enumerate(counts)]
+
+    def _full(self, h: torch.Tensor, i: int, banned: list[list[int]] | None) -> int:
+        """Row i scored over its full fp32 logits (no candidate, or too many to recheck)."""
+        return int(argmax_ref(h[i: i + 1], self.weight, [banned[i]] if banned else None))
 
 
 def screen_candidates_ref(a: torch.Tensor, base: torch.Tensor, rel: float, banned: list[list[int]] | None,
