@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 _CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp",
-                "greedy_screen_cpu.cpp")
+                "greedy_screen_cpu.cpp", "rms_norm_cpu.cpp")
 _CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
 _HEADERS = ("checks.h", "cpu_common.h", "cpu_vec.h", "cross_attention.h", "linear_cpu_kernels.h")
 # no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion.
@@ -281,6 +281,10 @@ def _register_fake() -> None:
     def _(x, packed, bias, out_features, activation, isa, out):
         return None
 
+    @torch.library.register_fake("blip2_fast::rms_norm_cpu_fwd")
+    def _(x, weight, residual, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
+
     @torch.library.register_fake("blip2_fast::greedy_pick_cpu")
     def _(a, h, weight, w_max, r_max, safety, rel, ban_ptr, ban_ids, max_candidates):
         return a.new_empty((a.shape[0],), dtype=torch.long)
@@ -427,6 +431,20 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias
         if _loaded is None:
             raise RuntimeError(f"blip2_fast: the C++ extension is unavailable: {_errors.get('cpu')}")
     return torch.ops.blip2_fast.paged_attention_cpu_fwd(q, k_cache, v_cache, block_tables, seq_lens, scale, rel_bias)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """T5's RMSNorm on the CPU, `torch.ops.blip2_fast.rms_norm_cpu_fwd`; spec: `reference.rms_norm_ref`
+    (same arguments and results). x: [..., N] float32, float16 or bfloat16; weight: [N] in any of
+    those (its dtype sets T5's rounding step); residual: x's shape, or None. Returns y [..., N] in
+    x's dtype, or (y, x + residual) with a residual. A residual of another dtype is added as the
+    reference adds it (the promoted dtype), then normalised."""
+    _require_loaded()
+    if residual is not None and residual.dtype != x.dtype:  # promotion, as `x + residual` promotes
+        s = x + residual
+        return torch.ops.blip2_fast.rms_norm_cpu_fwd(s, weight, None, float(eps))[0], s
+    y, s = torch.ops.blip2_fast.rms_norm_cpu_fwd(x, weight, residual, float(eps))
+    return (y, s) if residual is not None else y
 
 
 def greedy_screen(a, base, rel, ban_ptr, ban_ids, max_candidates):

@@ -13,7 +13,7 @@
 
     write_kv: the reference's scatter (index_copy_); under torch.compile one custom op, so a decode
         step still traces with fullgraph=True: the reference's "any padding slots?" check is
-        data-dependent. (rms_norm binds `reference.rms_norm_ref` itself: plain vector passes.)
+        data-dependent. (rms_norm binds the C++ extension's kernel, `_ext.rms_norm`.)
 
 The GPU runs the Triton kernels (kernels/); the specs are in `blip2_fast.reference`.
 """

@@ -38,6 +38,10 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
         "int max_candidates) -> (Tensor, Tensor)");
   // CPU only: the screen plus its bound's base from h [n, E] and the candidates' recheck against the
   // fp32 head weight [V, E] in float64; returns int64 [n], the greedy id or -1 (score the row in full).
+  // CPU only (the GPU runs the Triton kernel's rms_norm_fwd): T5's RMSNorm (csrc/rms_norm_cpu.cpp).
+  // x [..., N]; weight [N]; residual x's shape and dtype, or None. Returns (y in x's dtype, x + residual;
+  // an empty tensor without a residual).
+  m.def("rms_norm_cpu_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor)");
   m.def("greedy_pick_cpu(Tensor(a!) a, Tensor h, Tensor weight, float w_max, float r_max, float safety, float rel, "
         "Tensor ban_ptr, Tensor ban_ids, int max_candidates) -> Tensor");
 }
