@@ -76,12 +76,34 @@ def test_bad_prompts_and_pixels_are_refused(opt):
         eng.add_request(1, pixel_values=torch.empty(3, 42, 42, device="meta"), prompt=ids)
     with pytest.raises(ValueError, match="NaN"):
         eng.add_request(1, pixel_values=torch.full((3, 42, 42), float("nan")), prompt=ids)
+    for bad in (float("inf"), -float("inf"), float("nan")):  # one bad pixel among good ones
+        px = pv.clone()
+        px[1, 20, 7] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            eng.add_request(1, pixel_values=px, prompt=ids)
     with pytest.raises(TypeError, match="SamplingParams"):
         eng.add_request(1, pixel_values=pv, prompt=ids, sampling={"max_new_tokens": 3})
     with pytest.raises(TypeError, match="hashable"):
         eng.add_request(["a"], pixel_values=pv, prompt=ids)
     eng.add_request(1, pixel_values=pv.numpy(), prompt=ids.numpy())  # numpy arrays are accepted
     assert eng.run()[1].finished
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_all_finite(dtype):
+    """to_pixels' finiteness check: one sum, settled element by element only when the sum overflowed."""
+    from blip2_fast.engine.limits import all_finite
+
+    x = torch.randn(3, 50, 50, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert all_finite(x)
+    assert all_finite(torch.full((3, 50, 50), torch.finfo(dtype).max / 2, dtype=dtype))  # finite, the sum overflows
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[2, 49, 49] = bad
+        assert not all_finite(y)
+    y = x.clone()
+    y[0, 0, 0], y[1, 1, 1] = float("inf"), -float("inf")  # their sum is NaN: still not finite
+    assert not all_finite(y)
 
 
 class _Poison:
