@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 _CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp",
-                "greedy_screen_cpu.cpp", "rms_norm_cpu.cpp")
+                "greedy_screen_cpu.cpp", "rms_norm_cpu.cpp", "write_kv_cpu.cpp")
 _CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
 _HEADERS = ("checks.h", "cpu_common.h", "cpu_vec.h", "cross_attention.h", "linear_cpu_kernels.h")
 # no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion.
@@ -285,6 +285,10 @@ def _register_fake() -> None:
     def _(x, weight, residual, eps):
         return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
 
+    @torch.library.register_fake("blip2_fast::write_kv_cpu_fwd")
+    def _(k, v, k_cache, v_cache, slot_mapping):
+        return None
+
     @torch.library.register_fake("blip2_fast::greedy_pick_cpu")
     def _(a, h, weight, w_max, r_max, safety, rel, ban_ptr, ban_ids, max_candidates):
         return a.new_empty((a.shape[0],), dtype=torch.long)
@@ -445,6 +449,20 @@ def rms_norm(x, weight, eps, residual=None):
         return torch.ops.blip2_fast.rms_norm_cpu_fwd(s, weight, None, float(eps))[0], s
     y, s = torch.ops.blip2_fast.rms_norm_cpu_fwd(x, weight, residual, float(eps))
     return (y, s) if residual is not None else y
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """New K/V rows into the paged caches on the CPU, in place, `torch.ops.blip2_fast.write_kv_cpu_fwd`;
+    spec: `reference.write_kv_ref` (same arguments). k, v: [T, H, D] (any strides); k_cache, v_cache:
+    [num_blocks, block_size, H, D]; slot_mapping: int [T], the flat slot of each row, negative = skip.
+    Every slot is checked before anything is written. Caches that are not contiguous go through the
+    reference."""
+    _require_loaded()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        from .reference import write_kv_ref
+
+        return write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    torch.ops.blip2_fast.write_kv_cpu_fwd(k, v, k_cache, v_cache, slot_mapping)
 
 
 def greedy_screen(a, base, rel, ban_ptr, ban_ids, max_candidates):

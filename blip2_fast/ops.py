@@ -324,12 +324,14 @@ register_fast("linear_gelu", "blip2_fast.kernels.linear_gelu", "linear_gelu", "t
 register_fast("cross_attention", "blip2_fast._ext", "cross_attention", "ext")
 register_fast("paged_attention", "blip2_fast._ext", "paged_attention", "ext", devices=("cpu",))
 register_fast("rms_norm", "blip2_fast._ext", "rms_norm", "ext", devices=("cpu",))
+register_fast("write_kv", "blip2_fast._ext", "write_kv", "ext", devices=("cpu",))
 register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "ext", devices=("cpu",))
 register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "torch", devices=("cuda",))  # F.linear there
 for _name, _attr in (("attention", "attention"), ("layer_norm", "layer_norm"), ("linear_gelu", "linear_gelu"),
                      ("ln_linear_gelu", "ln_linear_gelu")):
     register_fast(_name, "blip2_fast.ops_cpu", _attr, "torch", devices=("cpu",))
-# On the CPU write_kv runs as plain PyTorch (a decode step's K/V scatter is one index_copy_, wrapped
-# as a custom op so it traces), so a default CPU load binds it without a fallback warning, and never
-# through the Triton interpreter.
+# Where the C++ extension cannot build, these two run as plain PyTorch on the CPU (the K/V scatter is
+# one index_copy_, wrapped as a custom op so it traces; RMSNorm is the reference's few vector passes),
+# so a default CPU load binds them without a fallback warning, and never through the Triton interpreter.
 register_fast("write_kv", "blip2_fast.ops_cpu", "write_kv", "torch", devices=("cpu",))
+register_fast("rms_norm", "blip2_fast.reference", "rms_norm_ref", "torch", devices=("cpu",))

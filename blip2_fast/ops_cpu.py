@@ -13,7 +13,8 @@
 
     write_kv: the reference's scatter (index_copy_); under torch.compile one custom op, so a decode
         step still traces with fullgraph=True: the reference's "any padding slots?" check is
-        data-dependent. (rms_norm binds the C++ extension's kernel, `_ext.rms_norm`.)
+        data-dependent. Bound only where the C++ extension cannot build (its `_ext.write_kv` comes
+        first, as `_ext.rms_norm` does before the reference's RMSNorm).
 
 The GPU runs the Triton kernels (kernels/); the specs are in `blip2_fast.reference`.
 """

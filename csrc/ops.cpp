@@ -42,6 +42,9 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
   // x [..., N]; weight [N]; residual x's shape and dtype, or None. Returns (y in x's dtype, x + residual;
   // an empty tensor without a residual).
   m.def("rms_norm_cpu_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor)");
+  // CPU only (the GPU runs the Triton kernel's write_kv_fwd): k, v [T, H, D] into the paged caches
+  // [num_blocks, block_size, H, D] (contiguous) at slot_mapping [T] (int32 / int64; negative = skip).
+  m.def("write_kv_cpu_fwd(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("greedy_pick_cpu(Tensor(a!) a, Tensor h, Tensor weight, float w_max, float r_max, float safety, float rel, "
         "Tensor ban_ptr, Tensor ban_ids, int max_candidates) -> Tensor");
 }
