@@ -201,6 +201,19 @@ def test_bad_input_gets_its_status_and_an_error_body(model, tmp_path):
                 _error(await c.post("/v1/chat/completions", content=b"[1, 2]"), 400)
                 _error(await c.post("/v1/chat/completions", content=b'{"messages": NaN}'), 400)
                 _error(await c.post("/v1/chat/completions", content=b"\xff\xfe"), 400)
+                e = _error(await c.post("/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000), 400)
+                assert "nested too deeply" in e["message"]  # the JSON decoder's RecursionError, not a 500
+                # a JSON escape spelling a lone UTF-16 surrogate: no tokenizer takes it
+                lone = json.dumps(chat(url, "SURROGATE what?")).replace("SURROGATE", "\\ud800").encode()
+                e = _error(await c.post("/v1/chat/completions", content=lone), 400, "messages[0].content[1].text")
+                assert "surrogate" in e["message"]
+                lone = json.dumps({**good, "stop": ["SURROGATE"]}).replace("SURROGATE", "\\udfff").encode()
+                _error(await c.post("/v1/chat/completions", content=lone), 400, "stop")
+                lone = json.dumps({"prompt": "SURROGATE a photo of", "image": url}).replace("SURROGATE", "\\ud83d").encode()
+                _error(await c.post("/v1/completions", content=lone), 400, "prompt")
+                for key, bad in [("logit_bias", {"50": 100}), ("ignore_eos", True), ("guided_json", {"type": "object"}),
+                                 ("guided_choice", ["a", "b"])]:  # known features that change the output: refused
+                    _error(await post({**good, key: bad}), 400, key)
                 _error(await c.post("/v1/completions", json={"prompt": "a photo of"}), 400, "image")
                 _error(await c.post("/v1/completions", json={"prompt": ["a", "b"], "image": url}), 400, "prompt")
                 _error(await post(chat(data_url(big), "x")), 413)  # 90000 pixels > 62500

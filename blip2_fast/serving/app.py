@@ -176,6 +176,8 @@ class _Server:
             body = json.loads(buf, parse_constant=_no_constants)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_request(f"the request body is not valid JSON ({e})") from None
+        except RecursionError:  # arrays or objects nested thousands deep: the decoder's stack, not ours
+            raise bad_request("the request body is nested too deeply to be a request") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         return body

@@ -5,7 +5,8 @@ A chat conversation becomes BLIP-2's prompt format: user turns `Question: {text}
 single user turn with an image and text gives the prompt `model.answer(image, text)` builds; a
 single user turn with only an image is captioning (`prompt=None`, as `model.caption(image)`).
 Unknown fields are ignored, as OpenAI's clients send extras; known features this server cannot
-honour (logprobs, tools, non-zero presence/frequency penalties) are refused rather than ignored.
+honour (logprobs, tools, logit_bias, non-zero presence/frequency penalties, vLLM's structured-output
+and ignore_eos extras) are refused rather than ignored. Every string must be valid Unicode.
 """
 from __future__ import annotations
 
@@ -77,6 +78,20 @@ def _bool(body, key):
     return v
 
 
+def _text(v, what: str, param: str) -> str:
+    """A client's string, refused (400) unless it is one and is valid Unicode: JSON's \\uXXXX escapes
+    can spell a lone UTF-16 surrogate, which no tokenizer or UTF-8 writer takes."""
+    if not isinstance(v, str):
+        raise bad_request(f"{what} must be a string", param)
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad_request(f"{what} is not valid Unicode: a lone surrogate {v[e.start]!r} at {e.start} "
+                              "(a \\uD800-\\uDFFF escape without its pair)", param) from None
+    return v
+
+
 def _refuse_unsupported(body):
     for key in ("logprobs", "echo"):
         if body.get(key) not in (None, False, 0):
@@ -96,6 +111,14 @@ def _refuse_unsupported(body):
         raise bad_request("suffix is not supported by this server", "suffix")
     if body.get("best_of") not in (None, 1):
         raise bad_request("best_of is not supported; use num_beams", "best_of")
+    if body.get("logit_bias"):
+        raise bad_request("logit_bias is not supported by this server", "logit_bias")
+    # vLLM's extras that would change the output (structured output, eos handling): refused, not ignored
+    for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+        if body.get(key) is not None:
+            raise bad_request(f"{key} (structured output) is not supported by this server", key)
+    if body.get("ignore_eos") not in (None, False):
+        raise bad_request("ignore_eos is not supported; set min_tokens (as many as max_tokens) instead", "ignore_eos")
 
 
 def _options(body, max_n: int) -> tuple[GenOptions, int]:
@@ -128,7 +151,7 @@ def _stop(body) -> tuple[str, ...]:
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise bad_request("stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
-    return tuple(stops)
+    return tuple(_text(t, "stop", "stop") for t in stops)
 
 
 def _stream(body) -> tuple[bool, bool]:
@@ -145,9 +168,7 @@ def _stream(body) -> tuple[bool, bool]:
 
 def _model(body):
     m = body.get("model")
-    if m is not None and not isinstance(m, str):
-        raise bad_request("model must be a string", "model")
-    return m
+    return None if m is None else _text(m, "model", "model")
 
 
 def parse_chat(body: dict, *, max_n: int) -> Job:
@@ -184,7 +205,7 @@ def _content(content, role, where, images) -> list[str]:
             raise bad_request(f"{where}.content is missing", f"{where}.content")
         return []
     if isinstance(content, str):
-        return [content]
+        return [_text(content, f"{where}.content", f"{where}.content")]
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or a list of content parts", f"{where}.content")
     texts = []
@@ -194,9 +215,7 @@ def _content(content, role, where, images) -> list[str]:
             raise bad_request(f"{pw} must be an object", pw)
         kind = part.get("type")
         if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad_request(f"{pw}.text must be a string", f"{pw}.text")
-            texts.append(part["text"])
+            texts.append(_text(part.get("text"), f"{pw}.text", f"{pw}.text"))
         elif kind == "image_url":
             if role != "user":
                 raise bad_request(f"{pw}: only user messages may carry images", pw)
@@ -238,6 +257,7 @@ def parse_completion(body: dict, *, max_n: int) -> Job:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise bad_request("prompt must be a string (one prompt per request)", "prompt")
+    _text(prompt, "prompt", "prompt")
     image = body.get("image")
     if image is None:
         raise bad_request("BLIP-2 needs an image: give it as the field 'image' (a data: URL)", "image")
