@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -189,6 +190,9 @@ struct Job {
 // Rows go in panels of at most kPanel: a panel's x chunk (kPanel x kc fp32 = 96 KB) stays in L2
 // while the thread's blocks stream past it; a decode step (<= 32 rows) is a single panel.
 constexpr int64_t kPanel = 192;
+// Up to this many rows (a decode step's) the weight streams from memory once, in the first row tile
+// of each K chunk (the others find the chunk in L1): the tiles that prefetch it (kernels.h) run.
+constexpr int64_t kStreamRows = 32;
 // Largest x (floats, 16 MB) copied to a padded stride; a larger one runs from x itself.
 constexpr int64_t kMaxPaddedX = int64_t{1} << 22;
 
@@ -222,6 +226,7 @@ struct Kernel {
   const TileFn* tiles;
   int max_rows, halves;
   XForm xform;
+  const TileFn* stream_tiles;  // for a weight read once (M <= max_rows): software prefetch (kernels.h)
 };
 
 using namespace linear;
@@ -231,19 +236,22 @@ const TileFn kScalarBf16[] = BLIP2_FAST_TILES4(tile_bf16_scalar);
 const TileFn kAvx2F32[] = BLIP2_FAST_TILES6(tile_f32_avx2);
 const TileFn kAvx2Bf16[] = BLIP2_FAST_TILES4(tile_bf16_avx2);
 const TileFn kAvx512F32[] = BLIP2_FAST_TILES12(tile_f32_avx512);
+const TileFn kAvx512F32Stream[] = BLIP2_FAST_TILES12_STREAM(tile_f32_avx512);
 const TileFn kAvx512Bf16Emu[] = BLIP2_FAST_TILES12(tile_bf16_avx512);
 const TileFn kAvx512Bf16Native[] = BLIP2_FAST_TILES12(tile_bf16_avx512bf16);
+const TileFn kAvx512Bf16NativeStream[] = BLIP2_FAST_TILES12_STREAM(tile_bf16_avx512bf16);
 #endif
 
 Kernel pick_kernel(int isa, bool bf16) {
 #if BLIP2_FAST_X86
-  if (isa >= kAvx512Bf16 && bf16) return {kAvx512Bf16Native, kMaxRowsAvx512, 1, kXPairs};
-  if (isa >= kAvx512) return bf16 ? Kernel{kAvx512Bf16Emu, kMaxRowsAvx512, 1, kXRounded}
-                                  : Kernel{kAvx512F32, kMaxRowsAvx512, 1, kXF32};
-  if (isa >= kAvx2) return bf16 ? Kernel{kAvx2Bf16, kMaxRowsAvx2Bf16, 2, kXRounded}
-                                : Kernel{kAvx2F32, kMaxRowsAvx2, 2, kXF32};
+  if (isa >= kAvx512Bf16 && bf16) return {kAvx512Bf16Native, kMaxRowsAvx512, 1, kXPairs, kAvx512Bf16NativeStream};
+  if (isa >= kAvx512) return bf16 ? Kernel{kAvx512Bf16Emu, kMaxRowsAvx512, 1, kXRounded, kAvx512Bf16Emu}
+                                  : Kernel{kAvx512F32, kMaxRowsAvx512, 1, kXF32, kAvx512F32Stream};
+  if (isa >= kAvx2) return bf16 ? Kernel{kAvx2Bf16, kMaxRowsAvx2Bf16, 2, kXRounded, kAvx2Bf16}
+                                : Kernel{kAvx2F32, kMaxRowsAvx2, 2, kXF32, kAvx2F32};
 #endif
-  return bf16 ? Kernel{kScalarBf16, kMaxRowsScalar, 1, kXRounded} : Kernel{kScalarF32, kMaxRowsScalar, 1, kXF32};
+  return bf16 ? Kernel{kScalarBf16, kMaxRowsScalar, 1, kXRounded, kScalarBf16}
+              : Kernel{kScalarF32, kMaxRowsScalar, 1, kXF32, kScalarF32};
 }
 
 // x [M, K] (fp32 or bf16, row stride ldx) as the bf16 kernels read it: u32 pairs [M][K2] for
@@ -341,7 +349,11 @@ void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::op
   J.act = act;
   J.out = static_cast<char*>(out.mutable_data_ptr());
   J.ldo = N, J.out_bf16 = out.scalar_type() == at::kBFloat16;
-  J.tiles = kern.tiles, J.max_rows = kern.max_rows, J.halves = kern.halves;
+  // a decode step's rows: the weight streams past once, prefetched where that pays;
+  // BLIP2_FAST_LINEAR_PREFETCH=0 turns that off (read per call: a diagnostic, and the A/B of it)
+  const char* pf = std::getenv("BLIP2_FAST_LINEAR_PREFETCH");
+  J.tiles = M <= kStreamRows && !(pf != nullptr && pf[0] == '0') ? kern.stream_tiles : kern.tiles;
+  J.max_rows = kern.max_rows, J.halves = kern.halves;
   // K chunk: 16 KB of the block's weight, reused from L1 by each row tile; with a single row tile
   // (M <= max_rows) the chunk only bounds how long the sums stay in registers
   J.kc = 128;
