@@ -69,6 +69,18 @@ def _cpu_by_default(request, monkeypatch):
     monkeypatch.setattr(loader, "_resolve_device_dtype", lambda device, dtype: resolve(device or "cpu", dtype))
 
 
+def write_kv_case(T, H, D, block_size, num_blocks, dtype, cache_dtype, slot_dtype=torch.int64, seed=0, device="cpu"):
+    """k, v [T, H, D] as strided views of a fused projection, NaN-filled caches [num_blocks,
+    block_size, H, D] and T shuffled slots, a quarter of them -1 (padding): (k, v, k_cache, v_cache, slots)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(T, 3, H, D, generator=g).to(dtype)
+    k, v = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[torch.rand(T, generator=g) < 0.25] = -1  # padding tokens
+    kc = torch.full((num_blocks, block_size, H, D), float("nan"), dtype=cache_dtype)
+    return [t.to(device) for t in (k, v, kc, kc.clone(), slots.to(slot_dtype))]
+
+
 def paged_case(lens, H, D, block_size, dtype, seed=0, spare_blocks=3, device="cpu"):
     """Random q [N, H, D] (a strided view, as the models pass it), a paged K/V cache with each
     sequence's tokens in shuffled blocks, its int32 block tables and seq_lens. Every slot no sequence

@@ -11,17 +11,12 @@ import torch
 
 from blip2_fast.kernels.write_kv import write_kv
 from blip2_fast.reference import write_kv_ref
+from conftest import write_kv_case
 
 
 
-def make_case(T, H, D, block_size, num_blocks, dtype, cache_dtype, slot_dtype=torch.int64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(T, 3, H, D, generator=g).to(dtype)  # k, v as strided views of a fused projection
-    k, v = qkv[:, 1], qkv[:, 2]
-    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
-    slots[torch.rand(T, generator=g) < 0.25] = -1  # padding tokens
-    kc = torch.full((num_blocks, block_size, H, D), float("nan"), dtype=cache_dtype)
-    return [t.to(DEVICE) for t in (k, v, kc, kc.clone(), slots.to(slot_dtype))]
+def make_case(*args, **kw):
+    return write_kv_case(*args, device=DEVICE, **kw)
 
 
 def check(k, v, kc, vc, slots):

@@ -8,6 +8,7 @@ import torch
 
 from blip2_fast import _ext, ops
 from blip2_fast.reference import write_kv_ref
+from conftest import write_kv_case as make_case
 
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32)]
@@ -18,16 +19,6 @@ def ext():
     reason = _ext.unavailable_reason("cpu")
     assert reason is None, f"the C++ extension did not build: {reason}"
     return _ext
-
-
-def make_case(T, H, D, block_size, num_blocks, dtype, cache_dtype, slot_dtype=torch.int64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(T, 3, H, D, generator=g).to(dtype)  # k, v as strided views of a fused projection
-    k, v = qkv[:, 1], qkv[:, 2]
-    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
-    slots[torch.rand(T, generator=g) < 0.25] = -1  # padding tokens
-    kc = torch.full((num_blocks, block_size, H, D), float("nan"), dtype=cache_dtype)
-    return k, v, kc, kc.clone(), slots.to(slot_dtype)
 
 
 def check(k, v, kc, vc, slots):
