@@ -164,7 +164,27 @@ def test_write_kv_cpu_matches_the_reference(dtype):
     write_kv_ref(k, v, *want, slots)
     ops_cpu.write_kv(k, v, *caches, slots)
     assert all(torch.equal(a, b) for a, b in zip(caches, want))
-    assert ops.get("write_kv", "fast", "cpu") is ops_cpu.write_kv
+    # the CPU's candidates: the C++ kernel first, then this one, for where the extension cannot build
+    cands = [(f.module, f.attr) for f in ops._candidates("write_kv", torch.device("cpu"))]
+    assert cands[:2] == [("blip2_fast._ext", "write_kv"), ("blip2_fast.ops_cpu", "write_kv")]
+
+
+def test_without_the_extension_write_kv_and_rms_norm_stay_plain_pytorch(monkeypatch):
+    """A CPU where the C++ extension cannot build: write_kv and rms_norm bind their plain-PyTorch
+    forms with no fallback warning; the extension's other ops fall back to the reference, warned."""
+    import warnings
+
+    from blip2_fast import _ext, reference
+
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda device="cpu": "no compiler (simulated)")
+    monkeypatch.setattr(ops, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bound = ops.bind("fast", None, "cpu")
+    assert bound.write_kv is ops_cpu.write_kv and bound.rms_norm is reference.rms_norm_ref
+    warned = " ".join(str(w.message) for w in caught)
+    assert "'cross_attention' falls back" in warned
+    assert "'write_kv'" not in warned and "'rms_norm'" not in warned
 
 
 def test_write_kv_cpu_traces_with_fullgraph():
