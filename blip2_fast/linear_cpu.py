@@ -11,9 +11,9 @@ and fuses the bias and activation. The ISA is picked once, here: the widest of A
 avx512_bf16 for bf16 weights), AVX2+FMA the CPU has; `isa=` or the environment variable
 BLIP2_FAST_LINEAR_ISA caps it ("avx512_bf16", "avx512", "avx2", "scalar" for the portable C++ loops,
 "torch" for F.linear). A CPU without AVX2+FMA, and any other device, runs F.linear on the unpacked
-weight ("torch"), as does an fp16 weight. Where every row fits one tile (a decode step: the weight
-streams past once) the AVX-512 kernels' tiles of 8 or more rows prefetch the weight a few KB ahead
-(csrc/linear_cpu_kernels.h says why); BLIP2_FAST_LINEAR_PREFETCH=0 turns that off.
+weight ("torch"), as does an fp16 weight. Up to 32 rows (a decode step: the weight streams past
+once) the kernels prefetch the weight a few KB ahead, in the AVX-512 tiles of 8 or more rows and in
+every AVX2 tile (csrc/linear_cpu_kernels.h says why); BLIP2_FAST_LINEAR_PREFETCH=0 turns that off.
 
 The bf16 form's error bound (what the greedy head's screen relies on): every product of two bf16
 values is exact in fp32, and each is added to its running fp32 sum with one rounding (an FMA, or

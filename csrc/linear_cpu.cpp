@@ -234,7 +234,9 @@ const TileFn kScalarF32[] = BLIP2_FAST_TILES4(tile_f32_scalar);
 const TileFn kScalarBf16[] = BLIP2_FAST_TILES4(tile_bf16_scalar);
 #if BLIP2_FAST_X86
 const TileFn kAvx2F32[] = BLIP2_FAST_TILES6(tile_f32_avx2);
+const TileFn kAvx2F32Stream[] = BLIP2_FAST_TILES6_STREAM(tile_f32_avx2);
 const TileFn kAvx2Bf16[] = BLIP2_FAST_TILES4(tile_bf16_avx2);
+const TileFn kAvx2Bf16Stream[] = BLIP2_FAST_TILES4_STREAM(tile_bf16_avx2);
 const TileFn kAvx512F32[] = BLIP2_FAST_TILES12(tile_f32_avx512);
 const TileFn kAvx512F32Stream[] = BLIP2_FAST_TILES12_STREAM(tile_f32_avx512);
 const TileFn kAvx512Bf16Emu[] = BLIP2_FAST_TILES12(tile_bf16_avx512);
@@ -247,8 +249,8 @@ Kernel pick_kernel(int isa, bool bf16) {
   if (isa >= kAvx512Bf16 && bf16) return {kAvx512Bf16Native, kMaxRowsAvx512, 1, kXPairs, kAvx512Bf16NativeStream};
   if (isa >= kAvx512) return bf16 ? Kernel{kAvx512Bf16Emu, kMaxRowsAvx512, 1, kXRounded, kAvx512Bf16Emu}
                                   : Kernel{kAvx512F32, kMaxRowsAvx512, 1, kXF32, kAvx512F32Stream};
-  if (isa >= kAvx2) return bf16 ? Kernel{kAvx2Bf16, kMaxRowsAvx2Bf16, 2, kXRounded, kAvx2Bf16}
-                                : Kernel{kAvx2F32, kMaxRowsAvx2, 2, kXF32, kAvx2F32};
+  if (isa >= kAvx2) return bf16 ? Kernel{kAvx2Bf16, kMaxRowsAvx2Bf16, 2, kXRounded, kAvx2Bf16Stream}
+                                : Kernel{kAvx2F32, kMaxRowsAvx2, 2, kXF32, kAvx2F32Stream};
 #endif
   return bf16 ? Kernel{kScalarBf16, kMaxRowsScalar, 1, kXRounded, kScalarBf16}
               : Kernel{kScalarF32, kMaxRowsScalar, 1, kXF32, kScalarF32};

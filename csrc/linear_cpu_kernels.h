@@ -100,13 +100,17 @@ void tile_bf16_scalar(const void* xv, int64_t ldx, const void* wv, int64_t kc2, 
 #define BLIP2_FAST_AVX2 __attribute__((target("avx2,fma")))
 
 
-// Software prefetch for a weight streamed once (a decode step: every row in one tile). With 8 or more
-// rows the FMAs keep the core busy, its out-of-order window covers only a KB or two of the stream,
+// Software prefetch for a weight streamed once (a decode step: at most 32 rows). With 8 or more rows
+// the AVX-512 FMAs keep the core busy, its out-of-order window covers only a KB or two of the stream,
 // and the hardware prefetch falls behind: asking for the bytes this far ahead cut an fp32 [8, 512] x
 // 1536 linear with its weight cold from 0.27 to 0.19 ms here (Zen 4, 1 thread), the bf16 head [8, 512]
-// x 50304 by 15-25%. With 1 - 4 rows the hardware keeps up and the prefetches only cost (8 KB ahead:
-// 20% slower at 1 row), so tiles under 8 rows issue none. 256 B - 1 KB ahead gained nothing (too near).
+// x 50304 by 15-25%. With 1 - 4 rows the hardware keeps up there and the prefetches only cost (8 KB
+// ahead: 20% slower at 1 row), so those AVX-512 tiles issue none. The AVX2 tiles run each block as
+// two 16-column halves, each reading every other line: a stride the hardware follows poorly at any
+// row count, so every AVX2 tile prefetches (run on the same Zen 4 with the ISA capped: 1.3-2x faster
+// at 1-32 rows, fp32 [1, 512] x 1536 0.30 -> 0.19 ms). 256 B - 1 KB ahead gained nothing (too near).
 constexpr int kStreamPrefetchF32 = 8192, kStreamPrefetchBf16 = 4096;
+constexpr int kStreamMinRowsAvx2 = 1;
 
 BLIP2_FAST_INLINE void prefetch_2lines(const void* p) {
 #if BLIP2_FAST_X86
@@ -219,7 +223,7 @@ BLIP2_FAST_AVX512 void tile_bf16_avx512(const void* xv, int64_t ldx, const void*
 }
 
 // ---- AVX2 fp32: one 16-column half of a block (w and acc point at the half), MT rows ----
-template <int MT>
+template <int MT, bool STREAM = false>
 BLIP2_FAST_AVX2 void tile_f32_avx2(const void* xv, int64_t ldx, const void* wv, int64_t kc, float* acc, bool accumulate) {
   const float* x = static_cast<const float*>(xv);
   const float* w = static_cast<const float*>(wv);
@@ -231,6 +235,8 @@ BLIP2_FAST_AVX2 void tile_f32_avx2(const void* xv, int64_t ldx, const void* wv, 
   }
   for (int64_t k = 0; k < kc; ++k) {
     const float* wk = w + k * kNB;
+    if constexpr (STREAM && MT >= kStreamMinRowsAvx2)  // this half reads one of each k's two lines
+      _mm_prefetch(reinterpret_cast<const char*>(wk) + kStreamPrefetchF32, _MM_HINT_T1);
     const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
@@ -251,7 +257,7 @@ BLIP2_FAST_AVX2 void tile_f32_avx2(const void* xv, int64_t ldx, const void* wv, 
 }
 
 // ---- AVX2 bf16 (no native instruction): a 16-column half, pairs widened as in tile_bf16_avx512 ----
-template <int MT>
+template <int MT, bool STREAM = false>
 BLIP2_FAST_AVX2 void tile_bf16_avx2(const void* xv, int64_t ldx, const void* wv, int64_t kc2, float* acc, bool accumulate) {
   const float* xr = static_cast<const float*>(xv);
   const uint32_t* w = static_cast<const uint32_t*>(wv);
@@ -264,6 +270,8 @@ BLIP2_FAST_AVX2 void tile_bf16_avx2(const void* xv, int64_t ldx, const void* wv,
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t p = 0; p < kc2; ++p) {
     const uint32_t* wp = w + p * kNB;
+    if constexpr (STREAM && MT >= kStreamMinRowsAvx2)
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + kStreamPrefetchBf16, _MM_HINT_T1);
     const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
     const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 8));
     const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(p0, 16)), o0 = _mm256_castsi256_ps(_mm256_and_si256(p0, hi));
@@ -291,7 +299,9 @@ BLIP2_FAST_AVX2 void tile_bf16_avx2(const void* xv, int64_t ldx, const void* wv,
 // tiles[MT] computes an MT-row tile (entry 0 unused)
 using TileFn = void (*)(const void* x, int64_t ldx, const void* w, int64_t kc, float* acc, bool accumulate);
 #define BLIP2_FAST_TILES4(f) {nullptr, &f<1>, &f<2>, &f<3>, &f<4>}
+#define BLIP2_FAST_TILES4_STREAM(f) {nullptr, &f<1, true>, &f<2, true>, &f<3, true>, &f<4, true>}
 #define BLIP2_FAST_TILES6(f) {nullptr, &f<1>, &f<2>, &f<3>, &f<4>, &f<5>, &f<6>}
+#define BLIP2_FAST_TILES6_STREAM(f) {nullptr, &f<1, true>, &f<2, true>, &f<3, true>, &f<4, true>, &f<5, true>, &f<6, true>}
 #define BLIP2_FAST_TILES12(f) \
   {nullptr, &f<1>, &f<2>, &f<3>, &f<4>, &f<5>, &f<6>, &f<7>, &f<8>, &f<9>, &f<10>, &f<11>, &f<12>}
 // the same tiles for a weight streamed once (software prefetch in tiles of 8 or more rows)

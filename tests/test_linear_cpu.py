@@ -109,16 +109,19 @@ def test_bf16_model_inputs(ext, N, K, isa):
         _check(got, _act64(ref, act)[:9], _act64(F.linear(x, w, b), act)[:9], f"act={act}")
 
 
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
 @pytest.mark.parametrize("prefetch", ["1", "0"], ids=["prefetch", "no-prefetch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_streamed_tiles_with_and_without_prefetch(ext, dtype, prefetch, monkeypatch):
-    """Up to 32 rows the weight streams once through the tiles that prefetch it (8+ rows, AVX-512);
-    BLIP2_FAST_LINEAR_PREFETCH=0 takes the plain tiles: both against float64, around the 8- and 32-row
-    edges and past them (33 and 200 rows never prefetch)."""
+def test_streamed_tiles_with_and_without_prefetch(ext, dtype, prefetch, isa, monkeypatch):
+    """Up to 32 rows the weight streams once through the tiles that prefetch it (AVX-512: 8+ rows;
+    AVX2: all); BLIP2_FAST_LINEAR_PREFETCH=0 takes the plain tiles: both against float64, around the
+    8- and 32-row edges and past them (33 and 200 rows never prefetch), at this CPU's best ISA and AVX2."""
+    if isa != "auto":
+        _isa_or_skip(isa)
     monkeypatch.setenv("BLIP2_FAST_LINEAR_PREFETCH", prefetch)
     x, w, b = _case(1536, 512, seed=5)
     x = torch.cat([x] * 7)  # 224 rows
-    lin = PackedLinear(w, b, dtype=dtype)
+    lin = PackedLinear(w, b, dtype=dtype, isa=None if isa == "auto" else isa)
     if dtype == torch.bfloat16:
         ref = x.bfloat16().double() @ w.bfloat16().double().t() + b.double()
         base = (x.bfloat16().float() @ w.bfloat16().float().t()) + b
