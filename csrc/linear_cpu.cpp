@@ -226,7 +226,7 @@ struct Kernel {
   const TileFn* tiles;
   int max_rows, halves;
   XForm xform;
-  const TileFn* stream_tiles;  // for a weight read once (M <= max_rows): software prefetch (kernels.h)
+  const TileFn* stream_tiles;  // for a weight read once (M <= kStreamRows): software prefetch (kernels.h)
 };
 
 using namespace linear;

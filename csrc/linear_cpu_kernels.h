@@ -112,13 +112,10 @@ void tile_bf16_scalar(const void* xv, int64_t ldx, const void* wv, int64_t kc2, 
 constexpr int kStreamPrefetchF32 = 8192, kStreamPrefetchBf16 = 4096;
 constexpr int kStreamMinRowsAvx2 = 1;
 
+BLIP2_FAST_INLINE void prefetch_line(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 BLIP2_FAST_INLINE void prefetch_2lines(const void* p) {
-#if BLIP2_FAST_X86
-  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
-  _mm_prefetch(static_cast<const char*>(p) + 64, _MM_HINT_T1);
-#else
-  (void)p;
-#endif
+  prefetch_line(p);
+  prefetch_line(static_cast<const char*>(p) + 64);
 }
 
 // ---- AVX-512 fp32: 32 columns x MT rows, two zmm accumulators per row ----
@@ -236,7 +233,7 @@ BLIP2_FAST_AVX2 void tile_f32_avx2(const void* xv, int64_t ldx, const void* wv, 
   for (int64_t k = 0; k < kc; ++k) {
     const float* wk = w + k * kNB;
     if constexpr (STREAM && MT >= kStreamMinRowsAvx2)  // this half reads one of each k's two lines
-      _mm_prefetch(reinterpret_cast<const char*>(wk) + kStreamPrefetchF32, _MM_HINT_T1);
+      prefetch_line(reinterpret_cast<const char*>(wk) + kStreamPrefetchF32);
     const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
@@ -270,8 +267,7 @@ BLIP2_FAST_AVX2 void tile_bf16_avx2(const void* xv, int64_t ldx, const void* wv,
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t p = 0; p < kc2; ++p) {
     const uint32_t* wp = w + p * kNB;
-    if constexpr (STREAM && MT >= kStreamMinRowsAvx2)
-      _mm_prefetch(reinterpret_cast<const char*>(wp) + kStreamPrefetchBf16, _MM_HINT_T1);
+    if constexpr (STREAM && MT >= kStreamMinRowsAvx2) prefetch_line(reinterpret_cast<const char*>(wp) + kStreamPrefetchBf16);
     const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
     const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 8));
     const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(p0, 16)), o0 = _mm256_castsi256_ps(_mm256_and_si256(p0, hi));
@@ -304,7 +300,7 @@ using TileFn = void (*)(const void* x, int64_t ldx, const void* w, int64_t kc, f
 #define BLIP2_FAST_TILES6_STREAM(f) {nullptr, &f<1, true>, &f<2, true>, &f<3, true>, &f<4, true>, &f<5, true>, &f<6, true>}
 #define BLIP2_FAST_TILES12(f) \
   {nullptr, &f<1>, &f<2>, &f<3>, &f<4>, &f<5>, &f<6>, &f<7>, &f<8>, &f<9>, &f<10>, &f<11>, &f<12>}
-// the same tiles for a weight streamed once (software prefetch in tiles of 8 or more rows)
+// the same tiles with STREAM set: for a weight streamed once, prefetched as the comment above the tiles says
 #define BLIP2_FAST_TILES12_STREAM(f)                                                                      \
   {nullptr,        &f<1, true>, &f<2, true>, &f<3, true>,   &f<4, true>,   &f<5, true>, &f<6, true>, \
    &f<7, true>,    &f<8, true>, &f<9, true>, &f<10, true>, &f<11, true>, &f<12, true>}

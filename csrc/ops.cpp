@@ -38,6 +38,8 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
         "int max_candidates) -> (Tensor, Tensor)");
   // CPU only: the screen plus its bound's base from h [n, E] and the candidates' recheck against the
   // fp32 head weight [V, E] in float64; returns int64 [n], the greedy id or -1 (score the row in full).
+  m.def("greedy_pick_cpu(Tensor(a!) a, Tensor h, Tensor weight, float w_max, float r_max, float safety, float rel, "
+        "Tensor ban_ptr, Tensor ban_ids, int max_candidates) -> Tensor");
   // CPU only (the GPU runs the Triton kernel's rms_norm_fwd): T5's RMSNorm (csrc/rms_norm_cpu.cpp).
   // x [..., N]; weight [N]; residual x's shape and dtype, or None. Returns (y in x's dtype, x + residual;
   // an empty tensor without a residual).
@@ -45,6 +47,4 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
   // CPU only (the GPU runs the Triton kernel's write_kv_fwd): k, v [T, H, D] into the paged caches
   // [num_blocks, block_size, H, D] (contiguous) at slot_mapping [T] (int32 / int64; negative = skip).
   m.def("write_kv_cpu_fwd(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
-  m.def("greedy_pick_cpu(Tensor(a!) a, Tensor h, Tensor weight, float w_max, float r_max, float safety, float rel, "
-        "Tensor ban_ptr, Tensor ban_ids, int max_candidates) -> Tensor");
 }

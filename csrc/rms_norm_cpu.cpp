@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::T
   A.x = xc.const_data_ptr(), A.weight = wc.const_data_ptr(), A.y = y.mutable_data_ptr();
   A.residual = r.defined() ? r.const_data_ptr() : nullptr;
   A.s = r.defined() ? s.mutable_data_ptr() : nullptr;
-  A.n = n, A.rows = n == 0 ? 0 : xc.numel() / n, A.eps = static_cast<float>(eps);
+  A.n = n, A.rows = xc.numel() / n, A.eps = static_cast<float>(eps);  // n >= 1 (checked)
   if (A.rows == 0) return {y, s};
   const RunFn run = pick(x.scalar_type(), weight.scalar_type());
   // a parallel region costs more than a decode step's few rows: only ~32k elements or more are split

@@ -78,16 +78,16 @@ def _bool(body, key):
     return v
 
 
-def _text(v, what: str, param: str) -> str:
+def _text(v, param: str) -> str:
     """A client's string, refused (400) unless it is one and is valid Unicode: JSON's \\uXXXX escapes
     can spell a lone UTF-16 surrogate, which no tokenizer or UTF-8 writer takes."""
     if not isinstance(v, str):
-        raise bad_request(f"{what} must be a string", param)
+        raise bad_request(f"{param} must be a string", param)
     if not v.isascii():
         try:
             v.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise bad_request(f"{what} is not valid Unicode: a lone surrogate {v[e.start]!r} at {e.start} "
+            raise bad_request(f"{param} is not valid Unicode: a lone surrogate {v[e.start]!r} at {e.start} "
                               "(a \\uD800-\\uDFFF escape without its pair)", param) from None
     return v
 
@@ -151,7 +151,7 @@ def _stop(body) -> tuple[str, ...]:
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise bad_request("stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
-    return tuple(_text(t, "stop", "stop") for t in stops)
+    return tuple(_text(t, "stop") for t in stops)
 
 
 def _stream(body) -> tuple[bool, bool]:
@@ -168,7 +168,7 @@ def _stream(body) -> tuple[bool, bool]:
 
 def _model(body):
     m = body.get("model")
-    return None if m is None else _text(m, "model", "model")
+    return None if m is None else _text(m, "model")
 
 
 def parse_chat(body: dict, *, max_n: int) -> Job:
@@ -205,7 +205,7 @@ def _content(content, role, where, images) -> list[str]:
             raise bad_request(f"{where}.content is missing", f"{where}.content")
         return []
     if isinstance(content, str):
-        return [_text(content, f"{where}.content", f"{where}.content")]
+        return [_text(content, f"{where}.content")]
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or a list of content parts", f"{where}.content")
     texts = []
@@ -215,7 +215,7 @@ def _content(content, role, where, images) -> list[str]:
             raise bad_request(f"{pw} must be an object", pw)
         kind = part.get("type")
         if kind == "text":
-            texts.append(_text(part.get("text"), f"{pw}.text", f"{pw}.text"))
+            texts.append(_text(part.get("text"), f"{pw}.text"))
         elif kind == "image_url":
             if role != "user":
                 raise bad_request(f"{pw}: only user messages may carry images", pw)
@@ -257,7 +257,7 @@ def parse_completion(body: dict, *, max_n: int) -> Job:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise bad_request("prompt must be a string (one prompt per request)", "prompt")
-    _text(prompt, "prompt", "prompt")
+    _text(prompt, "prompt")
     image = body.get("image")
     if image is None:
         raise bad_request("BLIP-2 needs an image: give it as the field 'image' (a data: URL)", "image")
