@@ -71,6 +71,32 @@ def test_strided_q_and_thread_counts(ext):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("prefetch", ["default", "0"])
+@pytest.mark.parametrize("shape", [(8, 64, [50, 17, 1, 100]), (3, 59, [7, 33]), (32, 80, [70]), (2, 16, [300, 2])],
+                         ids=lambda s: f"H{s[0]}xD{s[1]}xN{len(s[2])}")
+def test_prefetch_on_and_off(ext, monkeypatch, shape, prefetch):
+    """The kernel asks for rows a few tokens ahead (keys, then values, then the next item's keys) where
+    a row is small or split between threads: the same results either way, at 1 and 2 threads (batch 1
+    splits its heads), against float64."""
+    if prefetch == "0":
+        monkeypatch.setenv("BLIP2_FAST_ATTN_PREFETCH", "0")
+    else:
+        monkeypatch.delenv("BLIP2_FAST_ATTN_PREFETCH", raising=False)
+    H, D, lens = shape
+    q, kc, vc, bt, sl, _ = make(H, D, 16, lens, torch.float32, seed=3)
+    ref = paged_attention_ref(q.double(), kc.double(), vc.double(), bt, sl, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for rows in (slice(0, 1), slice(0, len(lens))):
+                got = ext.paged_attention(q[rows], kc, vc, bt[rows], sl[rows], 0.125)
+                err = (got.double() - ref[rows]).abs().max().item()
+                assert err <= 2e-6, f"threads {t}, rows {rows}: error {err:.3g}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_registry_binds_it_on_cpu_and_triton_on_cuda(ext):
     assert ops.get("paged_attention", "fast", "cpu") is _ext.paged_attention
     assert ops.get("paged_attention", "fast").__module__ == "blip2_fast.kernels.paged_attention"
