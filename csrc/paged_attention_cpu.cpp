@@ -89,12 +89,19 @@ BLIP2_FAST_INLINE vec::v16 load_row16(const T* p) {
 // The 16 lanes' sum as a tree (halves added four times): a running sum over the lanes is a chain
 // of 15 dependent adds the compiler may not reorder (no -ffast-math), paid once per token and head.
 BLIP2_FAST_INLINE float hsum16(const vec::v16& x) {
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
   typedef float v8 __attribute__((vector_size(32), aligned(4)));
   typedef float v4 __attribute__((vector_size(16), aligned(4)));
   const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
   const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+#else  // GCC before 12: the same tree, lane by lane
+  float a[8], b[4];
+  for (int e = 0; e < 8; ++e) a[e] = x[e] + x[e + 8];
+  for (int e = 0; e < 4; ++e) b[e] = a[e] + a[e + 4];
+  return (b[0] + b[2]) + (b[1] + b[3]);
+#endif
 }
 
 // q·k over D: 16 lanes at a time, the tail (D % 16) scalar.
