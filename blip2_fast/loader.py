@@ -1,6 +1,7 @@
 """`load()`: a BLIP-2 checkpoint (directory, hub id, or live transformers model) -> `Blip2`."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -160,7 +161,10 @@ def load(source, *, device=None, dtype=None, torch_dtype=None, device_map=None, 
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             dtype = None  # not saved with one we run: the default for the device
     device, dtype = _resolve_device_dtype(device, dtype)
-    bound = _ops.bind(backend, ops, device)
+    # the ops are bound (which may build the C++ extension: ~40 s the first time) once the checkpoint's
+    # path and config have passed their checks, so a mistyped path is reported at once
+    _ops.check_choice(backend, ops)  # bad arguments first, at no cost
+    bind = functools.partial(_ops.bind, backend, ops, device)
     source_dir = None
     if isinstance(source, torch.nn.Module):
         name = type(source).__name__
@@ -169,6 +173,7 @@ def load(source, *, device=None, dtype=None, torch_dtype=None, device_map=None, 
         raw = source.config.to_dict()
         raw["architectures"] = [name]
         cfg = _config.parse(raw, f"the live {name}'s config")
+        bound = bind()
         src = weights.from_state_dict(source.state_dict(), device=device, dtype=dtype, describe=f"live {name}")
     else:
         if not isinstance(source, (str, os.PathLike)):
@@ -188,6 +193,7 @@ def load(source, *, device=None, dtype=None, torch_dtype=None, device_map=None, 
             raise CheckpointError(f"{path} is not a directory (expected a checkpoint directory with config.json)")
         source_dir = path
         cfg = _config.read(path)
+        bound = bind()
         src = weights.from_directory(path, device=device, dtype=dtype, progress=progress)
     _check_flags_against_weights(cfg, src, "config.json" if source_dir is None else str(source_dir / "config.json"))
     with torch.inference_mode():

@@ -250,6 +250,19 @@ def default_backend() -> str:
 _TUNER_DEFAULT = object()
 
 
+def check_choice(backend: str | None = None, overrides: dict | None = None) -> tuple[str, dict]:
+    """`bind`'s argument checks alone, which resolve no op and build nothing (`load` runs them before
+    reading a checkpoint): -> (the backend, default applied; the overrides as a dict). Raises
+    ValueError / TypeError as `bind` would."""
+    backend = default_backend() if backend is None else backend
+    if backend not in IMPLS:
+        raise ValueError(f"backend must be one of {IMPLS}, got {backend!r}")
+    given = dict(overrides or {})
+    for name, impl in given.items():
+        _check(name, impl)
+    return backend, given
+
+
 def bind(backend: str | None = None, overrides: dict | None = None, device="cpu", *,
          tuner: tactics.Tuner | None = _TUNER_DEFAULT) -> BoundOps:
     """Resolve every op for `device`: `backend` for all, `overrides` ({"attention": "reference"}) per op.
@@ -262,13 +275,9 @@ def bind(backend: str | None = None, overrides: dict | None = None, device="cpu"
     default `tactics.default_tuner(device)`: on CUDA devices unless BLIP2_FAST_TACTICS=off, none on
     the CPU (which keeps its own fast implementations). None: no choice, our kernels.
     """
-    backend = default_backend() if backend is None else backend
-    if backend not in IMPLS:
-        raise ValueError(f"backend must be one of {IMPLS}, got {backend!r}")
-    given = dict(overrides or {})
-    overrides = {}
-    for name, impl in given.items():
-        overrides[_check(name, impl)] = impl
+    backend, overrides = check_choice(backend, overrides)
+    given = dict(overrides)  # as the caller spelled them (aliases), for the messages below
+    overrides = {_check(name, impl): impl for name, impl in given.items()}
     device = torch.device(device)
     if tuner is _TUNER_DEFAULT:
         tuner = tactics.default_tuner(device)

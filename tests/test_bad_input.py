@@ -307,6 +307,27 @@ def test_live_model_is_copied_and_meta_is_refused():
         blip2_fast.load(meta)
 
 
+def test_checkpoint_and_argument_errors_come_before_the_ops_are_bound(monkeypatch, tmp_path):
+    """Binding the ops may build the C++ extension (~40 s the first time): a mistyped path, a broken
+    config.json or a bad backend name is reported before that, not after."""
+    from blip2_fast import ops as ops_module
+    from blip2_fast.files import CheckpointError
+
+    bound = []
+    monkeypatch.setattr(ops_module, "bind", lambda *a, **k: bound.append(a))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        blip2_fast.load(tmp_path / "nope")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        blip2_fast.load(tmp_path / "bad")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        blip2_fast.load(tmp_path / "nope", backend="bogus")
+    with pytest.raises(ValueError, match="unknown op"):
+        blip2_fast.load(tmp_path / "nope", ops={"no_such_op": "fast"})
+    assert bound == []
+
+
 def test_cli_reports_user_errors_without_tracebacks(tmp_path):
     import subprocess
     import sys
