@@ -86,6 +86,17 @@ def _cuda_toolkit_reason() -> str | None:
     return None
 
 
+def _cuda_home_hint() -> str:
+    """After a failed CUDA build: a hint when the toolkit torch chose has no CUDA headers (torch takes
+    CUDA_HOME from nvcc's location on PATH, so a wrapper script in /usr/local/bin gives /usr/local)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return (f"; the CUDA toolkit torch found, {CUDA_HOME}, has no include/cuda_runtime.h: set CUDA_HOME to "
+                "the toolkit's directory (the one holding bin/nvcc and include/)")
+    return ""
+
+
 def _config(cuda: bool, openmp: bool = True) -> tuple[str, list[str], list[str], list[str], list[str]]:
     """(name, sources, cflags, cuda_cflags, ldflags) of the CPU-only or the CPU+CUDA build."""
     names = _CPU_SOURCES + (_CUDA_SOURCES if cuda else ())
@@ -320,6 +331,7 @@ def _load(force: bool = False, verbose: bool = False) -> None:
                 _errors[config] = f"the {config.upper()} extension failed to build: {_first_error(text)} (log: {d / 'FAILED'})"
                 _tails[config] = _tail(text)
                 if cuda:
+                    _errors[config] += _cuda_home_hint()
                     _errors["cuda"] = _errors[config]
                 if force:
                     continue  # build() returns the reason with the output's tail

@@ -320,6 +320,21 @@ def test_openmp_build_failure_falls_back_to_a_serial_build(tmp_path):
     assert "(once)..." not in r.stderr, r.stderr[-3000:]
 
 
+def test_failed_cuda_build_names_a_toolkit_without_headers(monkeypatch, tmp_path):
+    """torch takes CUDA_HOME from nvcc's place on PATH: a wrapper script in /usr/local/bin makes it
+    /usr/local, where no CUDA header is, and every CUDA source then fails on cuda_runtime.h."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    hint = _ext._cuda_home_hint()
+    assert str(tmp_path) in hint and "include/cuda_runtime.h" in hint and "set CUDA_HOME" in hint, hint
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert _ext._cuda_home_hint() == ""
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert _ext._cuda_home_hint() == ""
+
+
 @pytest.mark.slow
 def test_concurrent_cold_builds_share_one_cache(tmp_path):
     env = {"BLIP2_FAST_CACHE": str(tmp_path)}
