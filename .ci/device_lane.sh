@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The device-versions lane: the GPU machine's package versions (triton 3.6, transformers 5.17,
 # safetensors 0.8, the newest numpy pip gives) on the CPU. Runs the kernel tests interpreted, the
-# parity tests and the GPU check's dry run, and fails if any planned figure of the dry run is missing.
+# parity tests, the server's tests (its preprocessing follows transformers' image processor) and the
+# GPU check's dry run, and fails if any planned figure of the dry run is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv-device
 . .venv-device/bin/activate
 pip install -q --disable-pip-version-check torch==2.13.0
-pip install -q --disable-pip-version-check -e ".[test]" -c .ci/device-constraints.txt
+pip install -q --disable-pip-version-check -e ".[test,serve]" -c .ci/device-constraints.txt
 pip install -q --disable-pip-version-check -U numpy
 python - <<'PY'
 import numpy, transformers, triton, safetensors, torch
@@ -19,7 +20,8 @@ python -m blip2_fast build-ext
 TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider -n 2 \
     tests/test_attention.py tests/test_layer_norm.py tests/test_rms_norm.py tests/test_linear_gelu.py \
     tests/test_ln_linear_gelu.py tests/test_paged_attention.py tests/test_write_kv.py tests/test_interpret.py \
-    tests/test_model_parity.py tests/test_model_fast.py tests/test_gpu_check.py
+    tests/test_model_parity.py tests/test_model_fast.py tests/test_gpu_check.py \
+    tests/test_serving_pixels.py tests/test_serving.py
 OUT_DIR=$(mktemp -d)
 # every step at toy sizes; exits non-zero if any planned figure (each kernel op, each e2e row, the
 # tests) is missing or failed, and prints which

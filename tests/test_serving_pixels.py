@@ -56,6 +56,34 @@ def test_lookup_table_pixels_equal_the_processors(kw):
     _check_matches(BlipImageProcessorPil(**kw), _images())
 
 
+@pytest.mark.parametrize("returns", ["array", "image"])
+def test_either_kind_of_rgb_conversion_result(monkeypatch, returns):
+    """transformers' convert_to_rgb gives an array on some versions and a PIL image on others (5.17):
+    the table's path takes either, and agrees with the processor on non-RGB images both ways."""
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 40})
+    fast = LookupPixels.of(ip)
+    assert fast is not None
+    imgs = _images()[5:]  # gray, RGBA, LA, P, CMYK
+    wants = [ip(images=[im], return_tensors="pt")["pixel_values"][0] for im in imgs]
+    convert = ip.convert_to_rgb
+
+    def as_returned(image):
+        out = convert(image)
+        return (out if isinstance(out, Image.Image) else Image.fromarray(np.asarray(out))) if returns == "image" \
+            else np.asarray(out)
+
+    monkeypatch.setattr(ip, "convert_to_rgb", as_returned)  # what the table's path calls
+    for im, want in zip(imgs, wants):
+        err = (fast(im) - want).abs().max().item()
+        assert err <= ATOL, f"{im.mode} {im.size}: max error {err}"
+
+
+def test_a_table_whose_own_path_raises_is_not_used(monkeypatch):
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 40})
+    monkeypatch.setattr(LookupPixels, "__call__", lambda self, image: 1 / 0)
+    assert LookupPixels.of(ip) is None
+
+
 @pytest.mark.parametrize("kw", [
     {"do_normalize": False}, {"do_rescale": False}, {"do_resize": False}, {"do_convert_rgb": False},
     {"do_center_crop": True, "crop_size": {"height": 20, "width": 20}},
