@@ -79,6 +79,8 @@ def _cuda_toolkit_reason() -> str | None:
     """Why the CUDA kernels cannot be built here, or None."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build, so the extension's CUDA kernels are not built"
+    if not torch.cuda.is_available():  # (and torch's cpp_extension, which logs a warning then, stays unimported)
+        return "no CUDA device is visible (torch.cuda.is_available() is False), so the extension's CUDA kernels are not built"
     from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
