@@ -369,11 +369,9 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     """Why the extension's kernels cannot run on `device`, or None if they can (builds on first call)."""
     device = torch.device(device)
     if device.type == "cuda":
-        reason = _cuda_toolkit_reason()
+        reason = _cuda_toolkit_reason()  # (no CUDA device visible is one of its reasons)
         if reason is not None:
             return reason
-        if not torch.cuda.is_available():
-            return "no CUDA device is visible (torch.cuda.is_available() is False)"
         major, minor = torch.cuda.get_device_capability(device)
         if major != 8 and (major, minor) != (9, 0):
             return (f"the extension's CUDA kernels are compiled for sm_80 (runs on 8.x) and sm_90a; "

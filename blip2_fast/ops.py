@@ -275,9 +275,8 @@ def bind(backend: str | None = None, overrides: dict | None = None, device="cpu"
     default `tactics.default_tuner(device)`: on CUDA devices unless BLIP2_FAST_TACTICS=off, none on
     the CPU (which keeps its own fast implementations). None: no choice, our kernels.
     """
-    backend, overrides = check_choice(backend, overrides)
-    given = dict(overrides)  # as the caller spelled them (aliases), for the messages below
-    overrides = {_check(name, impl): impl for name, impl in given.items()}
+    backend, given = check_choice(backend, overrides)  # given: as the caller spelled them (aliases)
+    overrides = {canonical(name): impl for name, impl in given.items()}
     device = torch.device(device)
     if tuner is _TUNER_DEFAULT:
         tuner = tactics.default_tuner(device)

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_common.h"
 
@@ -21,6 +22,18 @@ BLIP2_FAST_INLINE v16 load16(const float* p) {
   return x;
 }
 BLIP2_FAST_INLINE void store16(float* p, const v16& x) { std::memcpy(p, &x, sizeof(x)); }
+
+// 16 values of any float type as fp32 (fp16 / bf16 converted lane by lane, which vectorises).
+template <typename T>
+BLIP2_FAST_INLINE v16 load16_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load16(p);
+  } else {
+    v16 x;
+    for (int e = 0; e < 16; ++e) x[e] = static_cast<float>(p[e]);
+    return x;
+  }
+}
 
 template <int N>
 BLIP2_FAST_INLINE v16 horner(const v16& t, const float (&c)[N]) {

@@ -18,7 +18,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -44,11 +43,6 @@ struct PagedArgs {
   int64_t prefetch;  // tokens ahead to prefetch (0: none; see prefetch_tokens)
 };
 
-// Ask for token t's rows of this item's heads (nh heads from h0) ahead of use. A row is one
-// token's K or V: H * D contiguous values within a block, and a block holds block_size such rows;
-// the blocks of a sequence lie anywhere in the pool, so every block boundary starts a new stream
-// that the hardware prefetch must first detect, each time the row it misses is read cold (the
-// weights streamed through since the layer's previous step left nothing of the cache in it).
 // Tokens ahead to prefetch, about 4 KB of rows. Only where the hardware alone does poorly: a row of
 // 4 KB or less (a block of 16 such rows is one short stream) or part of a row (the item's heads when
 // a sequence's heads are split between threads: a strided read). Cold cache, one thread, measured
@@ -65,6 +59,11 @@ int64_t prefetch_tokens(const PagedArgs& A, int64_t elem_bytes) {
   return (4096 + row - 1) / row;
 }
 
+// Ask for token t's rows of this item's heads (nh heads from h0) ahead of use. A row is one
+// token's K or V: H * D contiguous values within a block, and a block holds block_size such rows;
+// the blocks of a sequence lie anywhere in the pool, so every block boundary starts a new stream
+// that the hardware prefetch must first detect, each time the row it misses is read cold (the
+// weights streamed through since the layer's previous step left nothing of the cache in it).
 template <typename T>
 BLIP2_FAST_INLINE void prefetch_row(const PagedArgs& A, const T* cache, const int32_t* table, int64_t t,
                                     int64_t h0, int64_t nh) {
@@ -72,18 +71,6 @@ BLIP2_FAST_INLINE void prefetch_row(const PagedArgs& A, const T* cache, const in
                                                 (t % A.block_size) * A.sc[1] + h0 * A.sc[2]);
   const int64_t bytes = ((nh - 1) * A.sc[2] + A.D) * static_cast<int64_t>(sizeof(T));
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
-}
-
-// 16 values of a K or V row as fp32 (fp16 / bf16 converted lane by lane, which vectorises).
-template <typename T>
-BLIP2_FAST_INLINE vec::v16 load_row16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return vec::load16(p);
-  } else {
-    float b[16];
-    for (int e = 0; e < 16; ++e) b[e] = static_cast<float>(p[e]);
-    return vec::load16(b);
-  }
 }
 
 // The 16 lanes' sum as a tree (halves added four times): a running sum over the lanes is a chain
@@ -109,7 +96,7 @@ template <typename T>
 BLIP2_FAST_INLINE float dot(const float* q, const T* k, int64_t D) {
   vec::v16 lanes{};
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) lanes += vec::load16(q + d) * load_row16(k + d);
+  for (; d + 16 <= D; d += 16) lanes += vec::load16(q + d) * vec::load16_f32(k + d);
   float s = hsum16(lanes);
   for (; d < D; ++d) s += q[d] * static_cast<float>(k[d]);
   return s;
@@ -119,7 +106,7 @@ BLIP2_FAST_INLINE float dot(const float* q, const T* k, int64_t D) {
 template <typename T>
 BLIP2_FAST_INLINE void axpy(float* acc, float p, const T* v, int64_t D) {
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) vec::store16(acc + d, vec::load16(acc + d) + p * load_row16(v + d));
+  for (; d + 16 <= D; d += 16) vec::store16(acc + d, vec::load16(acc + d) + p * vec::load16_f32(v + d));
   for (; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
 }
 

@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "checks.h"
 #include "cpu_common.h"
@@ -54,12 +53,7 @@ BLIP2_FAST_INLINE void rms_row(const X* x, const X* r, const W* w, X* y, X* s, i
   vec::v16 lanes{};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    vec::v16 v;
-    if constexpr (std::is_same_v<X, float>) {
-      v = vec::load16(src + i);
-    } else {
-      for (int e = 0; e < 16; ++e) v[e] = f32(src[i + e]);
-    }
+    const vec::v16 v = vec::load16_f32(src + i);
     lanes += v * v;
   }
   float sum = 0.0f;

@@ -108,3 +108,12 @@ def paged_case(lens, H, D, block_size, dtype, seed=0, spare_blocks=3, device="cp
     q = qkv.to(dtype)[:, 0]
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     return [t.to(device) for t in (q, kc.to(dtype), vc.to(dtype), bt, seq_lens)]
+
+
+def address_space_cap(headroom: int, imports: str = "blip2_fast, transformers") -> str:
+    """Python source that imports `imports`, then caps the interpreter's address space (RLIMIT_AS) at
+    what it maps by then plus `headroom` bytes: relative, as a CUDA build of torch maps gigabytes of
+    libraries before any tensor. The memory-cap tests run it first in their subprocesses."""
+    return (f"import resource, {imports}\n"
+            "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
+            f"resource.setrlimit(resource.RLIMIT_AS, (vm + {int(headroom)}, vm + {int(headroom)}))\n")

@@ -17,7 +17,7 @@ import torch
 
 import blip2_fast
 from blip2_fast import CheckpointError
-from conftest import image_prompt
+from conftest import address_space_cap, image_prompt
 
 
 def _copy(d, tmp_path, name="ckpt"):
@@ -40,11 +40,7 @@ def _run_script(code: str, timeout: float, headroom_as: int | None = None) -> di
     """Run `code` in a fresh interpreter; it prints one JSON line. headroom_as: cap the address space
     at what the interpreter maps once blip2_fast and transformers are imported, plus this many bytes
     (relative, not absolute: a CUDA build of torch maps gigabytes of libraries before any tensor)."""
-    pre = ""
-    if headroom_as is not None:
-        pre = ("import resource, blip2_fast, transformers\n"
-               "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
-               f"resource.setrlimit(resource.RLIMIT_AS, (vm + {headroom_as}, vm + {headroom_as}))\n")
+    pre = "" if headroom_as is None else address_space_cap(headroom_as)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", pre + textwrap.dedent(code)], capture_output=True, text=True,
                        timeout=timeout, env=env, cwd=Path(__file__).parent)

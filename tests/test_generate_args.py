@@ -12,7 +12,7 @@ import torch
 
 import blip2_fast
 from blip2_fast import Engine, SamplingParams
-from conftest import image_prompt
+from conftest import address_space_cap, image_prompt
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +132,7 @@ def _capped(code: str, headroom_gib: float = 2.0, timeout: int = 120) -> subproc
     """Run `code` in a fresh interpreter whose address space is capped (RLIMIT_AS) at what it maps once
     torch, transformers and blip2_fast are imported, plus `headroom_gib` (relative: a CUDA build of
     torch maps gigabytes of libraries before any tensor)."""
-    pre = textwrap.dedent(f"""
-        import resource
-        import torch, transformers, blip2_fast, blip2_fast.presets
-        vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
-        cap = vm + int({headroom_gib} * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    """)
+    pre = address_space_cap(int(headroom_gib * 2**30), "torch, transformers, blip2_fast, blip2_fast.presets")
     env = dict(os.environ)
     return subprocess.run([sys.executable, "-c", pre + textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=os.path.dirname(__file__))
