@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 _CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp",
-                "greedy_screen_cpu.cpp", "rms_norm_cpu.cpp", "write_kv_cpu.cpp")
+                "greedy_screen_cpu.cpp", "rms_norm_cpu.cpp", "write_kv_cpu.cpp", "opt_decode_block_cpu.cpp")
 _CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
-_HEADERS = ("checks.h", "cpu_common.h", "cpu_vec.h", "cross_attention.h", "linear_cpu_kernels.h")
+_HEADERS = ("checks.h", "cpu_common.h", "cpu_ops.h", "cpu_vec.h", "cross_attention.h", "linear_cpu_kernels.h")
 # no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion.
 _CFLAGS = ("-O3", "-fno-trapping-math")
 # at::parallel_for is a header template that runs serially unless the extension itself is compiled
@@ -302,6 +302,12 @@ def _register_fake() -> None:
     def _(k, v, k_cache, v_cache, slot_mapping):
         return None
 
+    @torch.library.register_fake("blip2_fast::opt_decode_block_cpu")
+    def _(x, ln1_weight, ln1_bias, qkv, qkv_bias, out_proj, out_bias, ln2_weight, ln2_bias, fc1, fc1_bias, fc2, fc2_bias,
+          k_cache, v_cache, slot_mapping, block_tables, seq_lens, heads, ffn, eps, activation, isa):
+        torch._check(x.dim() == 2, lambda: f"opt_decode_block: x must have shape [N, E], got {tuple(x.shape)}")
+        return x.new_empty(x.shape)
+
     @torch.library.register_fake("blip2_fast::greedy_pick_cpu")
     def _(a, h, weight, w_max, r_max, safety, rel, ban_ptr, ban_ids, max_candidates):
         return a.new_empty((a.shape[0],), dtype=torch.long)
@@ -475,6 +481,29 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
         return write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
     torch.ops.blip2_fast.write_kv_cpu_fwd(k, v, k_cache, v_cache, slot_mapping)
+
+
+def opt_decode_block(x, ln1, qkv, out_proj, ln2, fc1, fc2, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                     heads, eps, activation="relu"):
+    """One pre-LayerNorm OPT decoder layer at decode on the CPU, in one call,
+    `torch.ops.blip2_fast.opt_decode_block_cpu`; spec: `reference.opt_decode_block_ref` (same
+    arguments). The four linears must be `PackedLinear`s holding float32 packed weights (the model's
+    packed CPU layers); x [N, E] float32. Returns [N, E]."""
+    _require_loaded()
+    E = x.shape[-1]
+    isa = getattr(qkv, "isa", None)
+    for name, lin, n_in in (("qkv", qkv, E), ("out_proj", out_proj, E), ("fc1", fc1, E), ("fc2", fc2, fc1.out_features)):
+        if (getattr(lin, "packed", None) is None or lin.packed.dtype != torch.float32 or lin.in_features != n_in
+                or lin.isa != isa):
+            raise ValueError(f"opt_decode_block: {name} must be a PackedLinear with a float32 packed weight, "
+                             f"in_features = {n_in} and the other linears' isa, got {lin!r}")
+    if qkv.out_features != 3 * E or out_proj.out_features != E or fc2.out_features != E:
+        raise ValueError(f"opt_decode_block: for E = {E} the linears must map E -> 3E (qkv), E -> E (out_proj), "
+                         f"ffn -> E (fc2); got {qkv.out_features}, {out_proj.out_features}, {fc2.out_features}")
+    return torch.ops.blip2_fast.opt_decode_block_cpu(
+        x, ln1[0], ln1[1], qkv.packed, qkv.bias, out_proj.packed, out_proj.bias, ln2[0], ln2[1], fc1.packed, fc1.bias,
+        fc2.packed, fc2.bias, k_cache, v_cache, slot_mapping, block_tables, seq_lens, heads, fc1.out_features,
+        float(eps), activation, qkv.isa)
 
 
 def greedy_screen(a, base, rel, ban_ptr, ban_ids, max_candidates):

@@ -163,6 +163,26 @@ class LinearRef:
         return linear_ref(x, self.weight, self.bias, activation)
 
 
+def opt_decode_block_ref(x, ln1, qkv, out_proj, ln2, fc1, fc2, k_cache, v_cache, slot_mapping, block_tables,
+                         seq_lens, heads, eps, activation="relu"):
+    """One pre-LayerNorm OPT decoder layer at a decode step: x [N, E] (one new token per sequence) ->
+    [N, E], writing the token's K/V into the paged caches at `slot_mapping` and attending over each
+    sequence's cache (`block_tables`, `seq_lens` counting the new token), as `paged_attention_ref`.
+
+    ln1, ln2: LayerNorm (weight, bias), (None, None) when not affine; qkv, out_proj, fc1, fc2: the
+    registry's prepared linears, `lin(x, activation)` (LinearRef or PackedLinear): qkv [3E, E] with
+    q's rows pre-scaled by head_dim**-0.5 (OPT scales q after its projection; the model folds it in);
+    fc1 [ffn, E] with `activation` ("relu" or "gelu"), fc2 [E, ffn].
+    """
+    N, E = x.shape
+    h = layer_norm_ref(x, *ln1, eps)
+    q, k, v = qkv(h).view(N, 3, heads, E // heads).unbind(1)  # [N, 3E] -> 3 x [N, H, D]
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    a = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, 1.0)  # (N, H, D)
+    x = x + out_proj(a.reshape(N, E))
+    return x + fc2(fc1(layer_norm_ref(x, *ln2, eps), activation))
+
+
 def ln_linear_gelu_ref(x, ln_weight, ln_bias, eps, weight, bias, approximate="none"):
     """GELU(LayerNorm(x) @ weightᵀ + bias): the ViT MLP's layer_norm2 → fc1 → GELU."""
     h = F.layer_norm(_acc(x), x.shape[-1:], _acc(ln_weight), _acc(ln_bias), eps)

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "cpu_ops.h"
 #include "cpu_vec.h"
 #include "linear_cpu_kernels.h"
 
@@ -274,6 +275,8 @@ at::Tensor bf16_rows(const T* x, int64_t M, int64_t K, int64_t ldx, int64_t K2, 
   return t;
 }
 
+}  // namespace
+
 void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                     int64_t out_features, const std::string& activation, const std::string& isa, at::Tensor& out) {
   const bool bf16 = packed.scalar_type() == at::kBFloat16;
@@ -363,6 +366,8 @@ void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::op
   const int64_t grain = std::max<int64_t>(1, 65536 / (J.steps * kNB * 4));
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) { run_blocks(J, b0, b1); });
 }
+
+namespace {
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                       int64_t out_features, const std::string& activation, const std::string& isa) {

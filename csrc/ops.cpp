@@ -47,4 +47,13 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
   // CPU only (the GPU runs the Triton kernel's write_kv_fwd): k, v [T, H, D] into the paged caches
   // [num_blocks, block_size, H, D] (contiguous) at slot_mapping [T] (int32 / int64; negative = skip).
   m.def("write_kv_cpu_fwd(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  // CPU only: one pre-LayerNorm OPT decoder layer at decode (csrc/opt_decode_block_cpu.cpp), composed of
+  // the kernels above. x [N, E] float32 (one new token per sequence); the four weights packed float32
+  // (linear_pack_cpu; qkv [3E, E] with q's rows pre-scaled, fc1 [ffn, E], fc2 [E, ffn]); the token's K/V
+  // are written at slot_mapping, then attended with block_tables / seq_lens. Returns the layer's
+  // output [N, E]; activation: fc1's, "relu" or "gelu".
+  m.def("opt_decode_block_cpu(Tensor x, Tensor? ln1_weight, Tensor? ln1_bias, Tensor qkv, Tensor? qkv_bias, "
+        "Tensor out_proj, Tensor? out_bias, Tensor? ln2_weight, Tensor? ln2_bias, Tensor fc1, Tensor? fc1_bias, "
+        "Tensor fc2, Tensor? fc2_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor seq_lens, int heads, int ffn, float eps, str activation, str isa) -> Tensor");
 }

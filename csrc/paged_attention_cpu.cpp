@@ -22,6 +22,7 @@
 
 #include "checks.h"
 #include "cpu_common.h"
+#include "cpu_ops.h"
 #include "cpu_vec.h"
 
 namespace blip2_fast {
@@ -194,6 +195,8 @@ BLIP2_FAST_CLONES void run_items_f32(const PagedArgs& A, int64_t b, int64_t e) {
 BLIP2_FAST_CLONES void run_items_f16(const PagedArgs& A, int64_t b, int64_t e) { run_items<c10::Half>(A, b, e); }
 BLIP2_FAST_CLONES void run_items_bf16(const PagedArgs& A, int64_t b, int64_t e) { run_items<c10::BFloat16>(A, b, e); }
 
+}  // namespace
+
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                const std::optional<at::Tensor>& rel_bias) {
@@ -256,8 +259,6 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
   at::parallel_for(0, N * A.groups, 1, [&](int64_t begin, int64_t end) { run(A, begin, end); });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(blip2_fast, CPU, m) { m.impl("paged_attention_cpu_fwd", &paged_attention_cpu); }
 

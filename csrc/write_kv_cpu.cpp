@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cpu_ops.h"
 
 namespace blip2_fast {
 namespace {
@@ -59,6 +60,8 @@ void write(const at::Tensor& x, at::Tensor& cache, const int64_t* slots, int64_t
   }
 }
 
+}  // namespace
+
 void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                   const at::Tensor& slot_mapping) {
   TORCH_CHECK(k_cache.dim() == 4, "write_kv: k_cache must have shape [num_blocks, block_size, H, D], got ",
@@ -92,8 +95,6 @@ void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
   write(k, k_cache, sp, T);
   write(v, v_cache, sp, T);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(blip2_fast, CPU, m) { m.impl("write_kv_cpu_fwd", &write_kv_cpu); }
 

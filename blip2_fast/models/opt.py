@@ -44,6 +44,21 @@ class OPTBlock(nn.Module):
         self.ln1 = _Norm(src, p + "self_attn_layer_norm", E, cfg.ln_affine)
         self.ln2 = _Norm(src, p + "final_layer_norm", E, cfg.ln_affine)
         self.attention = PagedAttention(ops, causal=True)
+        self.decode_op = None  # the whole layer at decode in one call, where `use_decode_op` finds it exact
+
+    def use_decode_op(self) -> bool:
+        """Take the registry's `opt_decode_block` for decode steps when its fast (C++) form runs what
+        this layer's own forward would: a pre-LayerNorm layer, all four linears packed for the CPU
+        kernel, and paged attention, write_kv and layer_norm bound to the CPU kernels it composes
+        (an op overridden to its reference keeps the layer on the Python path). Called once, after
+        the linears are packed."""
+        ops = self.ops
+        parts = [getattr(f, "__module__", None) for f in (ops.paged_attention, ops.write_kv, ops.layer_norm)]
+        ok = (ops.impls.get("opt_decode_block") == "fast" and self.pre_norm
+              and parts == ["blip2_fast._ext", "blip2_fast._ext", "blip2_fast.ops_cpu"]
+              and all(lin.packed is not None for lin in (self.qkv, self.out_proj, self.fc1, self.fc2)))
+        self.decode_op = ops.opt_decode_block if ok else None
+        return ok
 
     def attn(self, h, meta: AttnMeta, cache):
         B, S, E = h.shape
@@ -58,6 +73,12 @@ class OPTBlock(nn.Module):
     def forward(self, x, meta, cache, eps):
         ln = self.ops.layer_norm
         n1, n2 = self.ln1, self.ln2
+        if self.decode_op is not None and meta is not None and not meta.prefill and x.dtype == torch.float32:
+            B, _, E = x.shape
+            y = self.decode_op(x.view(B, E), (n1.weight, n1.bias), self.qkv.packed, self.out_proj.packed,
+                               (n2.weight, n2.bias), self.fc1.packed, self.fc2.packed, cache[0], cache[1],
+                               meta.slot_mapping, meta.block_tables, meta.seq_lens, self.heads, eps, self.act)
+            return y.view(B, 1, E)  # [B, E] -> [B, 1, E]
         if self.pre_norm:
             x = x + self.attn(ln(x, n1.weight, n1.bias, eps), meta, cache)
             return x + self.ffn(ln(x, n2.weight, n2.bias, eps))
@@ -86,6 +107,8 @@ class OPT(nn.Module):
         # tied (transformers' default): the head is the embedding, whatever copy of it the checkpoint saved
         self.lm_head = self.embed if cfg.tie_embeddings else take_param(src, head, (cfg.vocab, W))
         pack_linears(self, ops)  # on a CPU: every projection through the small-M kernel (decode)
+        for blk in self.blocks:
+            blk.use_decode_op()
 
     @property
     def num_layers(self):

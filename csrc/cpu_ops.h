@@ -1,0 +1,26 @@
+// Entry points of CPU kernels that other CPU kernels compose in C++ (opt_decode_block_cpu.cpp).
+// Each is also registered as an op of its own (schemas in ops.cpp) and checks its arguments itself.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace blip2_fast {
+
+// linear_cpu.cpp: out = act(x @ Wᵀ + bias), W packed by linear_pack_cpu.
+void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                    int64_t out_features, const std::string& activation, const std::string& isa, at::Tensor& out);
+
+// paged_attention_cpu.cpp: one decode query per sequence over its paged cache -> [N, H, D].
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                               const std::optional<at::Tensor>& rel_bias);
+
+// write_kv_cpu.cpp: k, v [T, H, D] into the caches at slot_mapping (negative = skip).
+void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                  const at::Tensor& slot_mapping);
+
+}  // namespace blip2_fast
