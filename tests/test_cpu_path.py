@@ -141,6 +141,9 @@ def test_cpu_benchmarks_run_quick(tmp_path):
     rows = step["decode_steps"]
     assert [(r["preset"], r["batch"]) for r in rows] == [(p, b) for p in ("blip2-opt-tiny", "blip2-t5-tiny") for b in (1, 2)]
     assert all(r["floor_ms"] > 0 and r["packed_ms"] > 0 and r["bytes"]["linears"] > 0 for r in rows)
+    for r in rows:  # a bandwidth probe before the first block and after each
+        assert len(r["probe_gbs"]) == len(r["packed_block_ms"]) + 1 and min(r["probe_gbs"]) > 0
+        assert r["packed_best_block_over_floor"] > 0
     assert step["threads"] == 2 and all(r["threads"] == 2 for r in rows) and "wall time" in step["note"]
     assert step["kernel_peaks"]["float32"]["best_gflops"] > 0 and all(r["compute_floor_ms"] > 0 for r in rows)
 
