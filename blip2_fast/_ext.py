@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 _CPU_SOURCES = ("ops.cpp", "cross_attention_cpu.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp",
-                "greedy_screen_cpu.cpp", "rms_norm_cpu.cpp", "write_kv_cpu.cpp", "opt_decode_block_cpu.cpp")
+                "greedy_screen_cpu.cpp", "rms_norm_cpu.cpp", "write_kv_cpu.cpp", "opt_decode_block_cpu.cpp",
+                "t5_decode_block_cpu.cpp")
 _CUDA_SOURCES = ("cross_attention_cuda.cpp", "cross_attention.cu")
 _HEADERS = ("checks.h", "cpu_common.h", "cpu_ops.h", "cpu_vec.h", "cross_attention.h", "linear_cpu_kernels.h")
 # no-trapping-math: lets GCC vectorise the fp16 -> fp32 conversion.
@@ -308,6 +309,12 @@ def _register_fake() -> None:
         torch._check(x.dim() == 2, lambda: f"opt_decode_block: x must have shape [N, E], got {tuple(x.shape)}")
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("blip2_fast::t5_decode_block_cpu")
+    def _(x, delta, ln_sa, qkv, o, ln_ca, q, o_cross, ln_ff, wi0, wi1, wo, k_cache, v_cache, slot_mapping, block_tables,
+          seq_lens, rel_bias, cross_k, cross_v, cross_block_tables, cross_seq_lens, heads, d_kv, d_ff, eps, activation, isa):
+        torch._check(x.dim() == 2, lambda: f"t5_decode_block: x must have shape [N, d], got {tuple(x.shape)}")
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
     @torch.library.register_fake("blip2_fast::greedy_pick_cpu")
     def _(a, h, weight, w_max, r_max, safety, rel, ban_ptr, ban_ids, max_candidates):
         return a.new_empty((a.shape[0],), dtype=torch.long)
@@ -504,6 +511,33 @@ def opt_decode_block(x, ln1, qkv, out_proj, ln2, fc1, fc2, k_cache, v_cache, slo
         x, ln1[0], ln1[1], qkv.packed, qkv.bias, out_proj.packed, out_proj.bias, ln2[0], ln2[1], fc1.packed, fc1.bias,
         fc2.packed, fc2.bias, k_cache, v_cache, slot_mapping, block_tables, seq_lens, heads, fc1.out_features,
         float(eps), activation, qkv.isa)
+
+
+def t5_decode_block(x, delta, ln_sa, qkv, o, ln_ca, q, o_cross, ln_ff, wi0, wi1, wo, k_cache, v_cache, slot_mapping,
+                    block_tables, seq_lens, rel_bias, cross_k, cross_v, cross_block_tables, cross_seq_lens, heads, eps,
+                    activation="gelu_tanh"):
+    """One T5 decoder layer at decode on the CPU, in one call, `torch.ops.blip2_fast.t5_decode_block_cpu`;
+    spec: `reference.t5_decode_block_ref` (same arguments). The linears must be `PackedLinear`s holding
+    float32 packed weights and no bias; x (and delta) [N, d] float32. Returns (output, residual stream)."""
+    _require_loaded()
+    d, isa = x.shape[-1], getattr(qkv, "isa", None)
+    inner = qkv.out_features // 3
+    lins = [("qkv", qkv, d), ("o", o, inner), ("q", q, d), ("o_cross", o_cross, inner), ("wi0", wi0, d),
+            ("wo", wo, wi0.out_features)] + ([("wi1", wi1, d)] if wi1 is not None else [])
+    for name, lin, n_in in lins:
+        if (getattr(lin, "packed", None) is None or lin.packed.dtype != torch.float32 or lin.in_features != n_in
+                or lin.bias is not None or lin.isa != isa):
+            raise ValueError(f"t5_decode_block: {name} must be a PackedLinear with a float32 packed weight, no bias, "
+                             f"in_features = {n_in} and the other linears' isa, got {lin!r}")
+    if inner % heads or q.out_features != inner or o.out_features != d or o_cross.out_features != d or wo.out_features != d:
+        raise ValueError(f"t5_decode_block: for d_model = {d} and {heads} heads the linears must map d -> 3 inner (qkv, "
+                         f"inner divisible by heads), d -> inner (q), inner -> d (o, o_cross), d_ff -> d (wo); got "
+                         f"{qkv.out_features}, {q.out_features}, {o.out_features}, {o_cross.out_features}, {wo.out_features}")
+    return torch.ops.blip2_fast.t5_decode_block_cpu(
+        x, delta, ln_sa, qkv.packed, o.packed, ln_ca, q.packed, o_cross.packed, ln_ff, wi0.packed,
+        None if wi1 is None else wi1.packed, wo.packed, k_cache, v_cache, slot_mapping, block_tables, seq_lens, rel_bias,
+        cross_k, cross_v, cross_block_tables, cross_seq_lens, heads, inner // heads, wi0.out_features, float(eps),
+        activation, isa)
 
 
 def greedy_screen(a, base, rel, ban_ptr, ban_ids, max_candidates):

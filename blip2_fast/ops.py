@@ -51,6 +51,7 @@ OP_NAMES = (
     "linear_gelu",
     "linear",
     "opt_decode_block",
+    "t5_decode_block",
 )
 IMPLS = ("reference", "fast")
 # Deprecated registry names (until 0.2): accepted by get / bind / overrides / BoundOps attributes.
@@ -80,6 +81,7 @@ _REFERENCE: dict[str, Callable] = {
     # prepared once per weight at load: ops.linear(weight, bias) -> lin, then lin(x, activation)
     "linear": reference.LinearRef,
     "opt_decode_block": reference.opt_decode_block_ref,
+    "t5_decode_block": reference.t5_decode_block_ref,
 }
 
 
@@ -222,6 +224,7 @@ class BoundOps:
     linear_gelu: Callable
     linear: Callable
     opt_decode_block: Callable
+    t5_decode_block: Callable
     impls: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -339,8 +342,10 @@ register_fast("write_kv", "blip2_fast._ext", "write_kv", "ext", devices=("cpu",)
 register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "ext", devices=("cpu",))
 register_fast("linear", "blip2_fast.linear_cpu", "PackedLinear", "torch", devices=("cuda",))  # F.linear there
 register_fast("opt_decode_block", "blip2_fast._ext", "opt_decode_block", "ext", devices=("cpu",))
-# the layer as the model runs it there (no packed CPU linears to compose): nothing to fall back from
+register_fast("t5_decode_block", "blip2_fast._ext", "t5_decode_block", "ext", devices=("cpu",))
+# the layers as the models run them there (no packed CPU linears to compose): nothing to fall back from
 register_fast("opt_decode_block", "blip2_fast.reference", "opt_decode_block_ref", "torch", devices=("cuda",))
+register_fast("t5_decode_block", "blip2_fast.reference", "t5_decode_block_ref", "torch", devices=("cuda",))
 for _name, _attr in (("attention", "attention"), ("layer_norm", "layer_norm"), ("linear_gelu", "linear_gelu"),
                      ("ln_linear_gelu", "ln_linear_gelu")):
     register_fast(_name, "blip2_fast.ops_cpu", _attr, "torch", devices=("cpu",))

@@ -183,6 +183,38 @@ def opt_decode_block_ref(x, ln1, qkv, out_proj, ln2, fc1, fc2, k_cache, v_cache,
     return x + fc2(fc1(layer_norm_ref(x, *ln2, eps), activation))
 
 
+def t5_decode_block_ref(x, delta, ln_sa, qkv, o, ln_ca, q, o_cross, ln_ff, wi0, wi1, wo, k_cache, v_cache,
+                        slot_mapping, block_tables, seq_lens, rel_bias, cross_k, cross_v, cross_block_tables,
+                        cross_seq_lens, heads, eps, activation="gelu_tanh"):
+    """One T5 decoder layer at a decode step -> (its output [N, d], the residual stream [N, d]).
+
+    x [N, d]: the residual stream; delta: the previous layer's output, added to x first (None for the
+    first layer). ln_*: RMSNorm weights; qkv, o, q, o_cross, wi0, wi1, wo: the registry's prepared
+    linears without biases, `lin(x, activation)`: qkv [3 inner, d] (T5 does not scale its scores), q
+    the cross-attention's [inner, d], wi1 None unless the feed-forward is gated. Self-attention writes
+    the token's K/V at slot_mapping and attends with rel_bias [H, max_len] (`paged_attention_ref`);
+    cross-attention reads the encoder's cached K/V (cross_k, cross_v, cross_block_tables,
+    cross_seq_lens). activation: "relu", "gelu" (erf) or "gelu_tanh" (Flan-T5's gelu_new).
+    """
+    N = x.shape[0]
+    inner = qkv.out_features // 3
+    dk = inner // heads
+    if delta is None:
+        h = rms_norm_ref(x, ln_sa, eps)
+    else:
+        h, x = rms_norm_ref(delta, ln_sa, eps, x)
+    qs, k, v = qkv(h).view(N, 3, heads, dk).unbind(1)  # [N, 3 inner] -> 3 x [N, H, dk]
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    a = paged_attention_ref(qs, k_cache, v_cache, block_tables, seq_lens, 1.0, rel_bias)  # (N, H, dk)
+    h, x = rms_norm_ref(o(a.reshape(N, inner)), ln_ca, eps, x)
+    a = paged_attention_ref(q(h).view(N, heads, dk), cross_k, cross_v, cross_block_tables, cross_seq_lens, 1.0)
+    h, x = rms_norm_ref(o_cross(a.reshape(N, inner)), ln_ff, eps, x)
+    g = gelu_ref(wi0(h), "tanh") if activation == "gelu_tanh" else wi0(h, activation)
+    if wi1 is not None:
+        g = g * wi1(h)
+    return wo(g), x
+
+
 def ln_linear_gelu_ref(x, ln_weight, ln_bias, eps, weight, bias, approximate="none"):
     """GELU(LayerNorm(x) @ weightᵀ + bias): the ViT MLP's layer_norm2 → fc1 → GELU."""
     h = F.layer_norm(_acc(x), x.shape[-1:], _acc(ln_weight), _acc(ln_bias), eps)

@@ -1,4 +1,5 @@
-// Entry points of CPU kernels that other CPU kernels compose in C++ (opt_decode_block_cpu.cpp).
+// Entry points of CPU kernels that other CPU kernels compose in C++ (the decoder layers at decode:
+// opt_decode_block_cpu.cpp, t5_decode_block_cpu.cpp).
 // Each is also registered as an op of its own (schemas in ops.cpp) and checks its arguments itself.
 #pragma once
 
@@ -7,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace blip2_fast {
 
@@ -22,5 +24,9 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
 // write_kv_cpu.cpp: k, v [T, H, D] into the caches at slot_mapping (negative = skip).
 void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                   const at::Tensor& slot_mapping);
+
+// rms_norm_cpu.cpp: (RMSNorm(x + residual) * weight, x + residual); without a residual the second is empty.
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& residual, double eps);
 
 }  // namespace blip2_fast

@@ -56,4 +56,14 @@ TORCH_LIBRARY_FRAGMENT(blip2_fast, m) {
         "Tensor out_proj, Tensor? out_bias, Tensor? ln2_weight, Tensor? ln2_bias, Tensor fc1, Tensor? fc1_bias, "
         "Tensor fc2, Tensor? fc2_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
         "Tensor block_tables, Tensor seq_lens, int heads, int ffn, float eps, str activation, str isa) -> Tensor");
+  // CPU only: one T5 decoder layer at decode (csrc/t5_decode_block_cpu.cpp). x [N, d_model] float32: the
+  // residual stream; delta: the previous layer's output, added to it first (None for the first layer);
+  // the weights packed float32, no biases (qkv [3 inner, d], o and o_cross [d, inner], q [inner, d], wi0
+  // and wi1 (gated; None otherwise) [d_ff, d], wo [d, d_ff]); rel_bias [H, max_len] for self-attention;
+  // activation "relu", "gelu" or "gelu_tanh". Returns (the layer's output, the residual stream).
+  m.def("t5_decode_block_cpu(Tensor x, Tensor? delta, Tensor ln_sa, Tensor qkv, Tensor o, Tensor ln_ca, Tensor q, "
+        "Tensor o_cross, Tensor ln_ff, Tensor wi0, Tensor? wi1, Tensor wo, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor rel_bias, Tensor cross_k, Tensor cross_v, "
+        "Tensor cross_block_tables, Tensor cross_seq_lens, int heads, int d_kv, int d_ff, float eps, str activation, "
+        "str isa) -> (Tensor, Tensor)");
 }

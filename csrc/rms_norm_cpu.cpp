@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cpu_ops.h"
 #include "cpu_common.h"
 #include "cpu_vec.h"
 
@@ -101,6 +102,8 @@ RunFn pick(at::ScalarType x, at::ScalarType w) {
   return table[xi][wi];
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& residual, double eps) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "rms_norm: x must have shape [..., N] with N >= 1, got ", x.sizes());
@@ -138,8 +141,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::T
   at::parallel_for(0, A.rows, grain, [&](int64_t begin, int64_t end) { run(A, begin, end); });
   return {y, s};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(blip2_fast, CPU, m) { m.impl("rms_norm_cpu_fwd", &rms_norm_cpu); }
 

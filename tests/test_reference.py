@@ -129,7 +129,8 @@ def test_linear_gelu_refs(approx):
 
 def test_registry():
     assert set(ops.OP_NAMES) == {"attention", "cross_attention", "paged_attention", "write_kv", "layer_norm",
-                                 "rms_norm", "ln_linear_gelu", "linear_gelu", "linear", "opt_decode_block"}
+                                 "rms_norm", "ln_linear_gelu", "linear_gelu", "linear", "opt_decode_block",
+                                 "t5_decode_block"}
     with pytest.raises(ValueError, match="unknown op"):
         ops.get("softmax")
     with pytest.raises(ValueError, match="unknown implementation"):

@@ -84,6 +84,34 @@ class T5Block(nn.Module):
         self.wo = Linear.load(src, d + "wo", D, cfg.d_ff, bias=False,
                               dtype=torch.float32 if src.dtype == torch.float16 else None)
         self.ln_ff = take_param(src, f"{p}layer.{f}.layer_norm.weight", (D,))
+        self.decode_op = None  # the whole layer at decode in one call, where `use_decode_op` finds it exact
+
+    def use_decode_op(self) -> bool:
+        """Take the registry's `t5_decode_block` for decode steps when its fast (C++) form runs what
+        this decoder layer's own forward would: every linear packed for the CPU kernel, and paged
+        attention, write_kv and rms_norm bound to the CPU kernels it composes (an op overridden to
+        its reference keeps the layer on the Python path). Called once, after the linears are packed."""
+        ops = self.ops
+        parts = [getattr(f, "__module__", None) for f in (ops.paged_attention, ops.write_kv, ops.rms_norm)]
+        lins = [self.self_attn.qkv, self.self_attn.o, self.cross.q, self.cross.o, self.wo] + (
+            [self.wi0, self.wi1] if self.gated else [self.wi]) if self.decoder else []
+        ok = (self.decoder and ops.impls.get("t5_decode_block") == "fast" and parts == ["blip2_fast._ext"] * 3
+              and all(lin.packed is not None for lin in lins))
+        self.decode_op = ops.t5_decode_block if ok else None
+        return ok
+
+    def decode_step(self, x, delta, meta: AttnMeta, cache, cross_cache):
+        """The layer at a decode step in one call (`decode_op`): x, delta [B, 1, d] -> (output, residual)."""
+        B, _, d = x.shape
+        act = "relu" if self.relu else "gelu_tanh" if self.approx == "tanh" else "gelu"
+        wi0, wi1 = (self.wi0, self.wi1) if self.gated else (self.wi, None)
+        y, x = self.decode_op(x.view(B, d), None if delta is None else delta.view(B, d), self.ln_sa,
+                              self.self_attn.qkv.packed, self.self_attn.o.packed, self.ln_ca, self.cross.q.packed,
+                              self.cross.o.packed, self.ln_ff, wi0.packed, None if wi1 is None else wi1.packed,
+                              self.wo.packed, cache[0], cache[1], meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                              meta.rel_bias, cross_cache[0], cross_cache[1], meta.cross_block_tables,
+                              meta.cross_seq_lens, self.H, self.eps, act)
+        return y.view(B, 1, d), x.view(B, 1, d)  # [B, d] -> [B, 1, d]
 
     def ffn(self, h):
         wo_dtype = self.wo.weight.dtype
@@ -143,6 +171,8 @@ class T5(nn.Module):
         # tied (transformers' default): the head is the embedding, whatever copy of it the checkpoint saved
         self.lm_head = self.shared if cfg.tie_embeddings else take_param(src, head, (cfg.vocab, D))
         pack_linears(self, ops)  # on a CPU: every projection through the small-M kernel (decode)
+        for blk in self.dec:
+            blk.use_decode_op()
 
     @property
     def num_layers(self):
@@ -222,6 +252,8 @@ class T5(nn.Module):
             i = next(it)
             cache = None if caches is None else caches[i]
             xc = None if cross_caches is None else cross_caches[i]
+            if blk.decode_op is not None and not meta.prefill and x.dtype == torch.float32:
+                return blk.decode_step(x, delta, meta, cache, xc)
             h, x = (rms(delta, blk.ln_sa, eps, x) if delta is not None else (rms(x, blk.ln_sa, eps), x))
             d = blk.self_attention(h, bias, meta, cache)
             h, x = rms(d, blk.ln_ca, eps, x)
