@@ -20,8 +20,8 @@
 #include <tuple>
 
 #include "checks.h"
-#include "cpu_ops.h"
 #include "cpu_common.h"
+#include "cpu_ops.h"
 #include "cpu_vec.h"
 
 namespace blip2_fast {

@@ -91,11 +91,14 @@ class T5Block(nn.Module):
         this decoder layer's own forward would: every linear packed for the CPU kernel, and paged
         attention, write_kv and rms_norm bound to the CPU kernels it composes (an op overridden to
         its reference keeps the layer on the Python path). Called once, after the linears are packed."""
+        self.decode_op = None
+        if not self.decoder:  # the encoder runs at prefill only
+            return False
         ops = self.ops
         parts = [getattr(f, "__module__", None) for f in (ops.paged_attention, ops.write_kv, ops.rms_norm)]
-        lins = [self.self_attn.qkv, self.self_attn.o, self.cross.q, self.cross.o, self.wo] + (
-            [self.wi0, self.wi1] if self.gated else [self.wi]) if self.decoder else []
-        ok = (self.decoder and ops.impls.get("t5_decode_block") == "fast" and parts == ["blip2_fast._ext"] * 3
+        lins = [self.self_attn.qkv, self.self_attn.o, self.cross.q, self.cross.o, self.wo]
+        lins += [self.wi0, self.wi1] if self.gated else [self.wi]
+        ok = (ops.impls.get("t5_decode_block") == "fast" and parts == ["blip2_fast._ext"] * 3
               and all(lin.packed is not None for lin in lins))
         self.decode_op = ops.t5_decode_block if ok else None
         return ok
