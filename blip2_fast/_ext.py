@@ -6,6 +6,8 @@
     out = _ext.cross_attention(q, k, v)      # torch.ops.blip2_fast.cross_attention_fwd
     out = _ext.paged_attention(q, kc, vc, tables, lens, scale)  # CPU decode attention
     packed = _ext.linear_pack(w, torch.float32); y = _ext.linear(x, packed, b, N, "relu")  # CPU small-M linear
+    y = _ext.opt_decode_block(x, ln1, qkv, out_proj, ln2, fc1, fc2, kc, vc, slots, tables, lens, H, eps)
+    y, x = _ext.t5_decode_block(x, delta, ...)  # a decoder layer at decode in one call (CPU; see reference.py)
 
 The CPU kernels are always built; the CUDA ones only when torch is a CUDA build and a CUDA toolkit is
 found (for sm_80, which also runs on 8.x, and sm_90a). Builds live in
