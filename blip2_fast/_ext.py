@@ -500,12 +500,8 @@ def opt_decode_block(x, ln1, qkv, out_proj, ln2, fc1, fc2, k_cache, v_cache, slo
     packed CPU layers); x [N, E] float32. Returns [N, E]."""
     _require_loaded()
     E = x.shape[-1]
-    isa = getattr(qkv, "isa", None)
-    for name, lin, n_in in (("qkv", qkv, E), ("out_proj", out_proj, E), ("fc1", fc1, E), ("fc2", fc2, fc1.out_features)):
-        if (getattr(lin, "packed", None) is None or lin.packed.dtype != torch.float32 or lin.in_features != n_in
-                or lin.isa != isa):
-            raise ValueError(f"opt_decode_block: {name} must be a PackedLinear with a float32 packed weight, "
-                             f"in_features = {n_in} and the other linears' isa, got {lin!r}")
+    _check_packed_linears("opt_decode_block", [("qkv", qkv, E), ("out_proj", out_proj, E), ("fc1", fc1, E),
+                                               ("fc2", fc2, fc1.out_features)], bias=True)
     if qkv.out_features != 3 * E or out_proj.out_features != E or fc2.out_features != E:
         raise ValueError(f"opt_decode_block: for E = {E} the linears must map E -> 3E (qkv), E -> E (out_proj), "
                          f"ffn -> E (fc2); got {qkv.out_features}, {out_proj.out_features}, {fc2.out_features}")
@@ -522,15 +518,10 @@ def t5_decode_block(x, delta, ln_sa, qkv, o, ln_ca, q, o_cross, ln_ff, wi0, wi1,
     spec: `reference.t5_decode_block_ref` (same arguments). The linears must be `PackedLinear`s holding
     float32 packed weights and no bias; x (and delta) [N, d] float32. Returns (output, residual stream)."""
     _require_loaded()
-    d, isa = x.shape[-1], getattr(qkv, "isa", None)
-    inner = qkv.out_features // 3
+    d, inner = x.shape[-1], qkv.out_features // 3
     lins = [("qkv", qkv, d), ("o", o, inner), ("q", q, d), ("o_cross", o_cross, inner), ("wi0", wi0, d),
             ("wo", wo, wi0.out_features)] + ([("wi1", wi1, d)] if wi1 is not None else [])
-    for name, lin, n_in in lins:
-        if (getattr(lin, "packed", None) is None or lin.packed.dtype != torch.float32 or lin.in_features != n_in
-                or lin.bias is not None or lin.isa != isa):
-            raise ValueError(f"t5_decode_block: {name} must be a PackedLinear with a float32 packed weight, no bias, "
-                             f"in_features = {n_in} and the other linears' isa, got {lin!r}")
+    _check_packed_linears("t5_decode_block", lins, bias=False)
     if inner % heads or q.out_features != inner or o.out_features != d or o_cross.out_features != d or wo.out_features != d:
         raise ValueError(f"t5_decode_block: for d_model = {d} and {heads} heads the linears must map d -> 3 inner (qkv, "
                          f"inner divisible by heads), d -> inner (q), inner -> d (o, o_cross), d_ff -> d (wo); got "
@@ -539,7 +530,19 @@ def t5_decode_block(x, delta, ln_sa, qkv, o, ln_ca, q, o_cross, ln_ff, wi0, wi1,
         x, delta, ln_sa, qkv.packed, o.packed, ln_ca, q.packed, o_cross.packed, ln_ff, wi0.packed,
         None if wi1 is None else wi1.packed, wo.packed, k_cache, v_cache, slot_mapping, block_tables, seq_lens, rel_bias,
         cross_k, cross_v, cross_block_tables, cross_seq_lens, heads, inner // heads, wi0.out_features, float(eps),
-        activation, isa)
+        activation, qkv.isa)
+
+
+def _check_packed_linears(op: str, lins, bias: bool) -> None:
+    """The decoder-layer ops' linears, (name, lin, in_features) each: PackedLinears holding float32
+    packed weights (a bf16 packing would round x), all with the first's isa, without a bias unless `bias`."""
+    isa = getattr(lins[0][1], "isa", None)
+    for name, lin, n_in in lins:
+        if (getattr(lin, "packed", None) is None or lin.packed.dtype != torch.float32 or lin.in_features != n_in
+                or (lin.bias is not None and not bias) or lin.isa != isa):
+            raise ValueError(f"{op}: {name} must be a PackedLinear with a float32 packed weight"
+                             f"{'' if bias else ', no bias'}, in_features = {n_in} and the other linears' isa, "
+                             f"got {lin!r}")
 
 
 def greedy_screen(a, base, rel, ban_ptr, ban_ids, max_candidates):

@@ -367,8 +367,6 @@ void linear_cpu_out(const at::Tensor& x, const at::Tensor& packed, const std::op
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) { run_blocks(J, b0, b1); });
 }
 
-namespace {
-
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                       int64_t out_features, const std::string& activation, const std::string& isa) {
   TORCH_CHECK(x.dim() >= 1, "linear: x must have shape [..., K], got a 0-d tensor");
@@ -378,6 +376,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const std::
   linear_cpu_out(x, packed, bias, out_features, activation, isa, out);
   return out;
 }
+
+namespace {
 
 void linear_cpu_out_op(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                        int64_t out_features, const std::string& activation, const std::string& isa, at::Tensor out) {

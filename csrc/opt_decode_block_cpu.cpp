@@ -8,7 +8,6 @@
 // calls, wrappers, views, the dispatcher from Python), ~70 us per layer of blip2-cpu-mid at batch 8
 // on one core (8.06 -> 7.62 ms a step, in-process A/B).
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/layer_norm.h>
 #include <torch/library.h>
 
@@ -26,12 +25,6 @@ void check_norm(const std::optional<at::Tensor>& t, const char* name, int64_t E)
   TORCH_CHECK(t->dim() == 1 && t->size(0) == E && t->scalar_type() == at::kFloat && t->device().is_cpu(),
               "opt_decode_block: ", name, " must be a float32 CPU tensor [E = ", E, "] or None, got ", t->scalar_type(),
               " ", t->sizes());
-}
-
-void check_packed(const at::Tensor& w, const char* name, int64_t K) {
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(1) == K,
-              "opt_decode_block: ", name, " must be a float32 weight packed by linear_pack_cpu, [blocks, K = ", K,
-              ", 32], got ", w.scalar_type(), " ", w.sizes());
 }
 
 at::Tensor opt_decode_block_cpu(const at::Tensor& x, const std::optional<at::Tensor>& ln1_weight,
@@ -52,25 +45,21 @@ at::Tensor opt_decode_block_cpu(const at::Tensor& x, const std::optional<at::Ten
   TORCH_CHECK(ffn >= 1, "opt_decode_block: ffn must be positive, got ", ffn);
   check_norm(ln1_weight, "ln1_weight", E), check_norm(ln1_bias, "ln1_bias", E);
   check_norm(ln2_weight, "ln2_weight", E), check_norm(ln2_bias, "ln2_bias", E);
-  check_packed(qkv, "qkv", E), check_packed(out_proj, "out_proj", E), check_packed(fc1, "fc1", E);
-  check_packed(fc2, "fc2", ffn);
+  constexpr const char* op = "opt_decode_block";
+  check_packed_f32(op, qkv, "qkv", E), check_packed_f32(op, out_proj, "out_proj", E);
+  check_packed_f32(op, fc1, "fc1", E), check_packed_f32(op, fc2, "fc2", ffn);
   const int64_t D = E / heads;
 
   const at::Tensor h = at::layer_norm(x, {E}, ln1_weight, ln1_bias, eps, false);
-  at::Tensor t = at::empty({N, 3 * E}, x.options());
-  linear_cpu_out(h, qkv, qkv_bias, 3 * E, "none", isa, t);
-  t = t.view({N, 3, heads, D});  // [N, 3E] -> q (pre-scaled), k, v, each [N, H, D] (strided views)
+  // [N, 3E] -> q (pre-scaled), k, v, each [N, H, D] (strided views)
+  const at::Tensor t = linear_cpu(h, qkv, qkv_bias, 3 * E, "none", isa).view({N, 3, heads, D});
   write_kv_cpu(t.select(1, 1), t.select(1, 2), k_cache, v_cache, slot_mapping);
   const at::Tensor a = paged_attention_cpu(t.select(1, 0), k_cache, v_cache, block_tables, seq_lens, 1.0,
                                            std::nullopt);  // [N, H, D], contiguous
-  at::Tensor x1 = at::empty({N, E}, x.options());
-  linear_cpu_out(a.view({N, E}), out_proj, out_bias, E, "none", isa, x1);
+  at::Tensor x1 = linear_cpu(a.view({N, E}), out_proj, out_bias, E, "none", isa);
   x1.add_(x);  // the residual stream after attention
   const at::Tensor h2 = at::layer_norm(x1, {E}, ln2_weight, ln2_bias, eps, false);
-  at::Tensor f = at::empty({N, ffn}, x.options());
-  linear_cpu_out(h2, fc1, fc1_bias, ffn, activation, isa, f);
-  at::Tensor y = at::empty({N, E}, x.options());
-  linear_cpu_out(f, fc2, fc2_bias, E, "none", isa, y);
+  at::Tensor y = linear_cpu(linear_cpu(h2, fc1, fc1_bias, ffn, activation, isa), fc2, fc2_bias, E, "none", isa);
   y.add_(x1);
   return y;
 }

@@ -9,7 +9,6 @@
 // Flan-T5's tanh GELU as torch's own pass, as the Python layer runs it). Like opt_decode_block_cpu.cpp
 // it takes away the Python between the kernels, not any arithmetic.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <torch/library.h>
 
@@ -23,16 +22,10 @@
 namespace blip2_fast {
 namespace {
 
-void check_packed(const at::Tensor& w, const char* name, int64_t K) {
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(1) == K,
-              "t5_decode_block: ", name, " must be a float32 weight packed by linear_pack_cpu, [blocks, K = ", K,
-              ", 32], got ", w.scalar_type(), " ", w.sizes());
-}
-
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n_out, const char* act, const std::string& isa) {
-  at::Tensor y = at::empty({x.size(0), n_out}, x.options());
-  linear_cpu_out(x, w, std::nullopt, n_out, act, isa, y);
-  return y;
+// T5's linears have no bias
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n_out, const std::string& act,
+                  const std::string& isa) {
+  return linear_cpu(x, w, std::nullopt, n_out, act, isa);
 }
 
 std::tuple<at::Tensor, at::Tensor> t5_decode_block_cpu(
@@ -53,9 +46,11 @@ std::tuple<at::Tensor, at::Tensor> t5_decode_block_cpu(
   TORCH_CHECK(heads >= 1 && d_kv >= 1 && d_ff >= 1, "t5_decode_block: heads, d_kv and d_ff must be positive, got ",
               heads, ", ", d_kv, ", ", d_ff);
   const int64_t N = x.size(0), D = x.size(1), inner = heads * d_kv;
-  check_packed(qkv, "qkv", D), check_packed(o, "o", inner), check_packed(q, "q", D);
-  check_packed(o_cross, "o_cross", inner), check_packed(wi0, "wi0", D), check_packed(wo, "wo", d_ff);
-  if (wi1.has_value()) check_packed(*wi1, "wi1", D);
+  constexpr const char* op = "t5_decode_block";
+  check_packed_f32(op, qkv, "qkv", D), check_packed_f32(op, o, "o", inner), check_packed_f32(op, q, "q", D);
+  check_packed_f32(op, o_cross, "o_cross", inner), check_packed_f32(op, wi0, "wi0", D);
+  check_packed_f32(op, wo, "wo", d_ff);
+  if (wi1.has_value()) check_packed_f32(op, *wi1, "wi1", D);
 
   // self-attention: the residual stream takes the previous layer's output first
   at::Tensor h, s;
@@ -77,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> t5_decode_block_cpu(
   // feed-forward
   std::tie(h, s) = rms_norm_cpu(d, ln_ff, s, eps);
   const bool tanh = activation == "gelu_tanh";
-  at::Tensor g = linear(h, wi0, d_ff, tanh ? "none" : activation.c_str(), isa);
+  at::Tensor g = linear(h, wi0, d_ff, tanh ? "none" : activation, isa);
   if (tanh) g = at::gelu(g, "tanh");
   if (wi1.has_value()) g.mul_(linear(h, *wi1, d_ff, "none", isa));
   return {linear(g, wo, D, "none", isa), s};

@@ -11,7 +11,7 @@ import torch
 import blip2_fast
 from blip2_fast import _ext, ops, reference
 from blip2_fast.linear_cpu import PackedLinear
-from test_opt_decode_block import _cache_case, ext  # noqa: F401  (ext: the fixture)
+from test_opt_decode_block import _cache_case, decode_with_and_without, ext  # noqa: F401  (ext: the fixture)
 
 
 def _layer(d, heads, dk, d_ff, gated, seed):
@@ -161,17 +161,10 @@ def test_model_takes_it_only_where_exact(ext, ckpt, backend, overrides, fused):
 
 
 def test_engine_tokens_with_and_without(ext, ckpt):
-    """Greedy decode, the fused layers against the layers' Python forward: the same kernels in the
-    same order, so the same tokens."""
     d, hf = ckpt("t5")
     m = blip2_fast.load(d, backend="fast", progress=False)
     S = m.cfg.vision.image_size
     px = torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(3))
     ids = torch.tensor([[100, 200, 1]] * 3)
-    fused = [b.decode_op for b in m.lm.dec]
-    outs = []
-    for on in (True, False):
-        for b, f in zip(m.lm.dec, fused):
-            b.decode_op = f if on else None
-        outs.append(m.generate(pixel_values=px, input_ids=ids, max_new_tokens=12, min_new_tokens=12))
-    assert torch.equal(outs[0], outs[1])
+    assert decode_with_and_without(m, m.lm.dec, pixel_values=px, input_ids=ids, max_new_tokens=12,
+                                   min_new_tokens=12) > 0
